@@ -1,0 +1,38 @@
+# duosparse: `make sweep` (the main job) and `make test` do all set-up themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DS := $(VENV)/bin/duosparse
+STAMP := $(VENV)/.installed
+# Tests and CI read the corpora from ../shared/data unless told otherwise.
+export DUOSPARSE_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: setup train sweep ui test test-fast bench lint clean
+
+setup: $(STAMP)
+
+# Idempotent: re-installs only when the dependency pins or the project metadata change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[export,postgres,dev]'
+	touch $(STAMP)
+
+train: setup  ## one default run (configs/default.yaml), logged to ./mlruns.db
+	$(DS) train configs/default.yaml
+
+ui: setup  ## MLflow UI on http://127.0.0.1:5000 over ./mlruns.db
+	$(DS) ui
+
+test: setup  ## the whole test suite
+	$(PY) -m pytest -q
+
+bench: setup  ## training throughput ratios against torch.nn.GRU, measured in the same run
+	$(PY) benchmarks/run.py
+
+lint: setup
+	$(VENV)/bin/ruff check platform analysis dashboards tests benchmarks
+
+clean:
+	rm -rf runs mlruns.db mlartifacts bench.json .pytest_cache

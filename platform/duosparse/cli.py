@@ -1,0 +1,176 @@
+"""The `duosparse` command line (DESIGN.md section 7).
+
+Bad input ends with a one-paragraph message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import data as data_module
+from . import schema
+from .config import ConfigError, load_config
+
+app = typer.Typer(
+    help="duosparse: sweeps over activity sparsity (EGRU) x weight sparsity (pruning) "
+    "for recurrent language models, tracked in MLflow.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+data_app = typer.Typer(help="Find, verify and download the corpora.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _jsonable(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+# --- train ---------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="RunConfig YAML (defaults if omitted)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value, e.g. model.arch=gru")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder holding <corpus>/{train,valid,test}.txt")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "duosparse",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Checkpoints and artifacts (default: runs/<run_key[:12]>)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON on stdout")] = False,
+) -> None:
+    """Train one model from CONFIG, logged as one MLflow run."""
+    from . import tracking
+    from .train import TrainingDiverged
+    from .train import train as run_training
+
+    overrides = list(set_ or [])
+    if data_dir is not None:
+        overrides.append(f"data.dir={data_dir}")
+    try:
+        cfg = load_config(config, overrides)
+        corpus = data_module.load_corpus(cfg.data.corpus, cfg.data.dir, seed=cfg.train.seed)
+        client = tracking.open_store(tracking_uri)
+    except (ConfigError, data_module.DataNotFoundError, data_module.DataIntegrityError, tracking.TrackingError) as e:
+        fail(str(e))
+    experiment_id = tracking.ensure_experiment(client, experiment)
+    run_name = f"{cfg.model.arch}-h{cfg.model.hidden_size}-p{cfg.prune.target_sparsity:g}-t{cfg.model.threshold:g}"
+    run_id = tracking.start_run(client, experiment_id, cfg, kind="train", run_name=run_name)
+    console.print(f"MLflow run {run_id} in experiment '{experiment}' ({client.tracking_uri})")
+    reporter = tracking.MlflowReporter(client, run_id)
+    workdir = workdir or Path("runs") / cfg.run_key[:12]
+    try:
+        metrics = run_training(cfg, reporter, workdir, corpus=corpus, progress=not json_out and sys.stderr.isatty())
+    except TrainingDiverged as e:
+        tracking.finish_run(client, run_id, "FAILED", str(e))
+        fail(f"the run diverged and is marked FAILED in MLflow: {e}", code=1)
+    except KeyboardInterrupt:
+        tracking.finish_run(client, run_id, "KILLED", "interrupted")
+        fail("interrupted; the run is marked KILLED in MLflow.", code=130)
+    except Exception as e:
+        tracking.finish_run(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
+        raise
+    tracking.finish_run(client, run_id, "FINISHED")
+    if json_out:
+        print(json.dumps({"run_id": run_id, "run_key": cfg.run_key, "metrics": _jsonable(metrics)}, indent=2))
+        return
+    table = Table(title=f"run {run_id}", show_header=False)
+    for key in (schema.VAL_PPL, schema.TEST_PPL, schema.SPARSITY_WEIGHT, schema.SPARSITY_ACTIVITY,
+                schema.OPS_DENSE, schema.OPS_EFFECTIVE, schema.OPS_COMPUTE_REDUCTION,
+                schema.OPS_TOTAL_EFFECTIVE):
+        table.add_row(key, f"{metrics[key]:,.4g}")
+    Console().print(table)
+    console.print("Browse it with: make ui  (or: duosparse ui)")
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+@data_app.command("check")
+def data_check(
+    data_dir: Annotated[Path | None, typer.Option(help="Folder holding <corpus>/...")] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Report where each corpus is found and whether its files verify (sha256)."""
+    report = data_module.data_report(data_dir)
+    if json_out:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        table = Table("corpus", "found in", "file", "bytes", "sha256 ok")
+        for entry in report:
+            files = entry.get("files") or {}
+            if not files:
+                table.add_row(entry["corpus"], "[red]not found[/]", "", "", "")
+            for split, info in files.items():
+                table.add_row(entry["corpus"], str(entry.get("path")), split, str(info.get("bytes")),
+                              "yes" if info.get("ok") else "[red]no[/]")
+        Console().print(table)
+    ok = all(entry.get("files") and all(f.get("ok") for f in entry["files"].values()) for entry in report)
+    if not ok:
+        fail("some corpora are missing or do not verify; set DUOSPARSE_DATA_DIR (or --data-dir) to a "
+             "folder holding <corpus>/{train,valid,test}.txt, or run `duosparse data download <corpus>`.", 1)
+
+
+@data_app.command("download")
+def data_download(
+    corpus: Annotated[str, typer.Argument(help="ptb or wikitext-2")],
+    data_dir: Annotated[Path | None, typer.Option(help="Where to put it (default: the user cache)")] = None,
+) -> None:
+    """Download a corpus from its canonical source and verify it by sha256."""
+    if corpus not in data_module.CORPORA:
+        fail(f"unknown corpus '{corpus}'; choose one of {', '.join(data_module.CORPORA)}.")
+    dest = data_dir or data_module.user_cache_dir() / "data"
+    try:
+        path = data_module.download_corpus(corpus, Path(dest))
+    except (data_module.DataNotFoundError, data_module.DataIntegrityError) as e:
+        fail(str(e))
+    console.print(f"{corpus} downloaded and verified in {path}")
+
+
+# --- ui ------------------------------------------------------------------------------------
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean it)")] = "127.0.0.1",
+    tracking_uri: Annotated[str | None, typer.Option(help="Store to browse (default: as `train`)")] = None,
+) -> None:
+    """Open the MLflow UI over the same store that runs are logged to."""
+    from . import tracking
+
+    uri = tracking_uri or tracking.default_tracking_uri()
+    if not tracking.is_local_uri(uri):
+        fail(f"the tracking store is a server ({uri}); open it in a browser directly.")
+    tracking.open_store(uri)
+    artifacts = Path.cwd() / tracking.DEFAULT_ARTIFACTS
+    console.print(f"MLflow UI on http://{host}:{port} over {uri} (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--default-artifact-root", artifacts.as_uri(), "--host", host, "--port", str(port)]
+    try:
+        raise typer.Exit(subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

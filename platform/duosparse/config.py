@@ -1,0 +1,239 @@
+"""RunConfig: everything that defines one training run, validated by pydantic.
+
+A config file names only what it changes; every key has a default. The canonical JSON
+of a config (defaults filled, keys sorted) hashed with sha256 is the run's `run_key`:
+equal configs are the same run everywhere (dedup, resume, caching).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored: a typo must never run the wrong study.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    corpus: Literal["ptb", "wikitext-2", "synthetic"] = "ptb"
+    dir: str | None = None  # a folder holding <corpus>/{train,valid,test}.txt
+
+
+class PseudoDerivative(_Section):
+    height: float = Field(3.6, gt=0)
+    width: float = Field(3.6, gt=0)
+
+
+class Dropout(_Section):
+    """AWD-LSTM style regularisation; all off by default."""
+
+    embedding: float = Field(0.0, ge=0, lt=1)  # drops whole words from the embedding
+    input: float = Field(0.0, ge=0, lt=1)  # locked dropout on the first layer's input
+    hidden: float = Field(0.0, ge=0, lt=1)  # locked dropout between recurrent layers
+    output: float = Field(0.0, ge=0, lt=1)  # locked dropout before the decoder
+    weight: float = Field(0.0, ge=0, lt=1)  # DropConnect on the recurrent matrices
+
+
+class ActivityRegularizer(_Section):
+    """EGRU only: adds weight * (mean event rate - target)^2 to the training loss."""
+
+    weight: float = Field(0.0, ge=0)
+    target: float = Field(0.0, ge=0, le=1)
+
+
+class ModelConfig(_Section):
+    arch: Literal["lstm", "gru", "egru"] = "egru"
+    embedding_size: int = Field(128, ge=1)
+    hidden_size: int = Field(256, ge=1)
+    num_layers: int = Field(2, ge=1)
+    tie_weights: bool = True
+    threshold: float = Field(0.0, ge=0)  # EGRU initial threshold, the "activity threshold" axis
+    pseudo_derivative: PseudoDerivative = PseudoDerivative()
+    dropout: Dropout = Dropout()
+    activity_regularizer: ActivityRegularizer = ActivityRegularizer()
+
+
+class PruneConfig(_Section):
+    target_sparsity: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["none", "oneshot", "gradual", "iterative"] = "none"
+    scope: Literal["layer", "global"] = "layer"
+    start_epoch: int = Field(1, ge=1)
+    end_epoch: int = Field(1, ge=1)
+    include_embedding: bool = False
+    update_every: int = Field(50, ge=1)  # steps between gradual-schedule updates
+    iterative_steps: int = Field(3, ge=1)  # equal pruning steps of the iterative schedule
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PruneConfig:
+        if self.schedule in ("gradual", "iterative") and self.end_epoch < self.start_epoch:
+            raise ValueError(
+                f"prune.end_epoch ({self.end_epoch}) must be >= prune.start_epoch "
+                f"({self.start_epoch}) for the {self.schedule} schedule"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(10, ge=1)
+    bptt: int = Field(35, ge=2)
+    variable_bptt: bool = False  # AWD-LSTM's random sequence lengths
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(2e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # SGD only
+    clip: float = Field(0.25, ge=0)  # gradient-norm clipping; 0 disables it
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    max_eval_batches: int | None = Field(None, ge=1)  # cap on evaluation chunks, for quick runs
+    log_every: int = Field(50, ge=1)
+
+
+class RunConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    prune: PruneConfig = PruneConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        p = self.prune
+        if p.schedule != "none" and p.target_sparsity > 0:
+            last = p.start_epoch if p.schedule == "oneshot" else p.end_epoch
+            if last > self.train.epochs:
+                raise ValueError(
+                    f"prune.{'start_epoch' if p.schedule == 'oneshot' else 'end_epoch'} "
+                    f"({last}) is after train.epochs ({self.train.epochs}): the {p.schedule} "
+                    "schedule could not reach prune.target_sparsity; raise train.epochs or "
+                    "move the schedule earlier"
+                )
+        if p.schedule == "none" and p.target_sparsity > 0:
+            raise ValueError(
+                f"prune.target_sparsity is {p.target_sparsity} but prune.schedule is 'none'; "
+                "choose oneshot, gradual or iterative"
+            )
+        return self
+
+    # --- identity -------------------------------------------------------------------
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def run_key(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys (`model.arch`, `prune.target_sparsity`, ...) -> values, for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """tree['a']['b'] = value for 'a.b', creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"Config key '{dotted}': '{part}' is a value, not a section.")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'model.hidden_size=512' -> ('model.hidden_size', 512); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(
+            f"--set '{text}' is not of the form key=value; write for example "
+            "--set model.hidden_size=512."
+        )
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _section_keys(loc: tuple) -> list[str]:
+    """The valid keys of the section that holds `loc`, for 'did you mean' messages."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            keys = ", ".join(_section_keys(e["loc"]))
+            lines.append(f"'{field}' is not a config key (valid keys here: {keys})")
+        elif e["type"] == "value_error":
+            message = e["msg"].removeprefix("Value error, ")
+            lines.append(message if message.startswith(field) else f"'{field}': {message}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"'{field}': {e['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def build_config(tree: dict[str, Any] | None, source: str = "config") -> RunConfig:
+    """Validate a nested dict into a RunConfig, raising ConfigError with the fields named."""
+    try:
+        return RunConfig.model_validate(tree or {})
+    except ValidationError as e:
+        raise ConfigError(f"Invalid {source}: {_describe(e)}.") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML RunConfig (or start from defaults) and apply `key=value` overrides."""
+    tree: dict[str, Any] = {}
+    source = "config (defaults and --set)"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist; pass the path of a YAML RunConfig such as configs/default.yaml.")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping of sections (data, model, prune, train).")
+        tree = loaded or {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(tree, key, value)
+    return build_config(tree, source)

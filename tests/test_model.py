@@ -1,0 +1,192 @@
+"""The models: the EGRU against a literal transcription of DESIGN.md section 3, the
+pseudo-derivative, fused kernels, state carry-over and activity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from duosparse import data
+from duosparse.config import load_config
+from duosparse.model import HeavisideTriangle, LanguageModel, RecurrentLayer, detach_state
+from duosparse.train import evaluate
+
+
+def _model_cfg(*overrides: str):
+    return load_config(None, list(overrides)).model
+
+
+def reference_egru(x, y0, c0, W, R, b_ih, b_hh, theta, height, width):
+    """DESIGN.md section 3, one line per equation, with separate gate matrices (cuDNN order
+    r, u, z in the stacked weights)."""
+    H = theta.numel()
+    W_r, W_u, W_z = W[:H], W[H : 2 * H], W[2 * H :]
+    R_r, R_u, R_z = R[:H], R[H : 2 * H], R[2 * H :]
+    b_r = b_ih[:H] + b_hh[:H]
+    b_u = b_ih[H : 2 * H] + b_hh[H : 2 * H]
+    b_z, b_rz = b_ih[2 * H :], b_hh[2 * H :]
+    y, c_prime, ys = y0, c0, []
+    for x_t in x:
+        u = torch.sigmoid(x_t @ W_u.T + y @ R_u.T + b_u)
+        r = torch.sigmoid(x_t @ W_r.T + y @ R_r.T + b_r)
+        z = torch.tanh(x_t @ W_z.T + r * (y @ R_z.T + b_rz) + b_z)
+        c = u * c_prime + (1 - u) * z
+        o = HeavisideTriangle.apply(c - theta, height, width)
+        y = o * c
+        c_prime = c - o * theta
+        ys.append(y)
+    return torch.stack(ys), y, c_prime
+
+
+def test_egru_layer_equals_transcription_of_the_equations():
+    torch.manual_seed(0)
+    cfg = _model_cfg("model.arch=egru", "model.threshold=0.1")
+    layer = RecurrentLayer("egru", 7, 11, cfg).double()
+    with torch.no_grad():
+        layer.threshold.uniform_(0.0, 0.3)  # per-unit thresholds
+    x = torch.randn(9, 4, 7, dtype=torch.float64)
+    y0 = torch.randn(4, 11, dtype=torch.float64).clamp(min=0)
+    c0 = torch.randn(4, 11, dtype=torch.float64) * 0.5
+    out, (y, c), events = layer(x, (y0, c0))
+    ref_out, ref_y, ref_c = reference_egru(
+        x, y0, c0, layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh,
+        layer.threshold, layer.height, layer.width,
+    )
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(c, ref_c, rtol=0, atol=1e-12)
+    assert torch.equal(events, (out != 0).double())
+    assert 0 < float(events.detach().mean()) < 1  # the test exercises both silent and active units
+    # gradients agree too (through the pseudo-derivative, the reset and the recurrence)
+    g = torch.autograd.grad(out.sum() + c.sum(), [layer.weight_hh, layer.threshold])
+    layer.zero_grad()
+    g_ref = torch.autograd.grad(ref_out.sum() + ref_c.sum(), [layer.weight_hh, layer.threshold])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_pseudo_derivative_is_the_triangle_in_double_precision():
+    """Backward through H equals d/dv of the surrogate S(v) = integral of
+    height * max(0, 1 - width * |s|), checked against central differences in float64."""
+    height, width = 3.6, 2.5
+
+    def surrogate(v):  # closed-form antiderivative of the triangle, S(0) = height / (2 width)
+        a = torch.clamp(width * v.abs(), max=1.0)
+        part = height * (a - a * a / 2) / width
+        return torch.sign(v) * part + height / (2 * width)
+
+    v = torch.linspace(-0.6, 0.6, 241, dtype=torch.float64)
+    v = v[(v.abs() - 1 / width).abs() > 1e-3]  # keep away from the kinks at |v| = 1/width
+    v = v[v.abs() > 1e-3]
+    v.requires_grad_(True)
+    out = HeavisideTriangle.apply(v, height, width)
+    (grad,) = torch.autograd.grad(out.sum(), v)
+    eps = 1e-6
+    numeric = (surrogate(v.detach() + eps) - surrogate(v.detach() - eps)) / (2 * eps)
+    torch.testing.assert_close(grad, numeric, rtol=1e-7, atol=1e-8)
+    assert torch.equal(out, (v > 0).double())
+    assert HeavisideTriangle.apply(torch.zeros(1), height, width).item() == 0.0  # H(0) = 0
+    # and torch's own gradcheck on a smooth function built with the same backward
+    assert torch.autograd.gradcheck(
+        lambda t: surrogate(t), (torch.tensor([0.05, -0.2], dtype=torch.float64, requires_grad=True),)
+    )
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_fused_layers_equal_torch_modules(arch):
+    torch.manual_seed(1)
+    layer = RecurrentLayer(arch, 5, 6, _model_cfg(f"model.arch={arch}"))
+    ref = (torch.nn.LSTM if arch == "lstm" else torch.nn.GRU)(5, 6)
+    with torch.no_grad():
+        ref.weight_ih_l0.copy_(layer.weight_ih)
+        ref.weight_hh_l0.copy_(layer.weight_hh)
+        ref.bias_ih_l0.copy_(layer.bias_ih)
+        ref.bias_hh_l0.copy_(layer.bias_hh)
+    x = torch.randn(8, 3, 5)
+    state = layer.initial_state(3)
+    out, _, _ = layer(x, state)
+    ref_out, _ = ref(x)
+    torch.testing.assert_close(out, ref_out)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru", "egru"])
+def test_one_long_chunk_equals_many_short_chunks(arch):
+    """c' and y (or h, c) carry across chunks: evaluation does not depend on BPTT length."""
+    torch.manual_seed(2)
+    corpus = data.synthetic_corpus(seed=3, train_tokens=2000, valid_tokens=600, test_tokens=600)
+    cfg = _model_cfg(f"model.arch={arch}", "model.hidden_size=24", "model.embedding_size=16",
+                     "model.threshold=0.05").model_copy()
+    model = LanguageModel(cfg, corpus.vocab_size).double()
+    stream = data.batchify(corpus.valid, 4)
+    long = evaluate(model, stream, bptt=stream.size(0))
+    short = evaluate(model, stream, bptt=7)
+    assert long.loss == pytest.approx(short.loss, rel=1e-10)
+    for key in ("sparsity/activity", "ops/effective_macs_per_token"):
+        assert long.accounting[key] == pytest.approx(short.accounting[key], rel=1e-10)
+
+
+def test_lstm_is_dense_and_a_high_threshold_egru_is_mostly_silent():
+    torch.manual_seed(4)
+    corpus = data.synthetic_corpus(seed=0)
+    stream = data.batchify(corpus.valid, 8)
+    lstm = LanguageModel(_model_cfg("model.arch=lstm"), corpus.vocab_size)
+    egru = LanguageModel(_model_cfg("model.arch=egru", "model.threshold=0.5"), corpus.vocab_size)
+    low = LanguageModel(_model_cfg("model.arch=egru", "model.threshold=0.0"), corpus.vocab_size)
+    a_lstm = evaluate(lstm, stream, 35, max_batches=10).accounting["sparsity/activity"]
+    a_egru = evaluate(egru, stream, 35, max_batches=10).accounting["sparsity/activity"]
+    a_low = evaluate(low, stream, 35, max_batches=10).accounting["sparsity/activity"]
+    assert a_lstm < 0.01
+    assert a_egru > 0.9
+    assert a_low < a_egru
+
+
+def test_thresholds_stay_non_negative_and_train():
+    torch.manual_seed(5)
+    corpus = data.synthetic_corpus(seed=0)
+    model = LanguageModel(_model_cfg("model.arch=egru", "model.threshold=0.01"), corpus.vocab_size)
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    x, y = next(data.bptt_batches(data.batchify(corpus.train, 8), 20))
+    for _ in range(5):
+        logits, _, _ = model(x, model.initial_state(8))
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        assert model.layers[0].threshold.grad is not None
+        assert model.layers[0].threshold.grad.abs().sum() > 0  # thresholds are learned
+        opt.step()
+        model.clamp_thresholds()
+    for layer in model.layers:
+        assert (layer.threshold >= 0).all()
+
+
+def test_dropouts_change_training_not_evaluation():
+    torch.manual_seed(6)
+    cfg = _model_cfg("model.arch=egru", "model.dropout.embedding=0.2", "model.dropout.input=0.3",
+                     "model.dropout.hidden=0.3", "model.dropout.output=0.3", "model.dropout.weight=0.4")
+    model = LanguageModel(cfg, 50)
+    x = torch.randint(0, 50, (10, 3))
+    model.train()
+    a, _, _ = model(x, model.initial_state(3))
+    b, _, _ = model(x, model.initial_state(3))
+    assert not torch.allclose(a, b)
+    model.eval()
+    c, _, _ = model(x, model.initial_state(3))
+    d, _, _ = model(x, model.initial_state(3))
+    assert torch.equal(c, d)
+
+
+def test_tied_decoder_shares_the_embedding_and_last_layer_has_its_width():
+    model = LanguageModel(_model_cfg("model.embedding_size=12", "model.hidden_size=20", "model.num_layers=3"), 30)
+    assert [layer.hidden_size for layer in model.layers] == [20, 20, 12]
+    assert model.decoder_weight() is model.encoder.weight
+    untied = LanguageModel(_model_cfg("model.tie_weights=false", "model.num_layers=1"), 30)
+    assert untied.layers[-1].hidden_size == 256
+    assert untied.decoder_weight() is untied.decoder.weight
+
+
+def test_detached_state_keeps_values():
+    model = LanguageModel(_model_cfg("model.arch=egru"), 30)
+    state = [tuple(t + 1.0 for t in s) for s in model.initial_state(2)]
+    for s, d in zip(state, detach_state(state)):
+        for a, b in zip(s, d):
+            assert torch.equal(a, b) and not b.requires_grad
