@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from duosparse import data
 from duosparse.config import load_config
 from duosparse.model import HeavisideTriangle, LanguageModel, RecurrentLayer, detach_state

@@ -2,7 +2,15 @@
 
 Pruning reparametrises each prunable weight as `weight = weight_orig * weight_mask`, so a
 pruned entry stays exactly zero whatever the optimiser does to `weight_orig` (Adam, AdamW's
-decoupled weight decay included), and the mask is a buffer saved with the state dict.
+decoupled weight decay included), and the mask is a buffer saved with the state dict. The
+tied embedding/decoder is one tensor (the embedding's), pruned once; the model reads it
+through `LanguageModel.embedding_weight()` / `decoder_weight()`, so both uses see the mask.
+
+Magnitudes are always read as `orig * mask` at the moment of pruning (`current_weight`),
+never from the attribute `torch.nn.utils.prune`'s forward pre-hook leaves on the module: that
+attribute is only refreshed when the module itself is called, which is one optimiser step
+stale for the recurrent layers and never happens for the embedding (the model uses it
+functionally).
 
 Schedules (`prune.schedule`), progress measured in training steps:
   oneshot    the whole target at the first step of `start_epoch`, then fine-tuning
@@ -37,23 +45,44 @@ def _pruned_count(module: nn.Module, name: str) -> int:
     return 0 if mask is None else int((mask == 0).sum())
 
 
+def _magnitudes(tensors: list[tuple[nn.Module, str]]) -> dict[tuple[nn.Module, str], Tensor]:
+    """|orig * mask| of each tensor now (what the next forward pass multiplies with)."""
+    return {(m, n): current_weight(m, n).detach().abs() for m, n in tensors}
+
+
 def prune_to(tensors: list[tuple[nn.Module, str]], sparsity: float, scope: str) -> None:
     """Raise the sparsity of `tensors` to `sparsity` by L1 magnitude (never lowers it).
 
     scope 'layer': every tensor on its own reaches round(sparsity * numel) pruned entries;
     'global': the smallest magnitudes over all tensors together, round(sparsity * total).
+    Entries already pruned stay pruned; the new ones are the smallest among the rest.
     """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    scores = _magnitudes(tensors)
     if scope == "layer":
         for module, name in tensors:
-            numel = current_weight(module, name).numel()
+            numel = scores[(module, name)].numel()
             extra = round(sparsity * numel) - _pruned_count(module, name)
             if extra > 0:
-                prune.l1_unstructured(module, name, amount=extra)
+                prune.l1_unstructured(module, name, amount=extra,
+                                      importance_scores=scores[(module, name)])
         return
-    total = sum(current_weight(m, n).numel() for m, n in tensors)
+    total = sum(s.numel() for s in scores.values())
     extra = round(sparsity * total) - sum(_pruned_count(m, n) for m, n in tensors)
     if extra > 0:
-        prune.global_unstructured(tensors, pruning_method=prune.L1Unstructured, amount=extra)
+        prune.global_unstructured(tensors, pruning_method=prune.L1Unstructured, amount=extra,
+                                  importance_scores=scores)
+
+
+def tensor_name(model: nn.Module, module: nn.Module, name: str) -> str:
+    """The dotted name of a prunable tensor, as in the state dict without `_orig`."""
+    for path, candidate in model.named_modules():
+        if candidate is module:
+            return f"{path}.{name}" if path else name
+    raise ValueError(f"{type(module).__name__} is not a submodule of the model")
 
 
 def masks(model: nn.Module) -> dict[str, Tensor]:
@@ -72,7 +101,8 @@ def restore_masks(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
         if hasattr(module, name + "_mask"):
             getattr(module, name + "_mask").copy_(mask)
         else:
-            prune.custom_from_mask(module, name, mask.to(current_weight(module, name).device))
+            device = current_weight(module, name).device
+            prune.custom_from_mask(module, name, mask.to(device))
 
 
 class Pruner:
@@ -87,7 +117,8 @@ class Pruner:
         # the epoch after which the masks are final (0: no pruning)
         self.final_epoch = end_epoch if self.active else 0
         # in global steps; the target is reached at the span's end
-        self.span = ((cfg.start_epoch - 1) * self.steps_per_epoch, end_epoch * self.steps_per_epoch)
+        spe = self.steps_per_epoch
+        self.span = ((cfg.start_epoch - 1) * spe, end_epoch * spe)
         self._applied = 0.0
 
     def sparsity_at(self, global_step: int) -> float:
@@ -120,11 +151,19 @@ class Pruner:
         """At the end of training the target is reached, whatever the step count was."""
         if self.active:
             prune_to(self.tensors, self.cfg.target_sparsity, self.cfg.scope)
+            self._applied = self.cfg.target_sparsity
 
 
 @torch.no_grad()
 def make_permanent(model: nn.Module) -> None:
-    """Fold masks into the weights (for export); pruned entries stay zero, masks are dropped."""
-    for module in model.modules():
-        for name in [k[: -len("_orig")] for k, _ in list(module.named_parameters(recurse=False)) if k.endswith("_orig")]:
+    """Fold masks into the weights (for export); pruned entries stay zero, masks are dropped.
+
+    A tied decoder is re-tied to the new embedding parameter (`prune.remove` replaces it).
+    """
+    for module in list(model.modules()):
+        names = [k[: -len("_orig")] for k, _ in module.named_parameters(recurse=False)
+                 if k.endswith("_orig")]
+        for name in names:
             prune.remove(module, name)
+    if isinstance(model, LanguageModel) and model.cfg.tie_weights:
+        model.decoder.weight = model.encoder.weight

@@ -72,3 +72,13 @@ RUN_METRICS = (
     OPS_DENSE, OPS_WEIGHT_SPARSE, OPS_EFFECTIVE, OPS_MULTIPLICATIVE, OPS_TOTAL_EFFECTIVE,
     OPS_COMPUTE_REDUCTION, PERF_TOKENS_PER_S, PERF_EPOCH_S,
 )
+
+# --- pruning sensitivity (`duosparse prune sensitivity`, logged into the analysed run) ----
+ARTIFACT_SENSITIVITY = "sensitivity.json"  # the table: one row per prunable tensor x level
+SENSITIVITY_PREFIX = "sensitivity/"
+SENSITIVITY_BASELINE = "sensitivity/baseline"  # val/ppl of the checkpoint as it is
+
+
+def sensitivity_metric(tensor: str, level: float) -> str:
+    """val/ppl with `tensor` (e.g. layers.0.weight_hh) alone pruned to `level`, not retrained."""
+    return f"{SENSITIVITY_PREFIX}{tensor}/{level:g}"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import data, schema
-from .accounting import Accountant, weight_sparsity
+from .accounting import Accountant
 from .config import RunConfig
 from .model import LanguageModel, detach_state
 from .pruning import Pruner, restore_masks
@@ -199,6 +199,7 @@ def train(
             torch.set_rng_state(ckpt["rng"])
 
     generator = torch.Generator().manual_seed(t.seed)
+    metrics: dict[str, float] = {}
     for epoch in range(start_epoch, t.epochs + 1):
         model.train()
         generator.manual_seed(t.seed * 1000 + epoch)  # batch lengths repeatable after resume
@@ -245,7 +246,6 @@ def train(
             schema.PERF_EPOCH_S: epoch_s,
             **val.accounting,
         }
-        reporter.log_metrics(metrics, step=epoch)
         # The best model is picked among those at the final sparsity: weights from before
         # pruning finished are not the pruned model the config asks for.
         if epoch >= pruner.final_epoch and val.loss < best_val:
@@ -256,6 +256,7 @@ def train(
             "epoch": epoch, "global_step": global_step, "best_val": best_val,
             "best_model": best_state, "rng": torch.get_rng_state(),
         })
+        reporter.log_metrics(metrics, step=epoch)  # after the checkpoint: a resumed run has it
 
     # Final figures: the best-validation weights on the test split.
     restore_masks(model, best_state)
@@ -264,7 +265,8 @@ def train(
     final = {schema.TEST_LOSS: test.loss, schema.TEST_PPL: test.ppl, **test.accounting}
     reporter.log_metrics(final, step=t.epochs)
     _write_artifacts(workdir, config, model, corpus, final, test, reporter)
-    return {schema.VAL_LOSS: best_val, schema.VAL_PPL: math.exp(min(best_val, 50.0)), **final}
+    best = {schema.VAL_LOSS: best_val, schema.VAL_PPL: math.exp(min(best_val, 50.0))}
+    return {**metrics, **best, **final}  # last epoch's train/perf figures, best val, final test
 
 
 def _write_artifacts(

@@ -1,0 +1,107 @@
+"""The command line as a user runs it: real processes, the embedded MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from duosparse import schema
+
+DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
+TINY = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
+        "--set", "train.batch_size=8", "--set", "train.eval_batch_size=8", "--set", "train.max_steps_per_epoch=10",
+        "--set", "train.max_eval_batches=4", "--set", "train.epochs=2", "--set", "model.threshold=0.05"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([DUOSPARSE, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+def test_bad_config_key_exits_nonzero_naming_the_key_without_traceback(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  arch: egru\n  hiden_size: 128\n")
+    result = run("train", str(config), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "model.hiden_size" in result.stderr
+    assert "hidden_size" in result.stderr  # the valid keys are listed
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "mlruns.db").exists()  # refused before any work started
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "model.arch=transformer"], "model.arch"),
+    (["--set", "train.lr=-1"], "train.lr"),
+    (["--set", "prune.target_sparsity=1.0"], "prune.target_sparsity"),
+    (["--set", "nonsense"], "key=value"),
+])
+def test_bad_values_are_refused_with_the_field_named(tmp_path, args, needle):
+    result = run("train", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_says_how_to_provide_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DUOSPARSE_DATA_DIR", "MLFLOW_TRACKING_URI")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    result = subprocess.run([DUOSPARSE, "train", "--set", "data.corpus=ptb"], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "DUOSPARSE_DATA_DIR" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_logs_one_mlflow_run_with_the_schema(tmp_path):
+    result = run("train", *TINY, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    run_ = client.get_run(out["run_id"])
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["model.arch"] == "egru"
+    assert run_.data.params["prune.target_sparsity"] == "0.0"
+    assert run_.data.tags[schema.TAG_RUN_KEY] == out["run_key"]
+    assert run_.data.tags[schema.TAG_CODE_VERSION]
+    for name in schema.RUN_METRICS:
+        assert name in run_.data.metrics, name
+        if not name.startswith("val/"):  # --json gives the best epoch's val, MLflow the last's
+            assert out["metrics"][name] == pytest.approx(run_.data.metrics[name]), name
+    history = client.get_metric_history(out["run_id"], schema.VAL_PPL)
+    assert sorted(m.step for m in history) == [1, 2]
+    effective = client.get_metric_history(out["run_id"], schema.OPS_EFFECTIVE)
+    assert sorted(m.step for m in effective) == [1, 2, 2]  # each epoch, then the final test figure
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"])}
+    assert {schema.ARTIFACT_CONFIG, schema.ARTIFACT_CHECKPOINT, schema.ARTIFACT_ACTIVITY} <= artifacts
+    assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the embedded store
+
+
+def test_a_diverging_run_is_failed_with_its_reason(tmp_path):
+    result = run("train", *TINY, "--set", "train.optimizer=sgd", "--set", "train.lr=1e36",
+                 "--set", "train.clip=0", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    (run_,) = client.search_runs(client.get_experiment_by_name("duosparse").experiment_id)
+    assert run_.info.status == "FAILED"
+    assert "train/loss became" in run_.data.tags[schema.TAG_FAILURE]
+
+
+def test_data_check_reports_the_shared_corpora(tmp_path, data_dir):
+    result = run("data", "check", "--data-dir", str(data_dir), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = {entry["corpus"]: entry for entry in json.loads(result.stdout)}
+    assert report["ptb"]["ok"] and report["wikitext-2"]["ok"]
+
+
+def test_help_for_every_command(tmp_path):
+    for args in (["--help"], ["train", "--help"], ["data", "check", "--help"], ["ui", "--help"]):
+        result = run(*args, cwd=tmp_path)
+        assert result.returncode == 0 and "Usage" in result.stdout

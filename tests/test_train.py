@@ -1,0 +1,125 @@
+"""One training run: learning on real PTB, divergence, repeatability, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from duosparse import data, schema
+from duosparse.config import load_config
+from duosparse.train import TrainingDiverged, evaluate, load_checkpoint, load_model, train
+
+TINY = ["data.corpus=synthetic", "model.embedding_size=16", "model.hidden_size=24",
+        "train.batch_size=8", "train.eval_batch_size=8", "train.max_steps_per_epoch=15",
+        "train.max_eval_batches=5", "model.threshold=0.05"]
+
+
+class Recorder:
+    def __init__(self, stop_after_epoch: int | None = None):
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.artifacts: list[str] = []
+        self.stop_after_epoch = stop_after_epoch
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+        if self.stop_after_epoch is not None and step == self.stop_after_epoch:
+            raise KeyboardInterrupt("simulated kill after the epoch's checkpoint")
+
+    def log_artifact(self, path):
+        self.artifacts.append(path.name)
+
+
+@pytest.fixture(scope="module")
+def ptb_run(tmp_path_factory):
+    import os
+
+    if not os.environ.get("DUOSPARSE_DATA_DIR"):
+        pytest.fail("DUOSPARSE_DATA_DIR must point at the shared data (make test sets it)")
+    cfg = load_config(None, [
+        "data.corpus=ptb", "model.arch=egru", "model.threshold=0.05", "model.num_layers=1",
+        "model.embedding_size=200", "model.hidden_size=200", "train.batch_size=16",
+        "train.lr=0.003", "train.epochs=1", "train.max_steps_per_epoch=300",
+        "train.eval_batch_size=20", "train.max_eval_batches=40",
+    ])
+    workdir = tmp_path_factory.mktemp("ptb")
+    recorder = Recorder()
+    final = train(cfg, recorder, workdir, progress=False)
+    return cfg, workdir, recorder, final
+
+
+def test_a_few_hundred_steps_on_ptb_beat_the_unigram_model_by_far(ptb_run):
+    cfg, _, _, final = ptb_run
+    corpus = data.load_corpus("ptb")
+    unigram = data.unigram_perplexity(corpus.train, corpus.valid, corpus.vocab_size)
+    assert 600 < unigram < 800  # ~685 on PTB valid
+    assert final[schema.VAL_PPL] < 0.6 * unigram
+    assert final[schema.TEST_PPL] < 0.6 * unigram
+    assert 0.2 < final[schema.SPARSITY_ACTIVITY] < 1.0  # the EGRU is sparse on real text
+
+
+def test_every_schema_metric_is_reported_each_epoch_and_at_the_end(ptb_run):
+    _, _, recorder, final = ptb_run
+    epoch_metrics = recorder.metrics[0][1]
+    for name in schema.RUN_METRICS:
+        if name.startswith("test/"):
+            assert name in final
+        else:
+            assert name in epoch_metrics or name in final, name
+    assert schema.layer_activity(0) in epoch_metrics
+    assert recorder.artifacts == [schema.ARTIFACT_CONFIG, schema.ARTIFACT_CHECKPOINT, schema.ARTIFACT_ACTIVITY]
+
+
+def test_checkpoint_reloads_with_weights_only_and_evaluates_the_same(ptb_run):
+    cfg, workdir, _, final = ptb_run
+    model, loaded_cfg = load_model(workdir / schema.ARTIFACT_CHECKPOINT)
+    assert loaded_cfg == cfg
+    corpus = data.load_corpus("ptb")
+    test = evaluate(model, data.batchify(corpus.test, cfg.train.eval_batch_size), cfg.train.bptt,
+                    cfg.train.max_eval_batches)
+    assert test.loss == pytest.approx(final[schema.TEST_LOSS], rel=1e-6)
+    assert test.accounting[schema.OPS_EFFECTIVE] == pytest.approx(final[schema.OPS_EFFECTIVE], rel=1e-6)
+    activity = json.loads((workdir / schema.ARTIFACT_ACTIVITY).read_text())
+    assert len(activity["unit_event_rates"][0]) == 200
+    rates = torch.tensor(activity["unit_event_rates"][0])
+    assert 1 - float(rates.mean()) == pytest.approx(final[schema.layer_activity(0)], rel=1e-6)
+
+
+def test_a_nan_loss_ends_the_run_with_the_reason(tmp_path):
+    cfg = load_config(None, TINY + ["train.optimizer=sgd", "train.lr=1e36", "train.clip=0"])
+    with pytest.raises(TrainingDiverged, match=r"train/loss became (nan|inf).*train.lr"):
+        train(cfg, None, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru", "egru"])
+def test_same_seed_same_run_other_seed_other_run(tmp_path, arch):
+    cfg = load_config(None, TINY + [f"model.arch={arch}", "model.dropout.hidden=0.2", "model.dropout.weight=0.2"])
+    a = train(cfg, None, tmp_path / "a", progress=False)
+    b = train(cfg, None, tmp_path / "b", progress=False)
+    c = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})}), None,
+              tmp_path / "c", progress=False)
+    assert a == b
+    assert a[schema.TEST_LOSS] != c[schema.TEST_LOSS]
+
+
+def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path):
+    cfg = load_config(None, TINY + ["train.epochs=3", "model.dropout.hidden=0.2"])
+    whole = Recorder()
+    expected = train(cfg, whole, tmp_path / "whole", progress=False)
+    interrupted = Recorder(stop_after_epoch=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, interrupted, tmp_path / "resumed", progress=False)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 2
+    resumed = Recorder()
+    result = train(cfg, resumed, tmp_path / "resumed", progress=False)
+    assert [step for step, _ in resumed.metrics] == [3, 3]  # only epoch 3, then the final figures
+    assert result[schema.TEST_LOSS] == pytest.approx(expected[schema.TEST_LOSS], rel=1e-9)
+    assert resumed.metrics[0][1][schema.VAL_LOSS] == pytest.approx(whole.metrics[2][1][schema.VAL_LOSS], rel=1e-9)
+
+
+def test_variable_bptt_and_cosine_schedule_train(tmp_path):
+    cfg = load_config(None, TINY + ["train.variable_bptt=true", "train.lr_schedule=cosine",
+                                    "train.optimizer=adamw", "train.weight_decay=0.01", "train.epochs=2"])
+    result = train(cfg, None, tmp_path, progress=False)
+    assert math.isfinite(result[schema.TEST_LOSS])
