@@ -88,13 +88,14 @@ def test_global_scope_hits_the_target_overall_and_reads_current_magnitudes():
     model = tiny_model()
     tensors = model.prunable(include_embedding=True)  # the embedding starts smaller (+-0.1)
     orig = torch.cat([current_weight(m, n).detach().abs().flatten() for m, n in tensors])
-    prune_to(tensors, 0.6, "global")
+    prune_to(tensors, 0.3, "global")
     total = orig.numel()
-    assert sum(zeros(m, n) for m, n in tensors) == round(0.6 * total)
+    assert sum(zeros(m, n) for m, n in tensors) == round(0.3 * total)
     kept = torch.cat([(current_weight(m, n) != 0).flatten() for m, n in tensors])
     assert orig[~kept].max() <= orig[kept].min()  # one threshold over all tensors
     per_tensor = [zeros(m, n) / current_weight(m, n).numel() for m, n in tensors]
     assert max(per_tensor) - min(per_tensor) > 0.2  # tensors differ individually
+    assert 0.3 < per_tensor[-1] < 0.9  # the embedding: the most pruned, but not all of it
 
     # Magnitudes change in training; the next update must use orig * mask as it is now, not
     # a copy left on the module by the pruning hook (never refreshed for the embedding).
@@ -102,8 +103,8 @@ def test_global_scope_hits_the_target_overall_and_reads_current_magnitudes():
         model.encoder.weight_orig.mul_(100.0)
     embedding_zeros = zeros(model.encoder, "weight")
     now = torch.cat([current_weight(m, n).detach().abs().flatten() for m, n in tensors])
-    prune_to(tensors, 0.8, "global")
-    assert sum(zeros(m, n) for m, n in tensors) == round(0.8 * total)
+    prune_to(tensors, 0.5, "global")
+    assert sum(zeros(m, n) for m, n in tensors) == round(0.5 * total)
     assert zeros(model.encoder, "weight") == embedding_zeros  # its weights are the largest now
     kept2 = torch.cat([(current_weight(m, n) != 0).flatten() for m, n in tensors])
     assert now[kept & ~kept2].max() <= now[kept2].min()

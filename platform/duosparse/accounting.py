@@ -101,7 +101,8 @@ class Accountant:
             schema.OPS_DENSE: dense,
             schema.OPS_WEIGHT_SPARSE: weight_sparse,
             schema.OPS_EFFECTIVE: effective,
-            schema.OPS_MULTIPLICATIVE: dense * (1 - self.weight_sparsity) * (1 - activity),
+            # s_w of the recurrent matrices alone (the embedding may be pruned too): nnz / dense
+            schema.OPS_MULTIPLICATIVE: dense * (weight_sparse / dense) * (1 - activity),
             schema.OPS_DECODER_DENSE: decoder_dense,
             schema.OPS_DECODER_WEIGHT_SPARSE: decoder_sparse,
             schema.OPS_DECODER_EFFECTIVE: decoder_effective,

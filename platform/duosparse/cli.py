@@ -5,6 +5,7 @@ Bad input ends with a one-paragraph message and a non-zero exit, never a traceba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from rich.table import Table
 from . import data as data_module
 from . import schema
 from .config import ConfigError, load_config
+from .sensitivity import prune_app
 
 app = typer.Typer(
     help="duosparse: sweeps over activity sparsity (EGRU) x weight sparsity (pruning) "
@@ -28,6 +30,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Find, verify and download the corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+sweep_app = typer.Typer(help="Run and inspect sweeps declared in sweeps/*.yaml.", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
+app.add_typer(prune_app, name="prune")
 
 console = Console(stderr=True)
 
@@ -140,6 +145,87 @@ def data_download(
     except (data_module.DataNotFoundError, data_module.DataIntegrityError) as e:
         fail(str(e))
     console.print(f"{corpus} downloaded and verified in {path}")
+
+
+# --- sweeps ------------------------------------------------------------------------------
+
+
+def _load_plan(spec_path: Path, tracking_uri: str | None):
+    from . import tracking, tuning
+    from .sweep import SpecError, load_spec
+
+    try:
+        spec = load_spec(spec_path)
+        uri = tuning.tracking_uri_for(spec, tracking_uri)
+        return spec, uri, tuning.plan(spec, uri)
+    except (SpecError, tracking.TrackingError) as e:
+        fail(str(e))
+
+
+def _plan_table(plan, title: str) -> Table:
+    rows = plan.rows()
+    table = Table(*(rows[0].keys() if rows else ["run_key"]), title=title)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    return table
+
+
+def _counts(plan) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in plan.rows():
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts
+
+
+@sweep_app.command("run")
+def sweep_run(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="sweeps/<study>.yaml")],
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted launch (Tuner.restore)")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the trial table and stop")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, ./mlruns.db)")] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run every trial of SPEC that has not FINISHED yet, on Ray Tune, logged to MLflow."""
+    from . import tuning
+
+    spec, uri, plan = _load_plan(spec_path, tracking_uri)
+    if dry_run:
+        if json_out:
+            print(json.dumps({"sweep": spec.name, "trials": plan.rows()}, indent=2))
+        else:
+            Console().print(_plan_table(plan, f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run"))
+        return
+    console.print(f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run; MLflow {uri}, experiment '{spec.experiment}'")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Ray Tune's own prints; stdout is ours
+            final = tuning.run_sweep(spec, address=address, resume=resume, tracking_uri=tracking_uri,
+                                     show_progress=not json_out)
+    except tuning.SweepError as e:
+        fail(str(e))
+    counts = _counts(final)
+    if json_out:
+        print(json.dumps({"sweep": spec.name, "counts": counts, "trials": final.rows()}, indent=2))
+    else:
+        Console().print(_plan_table(final, f"sweep {spec.name}"))
+        console.print(f"{counts}. Browse with: make ui")
+    if counts.get("FINISHED", 0) < len(final.trials):
+        raise typer.Exit(1)
+
+
+@sweep_app.command("status")
+def sweep_status(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC")],
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Finished / running / failed / pending trials of SPEC, with failure reasons."""
+    spec, _, plan = _load_plan(spec_path, tracking_uri)
+    if json_out:
+        print(json.dumps({"sweep": spec.name, "counts": _counts(plan), "trials": plan.rows()}, indent=2))
+    else:
+        Console().print(_plan_table(plan, f"sweep {spec.name}"))
+        console.print(str(_counts(plan)))
 
 
 # --- ui ------------------------------------------------------------------------------------

@@ -257,15 +257,12 @@ def sensitivity_command(
     from rich.console import Console
 
     from .cli import fail
-    from .train import resolve_device
 
     err = Console(stderr=True)
     try:
         parsed = parse_levels(levels)
-        if device not in ("auto", "cpu", "cuda"):
-            raise SensitivityError(f"--device '{device}' is not one of auto, cpu, cuda.")
-        target_device = resolve_device(device)
-    except (SensitivityError, ValueError) as e:
+        target_device = _device(device)
+    except SensitivityError as e:
         fail(str(e))
 
     from . import tracking
@@ -299,14 +296,29 @@ def sensitivity_command(
             artifact = Path(tmp) / schema.ARTIFACT_SENSITIVITY
             artifact.write_text(text + "\n")
             reporter = tracking.MlflowReporter(client, run_id)
-            reporter.log_metrics(metrics, step=config.train.epochs)
-            reporter.log_artifact(artifact)
+            try:
+                reporter.log_metrics(metrics, step=config.train.epochs)
+                reporter.log_artifact(artifact)
+            except Exception as e:  # noqa: BLE001 - MLflow raises many types
+                fail(f"the analysis ran but could not be logged to MLflow run {run_id} "
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                     "check the tracking store, or rerun with --out FILE to keep the table.", 1)
             err.print(f"logged {schema.ARTIFACT_SENSITIVITY} and {schema.SENSITIVITY_PREFIX}* "
                       f"metrics to MLflow run {run_id}", highlight=False)
     if json_out:
         print(text)
     else:
         Console().print(_rich_table(table))
+
+
+def _device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda"):
+        raise SensitivityError(f"--device '{name}' is not one of auto, cpu, cuda.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SensitivityError("--device cuda: no CUDA device is visible; use auto or cpu.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _run_with_progress(

@@ -208,7 +208,7 @@ def train(
         batches = data.bptt_batches(train_data, t.bptt, t.variable_bptt, generator, per_epoch)
         with _progress(progress, f"epoch {epoch}/{t.epochs}", per_epoch) as bar:
             for step, (inputs, targets) in enumerate(batches):
-                pruner.step(global_step)
+                pruner.step((epoch - 1) * per_epoch + step)  # schedule in nominal steps
                 lr = _lr_at(config, global_step, total_steps) * inputs.size(0) / t.bptt
                 for group in optimizer.param_groups:
                     group["lr"] = lr

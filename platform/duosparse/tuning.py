@@ -1,0 +1,370 @@
+"""Run a sweep on Ray Tune, recorded in MLflow: one parent run per launch, one child run per
+trial, identified by run_key (not by Ray's trial ids, which Ray's MLflow callback keeps only
+in memory).
+
+- The driver opens the store once (creating a fresh SQLite schema before any trial races to),
+  creates the experiment and the parent run, and drops trials whose run_key is FINISHED.
+- Each trial logs from inside its trainable into its own child run; a retried or resumed
+  trial finds its run by run_key and continues it, and its training state from the Ray
+  checkpoint written every epoch.
+- Runs left RUNNING by a driver that died are marked KILLED at the next launch or status.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__, schema, tracking
+from .config import RunConfig
+from .sweep import SweepSpec, describe, expand
+
+TUNE_METRIC = "val_loss"  # Tune's view of val/loss, for ASHA
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start; the message names the cause and the fix."""
+
+
+# --- MLflow identity --------------------------------------------------------------------
+
+
+def _driver_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _driver_alive(driver: str | None) -> bool:
+    """Whether the process that launched a sweep still runs (known only on its own host)."""
+    if not driver or ":" not in driver:
+        return False
+    host, pid = driver.rsplit(":", 1)
+    if host != socket.gethostname():
+        return True  # cannot tell from here: leave it alone
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_runs(client: Any, experiment_id: str) -> list[Any]:
+    return client.search_runs([experiment_id], max_results=50_000)
+
+
+def mark_orphans_killed(client: Any, experiment_id: str) -> int:
+    """RUNNING runs whose launching driver is gone become KILLED; returns how many."""
+    runs = sweep_runs(client, experiment_id)
+    parents = {r.info.run_id: r for r in runs if r.data.tags.get(schema.TAG_KIND) == "sweep"}
+    count = 0
+    for run in runs:
+        if run.info.status != "RUNNING":
+            continue
+        parent = parents.get(run.data.tags.get(schema.TAG_PARENT_RUN_ID, run.info.run_id))
+        driver = (parent or run).data.tags.get(schema.TAG_DRIVER)
+        if not _driver_alive(driver):
+            tracking.finish_run(client, run.info.run_id, "KILLED", "the sweep driver stopped before this run ended")
+            count += 1
+    return count
+
+
+def runs_by_key(client: Any, experiment_id: str) -> dict[str, Any]:
+    """The newest trial run for each run_key (there should be only one)."""
+    found: dict[str, Any] = {}
+    for run in sweep_runs(client, experiment_id):
+        key = run.data.tags.get(schema.TAG_RUN_KEY)
+        if key and run.data.tags.get(schema.TAG_KIND) == "trial":
+            if key not in found or run.info.start_time > found[key].info.start_time:
+                found[key] = run
+    return found
+
+
+# --- the trainable (runs on Ray workers) --------------------------------------------------
+
+
+class TuneReporter:
+    """Reports each epoch to MLflow, and to Tune with the epoch's resume checkpoint."""
+
+    def __init__(self, client: Any, run_id: str, workdir: Path):
+        self.mlflow = tracking.MlflowReporter(client, run_id)
+        self.run_id, self.workdir = run_id, workdir
+        # Tune (and ASHA) want the same keys in every result
+        self.result: dict[str, Any] = {"epoch": 0, TUNE_METRIC: float("inf"), "mlflow_run_id": run_id}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from ray import tune
+
+        self.mlflow.log_metrics(metrics, step)
+        if schema.VAL_LOSS not in metrics:  # the final test figures: no new epoch for Tune
+            return
+        self.result.update({"epoch": step, TUNE_METRIC: metrics[schema.VAL_LOSS]})
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(self.workdir / "last.pt", Path(tmp) / "last.pt")
+            tune.report(dict(self.result), checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    def done(self, failed: bool = False) -> None:
+        from ray import tune
+
+        tune.report({**self.result, "duosparse_done": True, "failed": failed})
+
+    def log_artifact(self, path: Path) -> None:
+        self.mlflow.log_artifact(path)
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """Ray Tune trainable: one RunConfig, one MLflow child run."""
+    from ray import tune
+
+    from .train import TrainingDiverged, train
+
+    params = params["trial"]
+    config = RunConfig.model_validate(params["config"])
+    client = tracking._client(params["tracking_uri"])
+    run_id = _trial_run(client, params, config)
+    workdir = Path(tempfile.mkdtemp(prefix=f"duosparse-{config.run_key[:12]}-"))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # a retry or a resumed sweep: continue from the last epoch
+        with checkpoint.as_directory() as directory:
+            shutil.copy(Path(directory) / "last.pt", workdir / "last.pt")
+    reporter = TuneReporter(client, run_id, workdir)
+    try:
+        train(config, reporter, workdir, progress=False)
+    except TrainingDiverged as e:
+        # deterministic: retrying would diverge again, so the trial ends here, FAILED
+        tracking.finish_run(client, run_id, "FAILED", str(e))
+        reporter.done(failed=True)
+        return
+    except Exception as e:
+        tracking.finish_run(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
+        raise  # Ray retries it per the spec's `retries`
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    tracking.finish_run(client, run_id, "FINISHED")
+    reporter.done()
+
+
+def _trial_run(client: Any, params: dict[str, Any], config: RunConfig) -> str:
+    """The trial's MLflow run: the existing unfinished one for its run_key, or a new child."""
+    existing = runs_by_key(client, params["experiment_id"]).get(config.run_key)
+    if existing is not None and existing.info.status != "FINISHED":
+        client.update_run(existing.info.run_id, status="RUNNING")
+        client.set_tag(existing.info.run_id, schema.TAG_FAILURE, "")
+        return existing.info.run_id
+    return tracking.start_run(
+        client, params["experiment_id"], config, kind="trial", run_name=params["run_name"],
+        parent_run_id=params["parent_run_id"], tags={schema.TAG_SWEEP: params["sweep"]},
+    )
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    trials: list[RunConfig]
+    status: dict[str, str] = field(default_factory=dict)  # run_key -> MLflow status or PENDING
+    reasons: dict[str, str] = field(default_factory=dict)
+    run_ids: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def todo(self) -> list[RunConfig]:
+        return [c for c in self.trials if self.status.get(c.run_key) != "FINISHED"]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {"run_key": c.run_key[:12], **describe(c, self.spec),
+             "status": self.status.get(c.run_key, "PENDING"),
+             "reason": self.reasons.get(c.run_key, ""), "run_id": self.run_ids.get(c.run_key, "")}
+            for c in self.trials
+        ]
+
+
+def tracking_uri_for(spec: SweepSpec, override: str | None = None) -> str:
+    return override or spec.tracking.uri or tracking.default_tracking_uri()
+
+
+def plan(spec: SweepSpec, uri: str, mark_orphans: bool = True) -> Plan:
+    """Expand the spec and look up each trial's state in MLflow."""
+    trials = expand(spec)
+    result = Plan(spec, trials)
+    client = tracking.open_store(uri)
+    experiment = client.get_experiment_by_name(spec.experiment)
+    if experiment is None:
+        return result
+    if mark_orphans:
+        mark_orphans_killed(client, experiment.experiment_id)
+    found = runs_by_key(client, experiment.experiment_id)
+    for config in trials:
+        run = found.get(config.run_key)
+        if run is None:
+            continue
+        result.status[config.run_key] = run.info.status
+        result.run_ids[config.run_key] = run.info.run_id
+        if run.data.tags.get(schema.TAG_FAILURE):
+            result.reasons[config.run_key] = run.data.tags[schema.TAG_FAILURE]
+        if run.data.tags.get(schema.TAG_EARLY_STOPPED) == "true":
+            result.reasons[config.run_key] = "stopped early by ASHA"
+    return result
+
+
+def _check_cluster(address: str | None, uri: str) -> None:
+    remote = bool(address) and address not in ("local",)
+    if remote and tracking.is_local_uri(uri):
+        raise SweepError(
+            f"The sweep goes to the Ray cluster at '{address}' but the MLflow store is '{uri}', a "
+            "local SQLite/file store that workers on other machines cannot reach (and SQLite "
+            "cannot take parallel writers over a network). Start an MLflow tracking server and "
+            "set MLFLOW_TRACKING_URI=http://HOST:PORT (or tracking.uri in the spec)."
+        )
+
+
+def _storage_path(spec: SweepSpec) -> str:
+    path = spec.storage_path or str(Path.cwd() / "runs" / "tune")
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _progress_callback(uri: str, total: int, show: bool):
+    """A Ray Tune callback: a rich progress bar on the driver, and MLflow bookkeeping for
+    trials that end without their trainable's help (ASHA stops, dead workers). Picklable,
+    since Tune saves it with the experiment for `Tuner.restore`."""
+    from ray.tune import Callback
+
+    class SweepProgress(Callback):
+        def __init__(self):
+            self.uri, self.total, self.show = uri, total, show
+            self._bar = self._client = None
+
+        def __getstate__(self):
+            return {"uri": self.uri, "total": self.total, "show": self.show, "_bar": None, "_client": None}
+
+        def setup(self, **info):
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._client = tracking._client(self.uri)
+            self._bar = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), disable=not self.show)
+            self._task = self._bar.add_task("trials", total=self.total, note="")
+            self._bar.start()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if self._bar and result.get("epoch"):
+                self._bar.update(self._task, note=f"{trial.trial_id}: epoch {result['epoch']}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            run_id = last.get("mlflow_run_id")
+            if run_id and not last.get("duosparse_done"):  # stopped by the scheduler
+                self._client.set_tag(run_id, schema.TAG_EARLY_STOPPED, "true")
+                tracking.finish_run(self._client, run_id, "FINISHED")
+            if self._bar:
+                self._bar.advance(self._task)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            run_id = (trial.last_result or {}).get("mlflow_run_id")
+            if run_id and self._client.get_run(run_id).info.status == "RUNNING":
+                tracking.finish_run(self._client, run_id, "FAILED", "the trial's worker died")
+            if self._bar:
+                self._bar.advance(self._task)
+
+        def on_experiment_end(self, trials, **info):
+            if self._bar:
+                self._bar.stop()
+
+    return SweepProgress()
+
+
+def run_sweep(
+    spec: SweepSpec, address: str | None = None, resume: bool = False,
+    tracking_uri: str | None = None, show_progress: bool = True,
+) -> Plan:
+    """Launch (or resume) the sweep; returns the plan with each trial's final status."""
+    import ray
+    from ray import tune
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    # one checkpoint per epoch is the design; Tune's warning about frequent snapshots is noise
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    uri = tracking_uri_for(spec, tracking_uri)
+    _check_cluster(address, uri)
+    client = tracking.open_store(uri)  # creates the schema once, before any trial
+    experiment_id = tracking.ensure_experiment(client, spec.experiment)
+    current = plan(spec, uri)
+    storage = _storage_path(spec)
+    restore_path = f"{storage.rstrip('/')}/{spec.name}"
+    restoring = resume and tune.Tuner.can_restore(restore_path)
+    if not current.todo and not restoring:
+        return current
+
+    parent = client.create_run(experiment_id, run_name=f"{spec.name} launch", tags={
+        schema.TAG_KIND: "sweep", schema.TAG_SWEEP: spec.name, schema.TAG_SPEC_HASH: spec.spec_hash(),
+        schema.TAG_CODE_VERSION: __version__, schema.TAG_DRIVER: _driver_id(),
+    }).info.run_id
+    env_vars = {k: os.environ[k] for k in ("DUOSPARSE_DATA_DIR",) if k in os.environ}
+    if not ray.is_initialized():
+        # "local" starts a fresh Ray here rather than joining one a `ray start` left behind
+        ray.init(address=address or "local", runtime_env={"env_vars": env_vars} if env_vars else None,
+                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+    callback = _progress_callback(uri, len(current.todo), show_progress)
+    try:
+        trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+        if restoring:
+            tuner = tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            shutil.rmtree(restore_path, ignore_errors=True) if "://" not in restore_path else None
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search([
+                    _trial_params(c, spec, uri, experiment_id, parent) for c in current.todo
+                ])},
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=spec.max_concurrent, scheduler=_scheduler(spec),
+                ),
+                run_config=tune.RunConfig(
+                    name=spec.name, storage_path=storage, verbose=0, callbacks=[callback],
+                    failure_config=tune.FailureConfig(max_failures=spec.retries),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                ),
+            )
+        tuner.fit()
+    finally:
+        tracking.finish_run(client, parent, "FINISHED")
+    return plan(spec, uri)
+
+
+def _trial_params(config: RunConfig, spec: SweepSpec, uri: str, experiment_id: str, parent: str) -> dict:
+    label = "-".join(f"{k.split('.')[-1]}={v}" for k, v in describe(config, spec).items())
+    return {
+        "config": config.model_dump(mode="json"), "tracking_uri": uri, "experiment_id": experiment_id,
+        "parent_run_id": parent, "sweep": spec.name, "run_name": f"{spec.name}:{label}",
+    }
+
+
+def _scheduler(spec: SweepSpec):
+    if spec.early_stopping is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    epochs = max(int(RunConfig.model_validate(spec.base).train.epochs), 1)
+    return ASHAScheduler(
+        metric=TUNE_METRIC, mode="min", time_attr="epoch", max_t=max(epochs, spec.early_stopping.grace_period),
+        grace_period=spec.early_stopping.grace_period, reduction_factor=spec.early_stopping.reduction_factor,
+    )
+
+
+def wait_for_runs(client: Any, experiment_id: str, count: int, timeout_s: float = 300) -> None:
+    """Poll until `count` trial runs are FINISHED (for scripts and tests)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = [r for r in runs_by_key(client, experiment_id).values() if r.info.status == "FINISHED"]
+        if len(done) >= count:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"fewer than {count} runs finished within {timeout_s} s")

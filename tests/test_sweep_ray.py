@@ -1,0 +1,182 @@
+"""Sweeps on real Ray Tune with the real embedded MLflow store (SQLite), driven as a user
+drives them: `duosparse sweep run` in a fresh folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from duosparse import schema
+
+ROOT = Path(__file__).resolve().parents[1]
+DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
+SMOKE = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+
+
+def sweep(*args: str, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return subprocess.run([DUOSPARSE, "sweep", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+def write_spec(folder: Path, name: str, **changes) -> Path:
+    tree = json.loads(json.dumps(SMOKE))
+    for key, value in changes.items():
+        tree[key] = value
+    tree["name"] = name
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def store(folder: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{folder / 'mlruns.db'}")
+
+
+def trial_runs(client: MlflowClient, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if r.data.tags.get(schema.TAG_KIND) == "trial"], [
+        r for r in runs if r.data.tags.get(schema.TAG_KIND) == "sweep"]
+
+
+@pytest.fixture(scope="module")
+def smoke_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smoke")
+    spec = write_spec(folder, "smoke")
+    result = sweep("run", str(spec), "--json", cwd=folder)
+    return folder, spec, result
+
+
+def test_smoke_sweep_finishes_every_trial_under_one_parent(smoke_folder):
+    folder, _, result = smoke_folder
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "database is locked" not in result.stderr and "Traceback" not in result.stderr
+    out = json.loads(result.stdout)
+    assert out["counts"] == {"FINISHED": 4}
+    trials, parents = trial_runs(store(folder), "smoke")
+    assert len(parents) == 1 and len(trials) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[schema.TAG_SWEEP] == "smoke" and parent.data.tags[schema.TAG_SPEC_HASH]
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[schema.TAG_PARENT_RUN_ID] == parent.info.run_id
+        assert run.data.tags[schema.TAG_SWEEP] == "smoke"
+        assert run.data.params["model.arch"] in ("lstm", "egru")
+        for name in schema.RUN_METRICS:
+            assert name in run.data.metrics, name
+        steps = [m.step for m in store(folder).get_metric_history(run.info.run_id, schema.VAL_LOSS)]
+        assert sorted(steps) == [1, 2]
+    pruned = [r for r in trials if r.data.params["prune.target_sparsity"] == "0.5"]
+    assert all(r.data.metrics[schema.SPARSITY_WEIGHT] == pytest.approx(0.5, abs=1e-3) for r in pruned)
+    assert len({r.data.tags[schema.TAG_RUN_KEY] for r in trials}) == 4
+    # never more than max_concurrent (2) trials at once
+    events = sorted([(r.info.start_time, 1) for r in trials] + [(r.info.end_time, -1) for r in trials])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    assert peak <= 2
+
+
+def test_same_spec_again_runs_nothing_and_a_new_value_runs_only_its_trials(smoke_folder):
+    folder, spec, first = smoke_folder
+    assert first.returncode == 0
+    again = sweep("run", str(spec), "--json", cwd=folder)
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials, parents = trial_runs(store(folder), "smoke")
+    assert len(trials) == 4 and len(parents) == 1  # no new run, not even a parent
+    dry = sweep("run", str(spec), "--dry-run", "--json", cwd=folder)
+    assert {t["status"] for t in json.loads(dry.stdout)["trials"]} == {"FINISHED"}
+    grown = write_spec(folder, "smoke", grid={"model.arch": ["lstm", "egru"], "prune.target_sparsity": [0.0, 0.5, 0.8]})
+    result = sweep("run", str(grown), "--json", cwd=folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    trials, parents = trial_runs(store(folder), "smoke")
+    assert len(trials) == 6 and len(parents) == 2
+    new = [r for r in trials if r.data.tags[schema.TAG_PARENT_RUN_ID] != parents[-1].info.run_id]
+    assert {r.data.params["prune.target_sparsity"] for r in trials if r not in new} | {"0.8"}
+    assert Counter(r.data.params["prune.target_sparsity"] for r in trials)["0.8"] == 2
+    status = sweep("status", str(grown), "--json", cwd=folder)
+    assert json.loads(status.stdout)["counts"] == {"FINISHED": 6}
+
+
+def test_raising_and_diverging_trials_fail_with_reasons_while_others_finish(tmp_path):
+    if torch.cuda.is_available():
+        pytest.fail("this test makes a trial raise by asking for CUDA on a CPU-only machine")
+    spec = write_spec(
+        tmp_path, "failing",
+        grid={"model.arch": ["lstm", "gru", "egru"]},
+        conditional=[
+            {"when": {"model.arch": "lstm"}, "grid": {"train.device": ["cuda"]}},
+            {"when": {"model.arch": "egru"}, "grid": {"train.optimizer": ["sgd"], "train.lr": [1e36], "train.clip": [0.0]}},
+        ],
+        retries=1,
+    )
+    result = sweep("run", str(spec), "--json", cwd=tmp_path)
+    assert result.returncode == 1  # not everything finished
+    trials, _ = trial_runs(store(tmp_path), "failing")
+    by_arch = {r.data.params["model.arch"]: r for r in trials}
+    assert len(trials) == 3  # the retried trial continued its run: no duplicate
+    assert by_arch["gru"].info.status == "FINISHED"
+    assert by_arch["lstm"].info.status == "FAILED"
+    assert "cuda" in by_arch["lstm"].data.tags[schema.TAG_FAILURE].lower()
+    assert by_arch["egru"].info.status == "FAILED"
+    assert "train/loss became nan" in by_arch["egru"].data.tags[schema.TAG_FAILURE]
+    status = json.loads(sweep("status", str(spec), "--json", cwd=tmp_path).stdout)
+    assert status["counts"] == {"FINISHED": 1, "FAILED": 2}
+    reasons = {t["model.arch"]: t["reason"] for t in status["trials"]}
+    assert "train/loss became nan" in reasons["egru"]
+
+
+def test_killed_driver_resumes_without_duplicates(tmp_path):
+    spec = write_spec(
+        tmp_path, "killed", max_concurrent=1,
+        base={**SMOKE["base"], "train": {**SMOKE["base"]["train"], "epochs": 3, "max_steps_per_epoch": 25}},
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    driver = subprocess.Popen([DUOSPARSE, "sweep", "run", str(spec)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = store(tmp_path)
+    deadline = time.monotonic() + 240
+    # wait until one trial has finished and the next has reported an epoch (so it has a checkpoint)
+    while time.monotonic() < deadline:
+        try:
+            trials, _ = trial_runs(client, "killed")
+        except Exception:  # the store or experiment is not there yet
+            trials = []
+        finished = [r for r in trials if r.info.status == "FINISHED"]
+        started = [r for r in trials if r.info.status == "RUNNING" and schema.VAL_LOSS in r.data.metrics]
+        if finished and started:
+            break
+        time.sleep(0.5)
+    else:
+        driver.kill()
+        pytest.fail("the sweep never reached the middle of its second trial")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(2)
+    status = json.loads(sweep("status", str(spec), "--json", cwd=tmp_path).stdout)
+    assert "RUNNING" not in status["counts"]  # the orphans were marked KILLED
+    assert status["counts"].get("KILLED", 0) >= 1
+    result = sweep("run", str(spec), "--resume", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials, parents = trial_runs(client, "killed")
+    keys = [r.data.tags[schema.TAG_RUN_KEY] for r in trials]
+    assert len(keys) == 4 and len(set(keys)) == 4
+    assert all(r.info.status == "FINISHED" for r in trials)
+    assert all(r.info.status != "RUNNING" for r in parents)
+    resumed = [r for r in trials if r.info.run_id == started[0].info.run_id][0]
+    steps = {m.step for m in client.get_metric_history(resumed.info.run_id, schema.VAL_LOSS)}
+    assert steps == {1, 2, 3}
