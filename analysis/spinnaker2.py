@@ -51,11 +51,22 @@ CORPUS_VOCAB = {"ptb": 10_000, "wikitext-2": 33_278, "synthetic": 64}
 # Figures logged on a run as hw/spinnaker2/<figure> (duosparse.schema.spinnaker2 builds the
 # names). Per token unless the name says otherwise.
 FIGURES = (
-    "energy_per_token_j", "latency_per_token_s", "compute_latency_per_token_s", "power_w",
-    "pes", "chips", "chips_needed",
-    "fits", "max_pe_bytes", "macs_per_token", "events_per_token",
-    "gpu_energy_per_token_j", "gpu_latency_per_token_s", "gpu_power_w",
-    "energy_gain_vs_gpu", "speedup_vs_gpu",
+    "energy_per_token_j",
+    "latency_per_token_s",
+    "compute_latency_per_token_s",
+    "power_w",
+    "pes",
+    "chips",
+    "chips_needed",
+    "fits",
+    "max_pe_bytes",
+    "macs_per_token",
+    "events_per_token",
+    "gpu_energy_per_token_j",
+    "gpu_latency_per_token_s",
+    "gpu_power_w",
+    "energy_gain_vs_gpu",
+    "speedup_vs_gpu",
 )
 ARTIFACT = "spinnaker2.json"  # the full result, options included, logged beside the metrics
 
@@ -136,13 +147,21 @@ def _flatten_constants(tree: Any, prefix: str, path: Path) -> dict[str, Constant
         raise ProfileError(f"{path}: '{prefix or 'constants'}' must be a mapping.")
     if "value" in tree:
         name = prefix
-        source, assumed, note = tree.get("source"), bool(tree.get("assumed", False)), tree.get("note", "")
+        source, assumed, note = (
+            tree.get("source"),
+            bool(tree.get("assumed", False)),
+            tree.get("note", ""),
+        )
         if not source and not (assumed and note):
             raise ProfileError(
                 f"{path}: constant '{name}' needs a `source`, or `assumed: true` with a `note` "
                 "saying why this value."
             )
-        return {name: Constant(name, tree["value"], str(tree.get("unit", "")), source, assumed, str(note))}
+        return {
+            name: Constant(
+                name, tree["value"], str(tree.get("unit", "")), source, assumed, str(note)
+            )
+        }
     out: dict[str, Constant] = {}
     for key, sub in tree.items():
         out.update(_flatten_constants(sub, f"{prefix}.{key}" if prefix else str(key), path))
@@ -153,20 +172,26 @@ def load_profile(path: str | Path | None = None, gpu: bool = False) -> Profile:
     """Read a hardware profile (default: the SpiNNaker2 one, or the A100 one with gpu=True)."""
     path = Path(path) if path is not None else (DEFAULT_GPU_PROFILE if gpu else DEFAULT_PROFILE)
     if not path.is_file():
-        raise ProfileError(f"Hardware profile '{path}' does not exist; the defaults are in {PROFILE_DIR}.")
+        raise ProfileError(
+            f"Hardware profile '{path}' does not exist; the defaults are in {PROFILE_DIR}."
+        )
     try:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ProfileError(f"Hardware profile '{path}' is not valid YAML: {e}") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("constants"), dict):
-        raise ProfileError(f"Hardware profile '{path}' must be a mapping with a `constants` section.")
+        raise ProfileError(
+            f"Hardware profile '{path}' must be a mapping with a `constants` section."
+        )
     calibration = {}
     if "calibration" in tree:
         calibration = _flatten_constants(tree["calibration"], "", path)
     return Profile(
-        name=str(tree.get("profile", path.stem)), path=path,
+        name=str(tree.get("profile", path.stem)),
+        path=path,
         description=str(tree.get("description", "")),
-        constants=_flatten_constants(tree["constants"], "", path), calibration=calibration,
+        constants=_flatten_constants(tree["constants"], "", path),
+        calibration=calibration,
     )
 
 
@@ -196,11 +221,17 @@ class Block:
         per_unit = self.w.reshape(self.gates, self.units, self.inputs)
         # Per unit: stored non-zeros, and non-zeros walked per token on average (event-driven).
         self.unit_nnz = per_unit.sum((0, 2)).astype(np.int64)
-        self.unit_traversal = (per_unit.astype(np.float32) @ self.in_rates.astype(np.float32)).sum(0).astype(np.float64)
+        self.unit_traversal = (
+            (per_unit.astype(np.float32) @ self.in_rates.astype(np.float32))
+            .sum(0)
+            .astype(np.float64)
+        )
         if self.r is not None:
             rec = self.r.reshape(self.gates, self.units, self.units)
             self.unit_nnz += rec.sum((0, 2)).astype(np.int64)
-            self.unit_traversal += (rec.astype(np.float32) @ self.rec_rates.astype(np.float32)).sum(0)
+            self.unit_traversal += (rec.astype(np.float32) @ self.rec_rates.astype(np.float32)).sum(
+                0
+            )
 
     @property
     def recurrent_inputs(self) -> int:
@@ -243,16 +274,24 @@ class Network:
 def _rates(values: Sequence[float] | np.ndarray, size: int, what: str) -> np.ndarray:
     rates = np.asarray(values, dtype=np.float64).reshape(-1)
     if rates.size != size:
-        raise SimulationError(f"{what}: {rates.size} event rates for {size} units; the activity does not match the model.")
+        raise SimulationError(
+            f"{what}: {rates.size} event rates for {size} units; the activity does not match "
+            "the model."
+        )
     if np.any(rates < 0) or np.any(rates > 1) or not np.all(np.isfinite(rates)):
         raise SimulationError(f"{what}: event rates must lie in [0, 1].")
     return rates
 
 
 def build_network(
-    arch: str, w_masks: Sequence[np.ndarray], r_masks: Sequence[np.ndarray],
-    unit_rates: Sequence[np.ndarray], decoder_mask: np.ndarray | None, vocab_size: int,
-    source: str, input_rate: float = 1.0,
+    arch: str,
+    w_masks: Sequence[np.ndarray],
+    r_masks: Sequence[np.ndarray],
+    unit_rates: Sequence[np.ndarray],
+    decoder_mask: np.ndarray | None,
+    vocab_size: int,
+    source: str,
+    input_rate: float = 1.0,
 ) -> Network:
     """The network from its masks and per-unit event rates.
 
@@ -265,15 +304,28 @@ def build_network(
     gates = GATES[arch]
     blocks: list[Block] = []
     prev_rates: np.ndarray | None = None
-    for i, (w, r, rates) in enumerate(zip(w_masks, r_masks, unit_rates)):
+    for i, (w, r, rates) in enumerate(zip(w_masks, r_masks, unit_rates, strict=True)):
         units = w.shape[0] // gates
         out = _rates(rates, units, f"layer {i}")
         inputs = np.full(w.shape[1], float(input_rate)) if prev_rates is None else prev_rates
-        blocks.append(Block(f"layer_{i}", "recurrent", gates, np.asarray(w, bool), np.asarray(r, bool), inputs, out, out))
+        blocks.append(
+            Block(
+                f"layer_{i}",
+                "recurrent",
+                gates,
+                np.asarray(w, bool),
+                np.asarray(r, bool),
+                inputs,
+                out,
+                out,
+            )
+        )
         prev_rates = out
     if decoder_mask is not None and prev_rates is not None:
         d = np.asarray(decoder_mask, bool)
-        blocks.append(Block("decoder", "decoder", 1, d, None, prev_rates, None, np.zeros(d.shape[0])))
+        blocks.append(
+            Block("decoder", "decoder", 1, d, None, prev_rates, None, np.zeros(d.shape[0]))
+        )
     return Network(arch, blocks, vocab_size, source)
 
 
@@ -309,10 +361,16 @@ def random_mask(shape: tuple[int, int], sparsity: float, rng: np.random.Generato
 
 
 def network_from_shapes(
-    embedding_size: int, hidden_sizes: Sequence[int], arch: str = "egru",
-    weight_sparsity: float = 0.0, event_rate: float | Sequence[float] = 0.2,
-    vocab_size: int = 10_000, decoder: bool = False, decoder_sparsity: float = 0.0,
-    seed: int = 0, source: str = "shapes",
+    embedding_size: int,
+    hidden_sizes: Sequence[int],
+    arch: str = "egru",
+    weight_sparsity: float = 0.0,
+    event_rate: float | Sequence[float] = 0.2,
+    vocab_size: int = 10_000,
+    decoder: bool = False,
+    decoder_sparsity: float = 0.0,
+    seed: int = 0,
+    source: str = "shapes",
 ) -> Network:
     """A network of given sizes with random masks (fixed seed) and uniform event rates.
 
@@ -328,7 +386,7 @@ def network_from_shapes(
     rng = np.random.default_rng(seed)
     w, r, rates = [], [], []
     inputs = embedding_size
-    for h, rate in zip(hidden_sizes, layer_rates):
+    for h, rate in zip(hidden_sizes, layer_rates, strict=True):
         w.append(random_mask((gates * h, inputs), weight_sparsity, rng))
         r.append(random_mask((gates * h, h), weight_sparsity, rng))
         rates.append(np.full(h, float(rate)))
@@ -337,8 +395,13 @@ def network_from_shapes(
     return build_network(arch, w, r, rates, dec, vocab_size, source)
 
 
-def network_from_config(config: Any, event_rate: float | None = None, vocab_size: int | None = None,
-                        decoder: bool = True, seed: int = 0) -> Network:
+def network_from_config(
+    config: Any,
+    event_rate: float | None = None,
+    vocab_size: int | None = None,
+    decoder: bool = True,
+    seed: int = 0,
+) -> Network:
     """Shapes from a RunConfig (no trained model): weight sparsity = prune.target_sparsity with
     random masks (fixed seed), one event rate for every unit (default per architecture)."""
     m = config.model
@@ -350,11 +413,21 @@ def network_from_config(config: Any, event_rate: float | None = None, vocab_size
         raise SimulationError(f"--event-rate must lie in [0, 1] (got {rate}).")
     vocab = vocab_size or CORPUS_VOCAB.get(config.data.corpus)
     if vocab is None:
-        raise SimulationError(f"unknown vocabulary size for corpus '{config.data.corpus}'; pass --vocab-size.")
+        raise SimulationError(
+            f"unknown vocabulary size for corpus '{config.data.corpus}'; pass --vocab-size."
+        )
     s = config.prune.target_sparsity
     return network_from_shapes(
-        m.embedding_size, sizes, m.arch, s, rate, vocab, decoder,
-        s if config.prune.include_embedding else 0.0, seed, source="config",
+        m.embedding_size,
+        sizes,
+        m.arch,
+        s,
+        rate,
+        vocab,
+        decoder,
+        s if config.prune.include_embedding else 0.0,
+        seed,
+        source="config",
     )
 
 
@@ -435,8 +508,12 @@ def _block_costs(block: Block, profile: Profile, precision: str) -> _Costs:
         state = np.full(block.units, 4, dtype=np.int64)  # the bias
     else:
         per_unit_fixed = c("per_unit") + c("per_gate") * gates
-        state = np.full(block.units, int(profile["layout.state_bytes_per_unit"])
-                        + gates * int(profile["layout.state_bytes_per_gate"]), dtype=np.int64)
+        state = np.full(
+            block.units,
+            int(profile["layout.state_bytes_per_unit"])
+            + gates * int(profile["layout.state_bytes_per_gate"]),
+            dtype=np.int64,
+        )
     send = c("per_event_sent") * block.out_rates
     pe_cycles = c("per_event") * block.events_in + c("per_step")
     if block.kind == "decoder":
@@ -454,19 +531,36 @@ def _block_costs(block: Block, profile: Profile, precision: str) -> _Costs:
     elif precision == "int8":
         # MAC array: each PE keeps its rows dense in int8 and multiplies the columns of the
         # inputs that emitted; zero weights are multiplied like any other.
-        weights = np.full(block.units, gates * columns * int(profile["layout.value_bytes_int8"]), dtype=np.int64)
+        weights = np.full(
+            block.units, gates * columns * int(profile["layout.value_bytes_int8"]), dtype=np.int64
+        )
         work = np.full(block.units, gates * block.events_in)
-        unit_cycles = work / float(profile["pe.mac_array_matvec_macs_per_cycle"]) + per_unit_fixed + send
+        unit_cycles = (
+            work / float(profile["pe.mac_array_matvec_macs_per_cycle"]) + per_unit_fixed + send
+        )
         pe_bytes = columns * int(profile["layout.value_bytes_int8"])  # gathered input vector
         pe_cycles += c("per_mac_invocation")
     else:
-        raise SimulationError(f"--precision must be one of {', '.join(PRECISIONS)} (got '{precision}').")
-    return _Costs(unit_cycles, weights + state, work, pe_cycles,
-                  pe_bytes + int(profile["layout.buffer_bytes"]), state)
+        raise SimulationError(
+            f"--precision must be one of {', '.join(PRECISIONS)} (got '{precision}')."
+        )
+    return _Costs(
+        unit_cycles,
+        weights + state,
+        work,
+        pe_cycles,
+        pe_bytes + int(profile["layout.buffer_bytes"]),
+        state,
+    )
 
 
-def _greedy(cycles_cum: np.ndarray, bytes_cum: np.ndarray, cycle_cap: float, byte_cap: int,
-            limit: int | None = None) -> list[tuple[int, int]] | None:
+def _greedy(
+    cycles_cum: np.ndarray,
+    bytes_cum: np.ndarray,
+    cycle_cap: float,
+    byte_cap: int,
+    limit: int | None = None,
+) -> list[tuple[int, int]] | None:
     """Contiguous blocks, each as large as both caps allow (next fit). None if a single unit
     breaks a cap or more than `limit` blocks are needed. Next fit gives the fewest blocks
     for contiguous splits under additive caps."""
@@ -474,7 +568,9 @@ def _greedy(cycles_cum: np.ndarray, bytes_cum: np.ndarray, cycle_cap: float, byt
     out: list[tuple[int, int]] = []
     start = 0
     while start < n:
-        by_cycles = int(np.searchsorted(cycles_cum, cycles_cum[start] + cycle_cap, side="right")) - 1
+        by_cycles = (
+            int(np.searchsorted(cycles_cum, cycles_cum[start] + cycle_cap, side="right")) - 1
+        )
         by_bytes = int(np.searchsorted(bytes_cum, bytes_cum[start] + byte_cap, side="right")) - 1
         stop = min(by_cycles, by_bytes, n)
         if stop <= start or (limit is not None and len(out) >= limit):
@@ -490,7 +586,9 @@ PE_POLICIES = ("compact", "spread")
 def _fill(spans: list[list[tuple[int, int]]], target: int) -> None:
     """Split the PEs holding the most units until `target` PEs are used (or every PE holds
     one unit), so the PE count depends on the policy only, not on the event rates."""
-    heap = [(-(stop - start), b, start, stop) for b, block in enumerate(spans) for start, stop in block]
+    heap = [
+        (-(stop - start), b, start, stop) for b, block in enumerate(spans) for start, stop in block
+    ]
     heapq.heapify(heap)
     count = len(heap)
     while count < target and heap and -heap[0][0] > 1:
@@ -505,8 +603,14 @@ def _fill(spans: list[list[tuple[int, int]]], target: int) -> None:
         block.sort()
 
 
-def map_network(net: Network, profile: Profile, precision: str = "fp32", chips: int | None = None,
-                pes: int | str = "compact", reuse: Mapping | None = None) -> Mapping:
+def map_network(
+    net: Network,
+    profile: Profile,
+    precision: str = "fp32",
+    chips: int | None = None,
+    pes: int | str = "compact",
+    reuse: Mapping | None = None,
+) -> Mapping:
     """Place every block's units onto PEs within the SRAM budget, balancing expected cycles.
 
     The fewest PEs the memory allows (next fit, units in order) set `pes_needed` and
@@ -527,7 +631,7 @@ def map_network(net: Network, profile: Profile, precision: str = "fp32", chips: 
     usable = int(profile["chip.pes"]) - int(profile["chip.reserved_pes"])
     costs = [_block_costs(b, profile, precision) for b in net.blocks]
     cums = []
-    for block, cost in zip(net.blocks, costs):
+    for block, cost in zip(net.blocks, costs, strict=True):
         cap = budget - cost.pe_bytes
         biggest = int(cost.unit_bytes.max()) if block.units else 0
         if biggest > cap:
@@ -538,8 +642,13 @@ def map_network(net: Network, profile: Profile, precision: str = "fp32", chips: 
                 f"further or make it narrower (with --precision int8 weight sparsity does not "
                 f"shrink the dense rows)."
             )
-        cums.append((np.concatenate([[0.0], np.cumsum(cost.unit_cycles)]),
-                     np.concatenate([[0], np.cumsum(cost.unit_bytes)]), cap))
+        cums.append(
+            (
+                np.concatenate([[0.0], np.cumsum(cost.unit_cycles)]),
+                np.concatenate([[0], np.cumsum(cost.unit_bytes)]),
+                cap,
+            )
+        )
     by_memory = [_greedy(cc, bc, math.inf, cap) for cc, bc, cap in cums]
     pes_needed = sum(len(s) for s in by_memory)  # type: ignore[arg-type]
     chips_needed = max(1, math.ceil(pes_needed / usable))
@@ -550,7 +659,9 @@ def map_network(net: Network, profile: Profile, precision: str = "fp32", chips: 
             f"weights, state and buffers need at least {pes_needed:,} PEs of {budget:,} B "
             f"({usable} usable PEs per chip), that is {chips_needed} chips. Pass --chips "
             f"{chips_needed} or more, or prune / shrink the model.",
-            chips_needed, pes_needed, given,
+            chips_needed,
+            pes_needed,
+            given,
         )
 
     if chips is not None and chips_needed > chips:
@@ -566,17 +677,25 @@ def map_network(net: Network, profile: Profile, precision: str = "fp32", chips: 
         if pes < pes_needed:
             raise DoesNotFit(
                 f"{pes} PEs are fewer than the {pes_needed:,} the model's weights, state and "
-                f"buffers need ({budget:,} B each).", chips_needed, pes_needed, math.ceil(pes / usable))
+                f"buffers need ({budget:,} B each).",
+                chips_needed,
+                pes_needed,
+                math.ceil(pes / usable),
+            )
         target = pes
         if chips is not None and target > chips * usable:
-            raise SimulationError(f"{target} PEs do not fit on {chips} chips of {usable} usable PEs.")
+            raise SimulationError(
+                f"{target} PEs do not fit on {chips} chips of {usable} usable PEs."
+            )
     else:
-        raise SimulationError(f"PEs must be one of {', '.join(PE_POLICIES)} or a number (got {pes!r}).")
+        raise SimulationError(
+            f"PEs must be one of {', '.join(PE_POLICIES)} or a number (got {pes!r})."
+        )
 
     def split(cap: float, limit: int | None = None) -> list[list[tuple[int, int]]] | None:
         out = []
         left = limit
-        for (cc, bc, bcap), cost in zip(cums, costs):
+        for (cc, bc, bcap), cost in zip(cums, costs, strict=True):
             s = _greedy(cc, bc, cap - cost.pe_cycles, bcap, left)
             if s is None:
                 return None
@@ -586,7 +705,12 @@ def map_network(net: Network, profile: Profile, precision: str = "fp32", chips: 
 
     if reuse is None:
         # Binary search on the slowest PE's cycles; `hi` (memory-only split) always works.
-        hi = max(cost.pe_cycles + float(cc[-1]) for (cc, _, _), cost in zip(cums, costs)) + 1.0
+        hi = (
+            max(
+                cost.pe_cycles + float(cc[-1]) for (cc, _, _), cost in zip(cums, costs, strict=True)
+            )
+            + 1.0
+        )
         lo = max(cost.pe_cycles + float(cost.unit_cycles.max(initial=0.0)) for cost in costs)
         found = split(hi, target)
         assert found is not None
@@ -603,29 +727,38 @@ def map_network(net: Network, profile: Profile, precision: str = "fp32", chips: 
         _fill(best, target)
 
     placements = []
-    for block, cost, spans in zip(net.blocks, costs, best):
+    for block, cost, spans in zip(net.blocks, costs, best, strict=True):
         for start, stop in spans:
             index = len(placements)
             units = slice(start, stop)
             state = int(cost.state_bytes[units].sum())
-            placements.append(Placement(
-                pe=index, chip=index // usable, block=block.name, unit_start=start, unit_stop=stop,
-                nnz=int(block.unit_nnz[units].sum()),
-                weight_bytes=int(cost.unit_bytes[units].sum()) - state,
-                pointer_bytes=cost.pe_bytes - int(profile["layout.buffer_bytes"]),
-                state_bytes=state, buffer_bytes=int(profile["layout.buffer_bytes"]),
-                cycles=cost.pe_cycles + float(cost.unit_cycles[units].sum()),
-                traversal=float(cost.unit_work[units].sum()),
-            ))
+            placements.append(
+                Placement(
+                    pe=index,
+                    chip=index // usable,
+                    block=block.name,
+                    unit_start=start,
+                    unit_stop=stop,
+                    nnz=int(block.unit_nnz[units].sum()),
+                    weight_bytes=int(cost.unit_bytes[units].sum()) - state,
+                    pointer_bytes=cost.pe_bytes - int(profile["layout.buffer_bytes"]),
+                    state_bytes=state,
+                    buffer_bytes=int(profile["layout.buffer_bytes"]),
+                    cycles=cost.pe_cycles + float(cost.unit_cycles[units].sum()),
+                    traversal=float(cost.unit_work[units].sum()),
+                )
+            )
     if reuse is not None:
         over = [p for p in placements if p.bytes > budget]
         if over:
             raise MappingError(
-                f"the reused placement no longer fits: PE {over[0].pe} ({over[0].block}) would need "
-                f"{over[0].bytes:,} B of {budget:,} B; map this network afresh."
+                f"the reused placement no longer fits: PE {over[0].pe} ({over[0].block}) would "
+                f"need {over[0].bytes:,} B of {budget:,} B; map this network afresh."
             )
     used_chips = max(p.chip for p in placements) + 1
-    return Mapping(placements, max(used_chips, 1), chips_needed, pes_needed, budget, usable, precision)
+    return Mapping(
+        placements, max(used_chips, 1), chips_needed, pes_needed, budget, usable, precision
+    )
 
 
 def _reused_spans(net: Network, reuse: Mapping) -> list[list[tuple[int, int]]]:
@@ -633,13 +766,21 @@ def _reused_spans(net: Network, reuse: Mapping) -> list[list[tuple[int, int]]]:
     out = []
     for block in net.blocks:
         blocks = spans.get(block.name)
-        if not blocks or blocks[-1][1] != block.units or [a for a, _ in blocks[1:]] != [b for _, b in blocks[:-1]]:
-            raise MappingError(f"the reused placement does not cover {block.name} ({block.units} units).")
+        if (
+            not blocks
+            or blocks[-1][1] != block.units
+            or [a for a, _ in blocks[1:]] != [b for _, b in blocks[:-1]]
+        ):
+            raise MappingError(
+                f"the reused placement does not cover {block.name} ({block.units} units)."
+            )
         out.append(list(blocks))
     return out
 
 
-def materialize(placement: Placement, block: Block, profile: Profile, precision: str = "fp32") -> dict[str, Any]:
+def materialize(
+    placement: Placement, block: Block, profile: Profile, precision: str = "fp32"
+) -> dict[str, Any]:
     """The arrays one PE would hold, built from the masks (for checking the mapping).
 
     Returns the stored arrays (fp32: compressed columns of the PE's rows of W and R; int8:
@@ -654,7 +795,9 @@ def materialize(placement: Placement, block: Block, profile: Profile, precision:
             continue
         local = matrix[rows]
         r_idx, c_idx = np.nonzero(local)
-        coords.append(np.stack([np.full(r_idx.size, 0 if tag == "w" else 1), rows[r_idx], c_idx], 1))
+        coords.append(
+            np.stack([np.full(r_idx.size, 0 if tag == "w" else 1), rows[r_idx], c_idx], 1)
+        )
         if precision == "fp32":
             order = np.lexsort((r_idx, c_idx))  # column-major: one compressed column per input
             index_dtype = np.dtype(f"u{int(profile['layout.index_bytes'])}")
@@ -662,7 +805,9 @@ def materialize(placement: Placement, block: Block, profile: Profile, precision:
             arrays[f"{tag}_values"] = np.zeros(r_idx.size, dtype=np.float32)
             arrays[f"{tag}_rows"] = r_idx[order].astype(index_dtype)
             counts = np.bincount(c_idx, minlength=matrix.shape[1])
-            arrays[f"{tag}_pointers"] = np.concatenate([[0], np.cumsum(counts)]).astype(pointer_dtype)
+            arrays[f"{tag}_pointers"] = np.concatenate([[0], np.cumsum(counts)]).astype(
+                pointer_dtype
+            )
         else:
             arrays[f"{tag}_dense"] = local.astype(np.int8)
     if precision == "int8":
@@ -691,11 +836,22 @@ def performance_level(profile: Profile, name: str | None = None) -> Level:
     """A DVFS level. Busy energy per cycle scales with V^2 from the all-busy chip power."""
     name = name or str(profile["levels.default"])
     if f"levels.{name}.voltage_v" not in profile.constants:
-        levels = sorted({k.split(".")[1] for k in profile.constants if k.startswith("levels.") and k.count(".") == 2})
+        levels = sorted(
+            {
+                k.split(".")[1]
+                for k in profile.constants
+                if k.startswith("levels.") and k.count(".") == 2
+            }
+        )
         raise SimulationError(f"--level must be one of {', '.join(levels)} (got '{name}').")
     ref = str(profile["chip.all_busy_level"])
-    ref_v, ref_f = float(profile[f"levels.{ref}.voltage_v"]), float(profile[f"levels.{ref}.frequency_hz"])
-    per_pe_busy = (float(profile["chip.power_all_busy_w"]) - float(profile["chip.power_pes_off_w"])) / int(profile["chip.pes"])
+    ref_v, ref_f = (
+        float(profile[f"levels.{ref}.voltage_v"]),
+        float(profile[f"levels.{ref}.frequency_hz"]),
+    )
+    per_pe_busy = (
+        float(profile["chip.power_all_busy_w"]) - float(profile["chip.power_pes_off_w"])
+    ) / int(profile["chip.pes"])
     v, f = float(profile[f"levels.{name}.voltage_v"]), float(profile[f"levels.{name}.frequency_hz"])
     e_cycle = per_pe_busy / ref_f * (v / ref_v) ** 2
     return Level(name, v, f, e_cycle, float(profile["pe.idle_power_fraction"]) * e_cycle * f)
@@ -755,7 +911,9 @@ class Result:
         m = self.mapping
         blocks: dict[str, dict[str, Any]] = {}
         for p in m.placements:
-            b = blocks.setdefault(p.block, {"pes": 0, "units": 0, "nnz": 0, "max_bytes": 0, "max_cycles": 0.0})
+            b = blocks.setdefault(
+                p.block, {"pes": 0, "units": 0, "nnz": 0, "max_bytes": 0, "max_cycles": 0.0}
+            )
             b["pes"] += 1
             b["units"] += p.units
             b["nnz"] += p.nnz
@@ -763,20 +921,37 @@ class Result:
             b["max_cycles"] = max(b["max_cycles"], p.cycles)
         return {
             "source": self.source,
-            "options": {"precision": self.precision, "decoder": self.decoder, "level": self.level.name,
-                        "voltage_v": self.level.voltage_v, "frequency_hz": self.level.frequency_hz,
-                        "pipelined": self.pipelined},
+            "options": {
+                "precision": self.precision,
+                "decoder": self.decoder,
+                "level": self.level.name,
+                "voltage_v": self.level.voltage_v,
+                "frequency_hz": self.level.frequency_hz,
+                "pipelined": self.pipelined,
+            },
             "figures": self.figures(),
-            "latency_breakdown_s": {"compute": self.compute_s, "communication": self.comm_s,
-                                    "sync": self.sync_s, "host": self.host_s},
-            "energy_breakdown_j": {"static": self.static_j, "dynamic": self.dynamic_j,
-                                   "communication": self.comm_j},
+            "latency_breakdown_s": {
+                "compute": self.compute_s,
+                "communication": self.comm_s,
+                "sync": self.sync_s,
+                "host": self.host_s,
+            },
+            "energy_breakdown_j": {
+                "static": self.static_j,
+                "dynamic": self.dynamic_j,
+                "communication": self.comm_j,
+            },
             "packets_per_token": self.packets,
-            "mapping": {"pes": m.pes, "pes_needed": m.pes_needed, "chips": m.chips,
-                        "chips_needed": m.chips_needed, "budget_bytes": m.budget_bytes,
-                        "max_pe_bytes": m.max_pe_bytes,
-                        "mean_pe_bytes": sum(p.bytes for p in m.placements) / m.pes,
-                        "blocks": blocks},
+            "mapping": {
+                "pes": m.pes,
+                "pes_needed": m.pes_needed,
+                "chips": m.chips,
+                "chips_needed": m.chips_needed,
+                "budget_bytes": m.budget_bytes,
+                "max_pe_bytes": m.max_pe_bytes,
+                "mean_pe_bytes": sum(p.bytes for p in m.placements) / m.pes,
+                "blocks": blocks,
+            },
             "gpu": self.gpu,
         }
 
@@ -789,10 +964,18 @@ def _chip_hops(chips: int) -> int:
     return 2 * (side - 1) if side * (side - 1) < chips else 2 * side - 3
 
 
-def simulate(net: Network, profile: Profile | None = None, gpu_profile: Profile | None = None,
-             precision: str = "fp32", decoder: str = "host", chips: int | None = None,
-             level: str | None = None, pipelined: bool = True, pes: int | str = "compact",
-             mapping: Mapping | None = None) -> Result:
+def simulate(
+    net: Network,
+    profile: Profile | None = None,
+    gpu_profile: Profile | None = None,
+    precision: str = "fp32",
+    decoder: str = "host",
+    chips: int | None = None,
+    level: str | None = None,
+    pipelined: bool = True,
+    pes: int | str = "compact",
+    mapping: Mapping | None = None,
+) -> Result:
     """Map `net` and estimate latency and energy per token, with the GPU baseline.
 
     decoder 'host': the decoder is not placed; the last layer's events go to the host.
@@ -806,7 +989,9 @@ def simulate(net: Network, profile: Profile | None = None, gpu_profile: Profile 
     profile = profile or load_profile()
     gpu_profile = gpu_profile or load_profile(gpu=True)
     if decoder not in DECODER_PLACES:
-        raise SimulationError(f"--decoder must be one of {', '.join(DECODER_PLACES)} (got '{decoder}').")
+        raise SimulationError(
+            f"--decoder must be one of {', '.join(DECODER_PLACES)} (got '{decoder}')."
+        )
     if decoder == "chip" and net.decoder is None:
         raise SimulationError("--decoder chip needs the decoder matrix, but this network has none.")
     placed = net if decoder == "chip" else net.without_decoder()
@@ -830,7 +1015,7 @@ def simulate(net: Network, profile: Profile | None = None, gpu_profile: Profile 
         targets = len(by_block[block.name]) + (len(by_block[following]) if following else 0)
         dest_chips = chips_of[block.name] | (chips_of[following] if following else set())
         for p in by_block[block.name]:
-            emitted = float(block.out_rates[p.unit_start:p.unit_stop].sum())
+            emitted = float(block.out_rates[p.unit_start : p.unit_stop].sum())
             events += emitted
             deliveries += emitted * targets
             crossing = emitted * len(dest_chips - {p.chip})
@@ -850,8 +1035,12 @@ def simulate(net: Network, profile: Profile | None = None, gpu_profile: Profile 
     hops = _chip_hops(mapping.chips)
     link_rate = float(profile["communication.link_packets_per_s"]) * int(profile["chip.links"])
     serial = max(out_per_chip.values(), default=0.0) / link_rate if mapping.chips > 1 else 0.0
-    comm_one = float(profile["communication.noc_latency_s"]) + hops * float(profile["communication.link_latency_s"])
-    sync_s = float(profile["communication.sync_per_step_s"]) + hops * float(profile["communication.link_latency_s"])
+    comm_one = float(profile["communication.noc_latency_s"]) + hops * float(
+        profile["communication.link_latency_s"]
+    )
+    sync_s = float(profile["communication.sync_per_step_s"]) + hops * float(
+        profile["communication.link_latency_s"]
+    )
     host_s = float(profile["host.latency_s"]) + host_packets / float(profile["host.packets_per_s"])
     if pipelined:
         compute_s, comm_s = max(block_s.values()), comm_one + serial
@@ -862,23 +1051,41 @@ def simulate(net: Network, profile: Profile | None = None, gpu_profile: Profile 
     # Energy per step: powered PEs idle the whole step, busy cycles cost the difference;
     # chips pay their base power; packets pay the network.
     cycles = sum(p.cycles for p in mapping.placements)
-    static_w = mapping.chips * float(profile["chip.power_pes_off_w"]) + mapping.pes * lvl.idle_power_w
+    static_w = (
+        mapping.chips * float(profile["chip.power_pes_off_w"]) + mapping.pes * lvl.idle_power_w
+    )
     static_j = static_w * latency
     dynamic_j = cycles * (lvl.energy_per_cycle_j - lvl.idle_power_w / f)
     work = sum(p.traversal for p in mapping.placements)
     if precision == "int8":
         dynamic_j += work * float(profile["pe.mac_array_energy_per_mac_j"])
-    comm_j = (deliveries * float(profile["communication.noc_energy_per_delivery_j"])
-              + cross * float(profile["communication.link_energy_per_packet_j"])
-              + host_packets * float(profile["host.energy_per_packet_j"]))
+    comm_j = (
+        deliveries * float(profile["communication.noc_energy_per_delivery_j"])
+        + cross * float(profile["communication.link_energy_per_packet_j"])
+        + host_packets * float(profile["host.energy_per_packet_j"])
+    )
     gpu = gpu_baseline(placed, gpu_profile)
     return Result(
-        mapping=mapping, level=lvl, precision=precision, decoder=decoder, pipelined=pipelined,
-        latency_s=latency, compute_s=compute_s, comm_s=comm_s, sync_s=sync_s, host_s=host_s,
-        energy_j=static_j + dynamic_j + comm_j, static_j=static_j, dynamic_j=dynamic_j, comm_j=comm_j,
-        macs_per_token=work, events_per_token=events,
+        mapping=mapping,
+        level=lvl,
+        precision=precision,
+        decoder=decoder,
+        pipelined=pipelined,
+        latency_s=latency,
+        compute_s=compute_s,
+        comm_s=comm_s,
+        sync_s=sync_s,
+        host_s=host_s,
+        energy_j=static_j + dynamic_j + comm_j,
+        static_j=static_j,
+        dynamic_j=dynamic_j,
+        comm_j=comm_j,
+        macs_per_token=work,
+        events_per_token=events,
         packets={"deliveries": deliveries, "cross_chip": cross, "host": host_packets},
-        gpu=gpu, fits=mapping.chips_needed <= (chips or 1), source=net.source,
+        gpu=gpu,
+        fits=mapping.chips_needed <= (chips or 1),
+        source=net.source,
     )
 
 
@@ -895,14 +1102,29 @@ def gpu_baseline(net: Network, gpu_profile: Profile | None = None) -> dict[str, 
     in_l2 = weight_bytes <= float(g["l2_bytes"])
     bandwidth = float(g["l2_bytes_per_s"] if in_l2 else g["hbm_bytes_per_s"])
     per_byte = float(g["l2_energy_per_byte_j"] if in_l2 else g["hbm_energy_per_byte_j"])
-    kernels = len(net.layers) * int(g[f"kernels_per_layer_step_{net.arch}"]) + int(g["kernels_per_token"])
+    kernels = len(net.layers) * int(g[f"kernels_per_layer_step_{net.arch}"]) + int(
+        g["kernels_per_token"]
+    )
     if net.decoder is not None:
         kernels += int(g["kernels_decoder"])
     flops = 2.0 * macs
-    latency = max(kernels * float(g["kernel_launch_s"]), weight_bytes / bandwidth + flops / float(g["peak_fp32_flops"]))
-    energy = float(g["active_idle_power_w"]) * latency + weight_bytes * per_byte + flops * float(g["energy_per_flop_j"])
-    return {"latency_s": latency, "energy_j": energy, "power_w": energy / latency,
-            "dense_macs_per_token": macs, "kernels_per_token": float(kernels), "weights_in_l2": float(in_l2)}
+    latency = max(
+        kernels * float(g["kernel_launch_s"]),
+        weight_bytes / bandwidth + flops / float(g["peak_fp32_flops"]),
+    )
+    energy = (
+        float(g["active_idle_power_w"]) * latency
+        + weight_bytes * per_byte
+        + flops * float(g["energy_per_flop_j"])
+    )
+    return {
+        "latency_s": latency,
+        "energy_j": energy,
+        "power_w": energy / latency,
+        "dense_macs_per_token": macs,
+        "kernels_per_token": float(kernels),
+        "weights_in_l2": float(in_l2),
+    }
 
 
 def simulate_or_refuse(net: Network, chips: int | None, **kwargs: Any) -> Result:
@@ -921,14 +1143,21 @@ def simulate_or_refuse(net: Network, chips: int | None, **kwargs: Any) -> Result
 
 def calibration_network(profile: Profile) -> Network:
     return network_from_shapes(
-        int(profile.case("embedding_size")), list(profile.case("hidden_sizes")), "egru",
-        float(profile.case("weight_sparsity")), float(profile.case("event_rate")),
-        int(profile.case("vocab_size")), decoder=False, seed=0, source="Nazeer et al. 2024 (modelled)",
+        int(profile.case("embedding_size")),
+        list(profile.case("hidden_sizes")),
+        "egru",
+        float(profile.case("weight_sparsity")),
+        float(profile.case("event_rate")),
+        int(profile.case("vocab_size")),
+        decoder=False,
+        seed=0,
+        source="Nazeer et al. 2024 (modelled)",
     )
 
 
-def calibrate(profile: Profile | None = None, gpu_profile: Profile | None = None,
-              net: Network | None = None) -> dict[str, Any]:
+def calibrate(
+    profile: Profile | None = None, gpu_profile: Profile | None = None, net: Network | None = None
+) -> dict[str, Any]:
     """The published deployment modelled with the profile's constants, against the paper.
 
     Figures are per inference = tokens_per_inference tokens through the pipeline (the first
@@ -936,9 +1165,15 @@ def calibrate(profile: Profile | None = None, gpu_profile: Profile | None = None
     """
     profile = profile or load_profile()
     net = net or calibration_network(profile)
-    result = simulate(net, profile, gpu_profile, precision=str(profile.case("precision")),
-                      decoder=str(profile.case("decoder")), level=str(profile.case("level")),
-                      pes=int(profile.case("pes")))
+    result = simulate(
+        net,
+        profile,
+        gpu_profile,
+        precision=str(profile.case("precision")),
+        decoder=str(profile.case("decoder")),
+        level=str(profile.case("level")),
+        pes=int(profile.case("pes")),
+    )
     n = float(profile.case("tokens_per_inference"))
     steps = n + len(net.layers) - 1
     latency = steps * result.latency_s
@@ -955,8 +1190,10 @@ def calibrate(profile: Profile | None = None, gpu_profile: Profile | None = None
     tolerance = float(profile.calibration["tolerance"].value)
     weights_per_pe = [p.weight_bytes for p in result.mapping.placements]
     return {
-        "rows": {k: {"model": m, "published": p, "ratio": m / p, "within": abs(m / p - 1) <= tolerance}
-                 for k, (m, p) in rows.items()},
+        "rows": {
+            k: {"model": m, "published": p, "ratio": m / p, "within": abs(m / p - 1) <= tolerance}
+            for k, (m, p) in rows.items()
+        },
         "tolerance": tolerance,
         "within_tolerance": all(abs(m / p - 1) <= tolerance for m, p in rows.values()),
         "info": {
@@ -974,8 +1211,11 @@ def calibrate(profile: Profile | None = None, gpu_profile: Profile | None = None
     }
 
 
-def sensitivity(profile: Profile | None = None, gpu_profile: Profile | None = None,
-                factors: Iterable[float] = (0.5, 2.0)) -> list[dict[str, Any]]:
+def sensitivity(
+    profile: Profile | None = None,
+    gpu_profile: Profile | None = None,
+    factors: Iterable[float] = (0.5, 2.0),
+) -> list[dict[str, Any]]:
     """How the calibrated per-inference power, latency and energy move when each assumed
     numeric constant (SpiNNaker2 and GPU profiles, calibration case) is scaled."""
     profile = profile or load_profile()
@@ -991,17 +1231,29 @@ def sensitivity(profile: Profile | None = None, gpu_profile: Profile | None = No
                 continue
             row: dict[str, Any] = {"profile": which, "constant": const.name, "value": const.value}
             for factor in factors:
-                value = type(const.value)(const.value * factor) if isinstance(const.value, int) else const.value * factor
-                value = min(value, 1.0) if const.name.endswith(("fraction", "event_rate")) else value
+                value = (
+                    type(const.value)(const.value * factor)
+                    if isinstance(const.value, int)
+                    else const.value * factor
+                )
+                value = (
+                    min(value, 1.0) if const.name.endswith(("fraction", "event_rate")) else value
+                )
                 changed = target.replace(**{const.name: value})
                 p, g = (changed, gpu_profile) if which == "spinnaker2" else (profile, changed)
                 case_net = calibration_network(p) if const.name == "case.event_rate" else net
                 try:
                     rows = calibrate(p, g, case_net)["rows"]
                 except DoesNotFit as e:  # memory constants: the case may stop fitting its PEs
-                    row[f"x{factor:g}"] = f"does not fit {int(p.case('pes'))} PEs (needs {e.pes_needed})"
+                    row[f"x{factor:g}"] = (
+                        f"does not fit {int(p.case('pes'))} PEs (needs {e.pes_needed})"
+                    )
                     continue
-                keys = ("power_w", "latency_s", "energy_j") if which == "spinnaker2" else ("gpu_power_w", "gpu_latency_s", "gpu_energy_j")
+                keys = (
+                    ("power_w", "latency_s", "energy_j")
+                    if which == "spinnaker2"
+                    else ("gpu_power_w", "gpu_latency_s", "gpu_energy_j")
+                )
                 row[f"x{factor:g}"] = {k: rows[k]["model"] / base[k]["model"] - 1 for k in keys}
             out.append(row)
     return out
@@ -1013,22 +1265,38 @@ def markdown_report(profile: Profile | None = None, gpu_profile: Profile | None 
     profile = profile or load_profile()
     gpu_profile = gpu_profile or load_profile(gpu=True)
     cal = calibrate(profile, gpu_profile)
-    lines = ["| figure (per inference) | model | published | model / published |", "|---|---:|---:|---:|"]
+    lines = [
+        "| figure (per inference) | model | published | model / published |",
+        "|---|---:|---:|---:|",
+    ]
     for key, row in cal["rows"].items():
-        lines.append(f"| {key} | {row['model']:.4g} | {row['published']:.4g} | {row['ratio']:.2f} |")
-    info = cal["info"]
-    lines += ["", f"PEs: {info['pes']}; weight bytes per PE: mean {info['weight_bytes_per_pe_mean']:,.0f}, "
-              f"max {info['weight_bytes_per_pe_max']:,.0f} (published about {info['published_weight_bytes_per_pe']:,.0f}); "
-              f"per token: {info['latency_per_token_s'] * 1e3:.3f} ms, {info['energy_per_token_j'] * 1e6:.1f} uJ "
-              f"(GPU {info['gpu_latency_per_token_s'] * 1e3:.3f} ms); {info['macs_per_token']:,.0f} MACs per token.", ""]
-    lines += ["| constant | value | x0.5: power / latency / energy | x2: power / latency / energy |",
-              "|---|---:|---|---|"]
+        lines.append(
+            f"| {key} | {row['model']:.4g} | {row['published']:.4g} | {row['ratio']:.2f} |"
+        )
+    i = cal["info"]
+    lines += [
+        "",
+        f"PEs: {i['pes']}; weight bytes per PE: mean {i['weight_bytes_per_pe_mean']:,.0f}, "
+        f"max {i['weight_bytes_per_pe_max']:,.0f} "
+        f"(published about {i['published_weight_bytes_per_pe']:,.0f}); per token: "
+        f"{i['latency_per_token_s'] * 1e3:.3f} ms, {i['energy_per_token_j'] * 1e6:.1f} uJ "
+        f"(GPU {i['gpu_latency_per_token_s'] * 1e3:.3f} ms); "
+        f"{i['macs_per_token']:,.0f} MACs per token.",
+        "",
+    ]
+    lines += [
+        "| constant | value | x0.5: power / latency / energy | x2: power / latency / energy |",
+        "|---|---:|---|---|",
+    ]
     for row in sensitivity(profile, gpu_profile):
+
         def fmt(changes: dict[str, float] | str) -> str:
             if isinstance(changes, str):
                 return changes
             return " / ".join(f"{v:+.0%}" for v in changes.values())
-        lines.append(f"| {row['profile']}: `{row['constant']}` | {row['value']:g} | {fmt(row['x0.5'])} | {fmt(row['x2'])} |")
+
+        name = f"{row['profile']}: `{row['constant']}`"
+        lines.append(f"| {name} | {row['value']:g} | {fmt(row['x0.5'])} | {fmt(row['x2'])} |")
     return "\n".join(lines)
 
 

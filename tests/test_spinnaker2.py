@@ -42,13 +42,17 @@ def test_every_constant_is_sourced_or_marked_assumed(profile):
         for c in constants:
             assert (c.source and c.source.strip()) or (c.assumed and c.note.strip()), c.name
             assert c.unit, c.name
-    assert {"chip.pes", "pe.usable_sram_bytes", "levels.high.frequency_hz"} <= set(profile.constants)
+    assert {"chip.pes", "pe.usable_sram_bytes", "levels.high.frequency_hz"} <= set(
+        profile.constants
+    )
     assert profile["chip.pes"] == 152 and not profile.constants["chip.pes"].assumed
 
 
 def test_profile_without_source_or_note_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"constants": {"chip": {"pes": {"value": 152, "assumed": True}}}}))
+    bad.write_text(
+        yaml.safe_dump({"constants": {"chip": {"pes": {"value": 152, "assumed": True}}}})
+    )
     with pytest.raises(s2.ProfileError, match="chip.pes"):
         s2.load_profile(bad)
     with pytest.raises(s2.ProfileError, match="does not exist"):
@@ -58,7 +62,9 @@ def test_profile_without_source_or_note_is_rejected(tmp_path):
 # --- mapping: brute-force placement checks ------------------------------------------------
 
 
-def _check_placement(net: s2.Network, mapping: s2.Mapping, profile: s2.Profile, precision: str) -> None:
+def _check_placement(
+    net: s2.Network, mapping: s2.Mapping, profile: s2.Profile, precision: str
+) -> None:
     budget = int(profile["pe.usable_sram_bytes"])
     blocks = {b.name: b for b in net.blocks}
     usable = int(profile["chip.pes"]) - int(profile["chip.reserved_pes"])
@@ -69,7 +75,7 @@ def _check_placement(net: s2.Network, mapping: s2.Mapping, profile: s2.Profile, 
         # units: a partition of 0..units-1, each unit on exactly one PE
         covered = np.zeros(block.units, dtype=int)
         for p in pes:
-            covered[p.unit_start:p.unit_stop] += 1
+            covered[p.unit_start : p.unit_stop] += 1
         assert np.all(covered == 1), name
         coords = []
         for p in pes:
@@ -78,27 +84,50 @@ def _check_placement(net: s2.Network, mapping: s2.Mapping, profile: s2.Profile, 
             assert held["bytes"] <= budget, (name, p.pe, held["bytes"])
             assert len(held["coords"]) == p.nnz
             coords.append(held["coords"])
+
         # (matrix, row, column) -> one integer, so that sets of non-zeros compare quickly
-        rows, cols = block.w.shape[0], max(block.inputs, block.units)
-        key = lambda c: (c[:, 0].astype(np.int64) * rows + c[:, 1]) * cols + c[:, 2]  # noqa: E731
+        def key(
+            c: np.ndarray, rows: int = block.w.shape[0], cols: int = max(block.inputs, block.units)
+        ):
+            return (c[:, 0].astype(np.int64) * rows + c[:, 1]) * cols + c[:, 2]
+
         placed = key(np.concatenate(coords))
         assert placed.size == block.nnz  # sum over PEs equals nnz ...
         assert np.unique(placed).size == placed.size  # ... with no duplicates ...
-        expected = np.concatenate([key(np.stack([np.full(int(m.sum()), k), *np.nonzero(m)], 1))
-                                   for k, m in enumerate((block.w, block.r)) if m is not None])
+        expected = np.concatenate(
+            [
+                key(np.stack([np.full(int(m.sum()), k), *np.nonzero(m)], 1))
+                for k, m in enumerate((block.w, block.r))
+                if m is not None
+            ]
+        )
         assert np.array_equal(np.sort(placed), np.sort(expected))  # ... exactly these
 
 
-@pytest.mark.parametrize("precision,decoder,pes,arch,sparsity", [
-    ("fp32", "chip", "compact", "egru", 0.9),
-    ("fp32", "host", "spread", "egru", 0.95),
-    ("fp32", "chip", 40, "lstm", 0.5),
-    ("int8", "chip", "compact", "gru", 0.8),
-    ("int8", "host", "spread", "egru", 0.0),
-])
-def test_every_nonzero_placed_once_and_every_pe_within_budget(profile, precision, decoder, pes, arch, sparsity):
-    net = s2.network_from_shapes(96, [160, 96], arch, sparsity, 0.3, vocab_size=700, decoder=True,
-                                 decoder_sparsity=0.5, seed=3)
+@pytest.mark.parametrize(
+    "precision,decoder,pes,arch,sparsity",
+    [
+        ("fp32", "chip", "compact", "egru", 0.9),
+        ("fp32", "host", "spread", "egru", 0.95),
+        ("fp32", "chip", 40, "lstm", 0.5),
+        ("int8", "chip", "compact", "gru", 0.8),
+        ("int8", "host", "spread", "egru", 0.0),
+    ],
+)
+def test_every_nonzero_placed_once_and_every_pe_within_budget(
+    profile, precision, decoder, pes, arch, sparsity
+):
+    net = s2.network_from_shapes(
+        96,
+        [160, 96],
+        arch,
+        sparsity,
+        0.3,
+        vocab_size=700,
+        decoder=True,
+        decoder_sparsity=0.5,
+        seed=3,
+    )
     result = s2.simulate(net, profile, precision=precision, decoder=decoder, pes=pes)
     placed = net if decoder == "chip" else net.without_decoder()
     _check_placement(placed, result.mapping, profile, precision)
@@ -125,7 +154,7 @@ def test_a_unit_larger_than_a_pe_is_refused(profile):
 
 
 def _non_decreasing(values: list[float]) -> bool:
-    return all(b >= a * (1 - 1e-9) for a, b in zip(values, values[1:]))
+    return all(b >= a * (1 - 1e-9) for a, b in zip(values, values[1:], strict=False))
 
 
 RATES = [0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0]
@@ -134,33 +163,57 @@ COSTS = ("latency_s", "energy_j", "macs_per_token", "compute_s", "comm_s", "dyna
 
 
 def _rate_nets(**kw):
-    return [s2.network_from_shapes(128, [256, 256], "egru", 0.9, rate, 4000, decoder=True, **kw) for rate in RATES]
+    return [
+        s2.network_from_shapes(128, [256, 256], "egru", 0.9, rate, 4000, decoder=True, **kw)
+        for rate in RATES
+    ]
 
 
 def _sparsity_nets():
     # One seed: masks are nested, so each step down in sparsity only adds non-zeros.
-    nets = [s2.network_from_shapes(128, [256, 256], "egru", s, 0.2, 4000, decoder=True, decoder_sparsity=s)
-            for s in SPARSITIES]
+    nets = [
+        s2.network_from_shapes(
+            128, [256, 256], "egru", s, 0.2, 4000, decoder=True, decoder_sparsity=s
+        )
+        for s in SPARSITIES
+    ]
     nnz = [sum(b.nnz for b in n.blocks) for n in nets]
     assert nnz == sorted(nnz) and len(set(nnz)) == len(nnz)
     return nets
 
 
-@pytest.mark.parametrize("pes,decoder,precision,chips", [
-    ("compact", "host", "fp32", None), ("compact", "chip", "fp32", None), ("spread", "host", "fp32", 1),
-    ("spread", "chip", "int8", 2), (260, "chip", "fp32", 2), ("compact", "host", "int8", None),
-])
-def test_energy_and_latency_grow_with_event_rate_on_a_deployed_mapping(profile, pes, decoder, precision, chips):
+@pytest.mark.parametrize(
+    "pes,decoder,precision,chips",
+    [
+        ("compact", "host", "fp32", None),
+        ("compact", "chip", "fp32", None),
+        ("spread", "host", "fp32", 1),
+        ("spread", "chip", "int8", 2),
+        (260, "chip", "fp32", 2),
+        ("compact", "host", "int8", None),
+    ],
+)
+def test_energy_and_latency_grow_with_event_rate_on_a_deployed_mapping(
+    profile, pes, decoder, precision, chips
+):
     nets = _rate_nets()
-    placed = s2.simulate(nets[4], profile, decoder=decoder, precision=precision, pes=pes, chips=chips).mapping
-    results = [s2.simulate(n, profile, decoder=decoder, precision=precision, mapping=placed) for n in nets]
+    placed = s2.simulate(
+        nets[4], profile, decoder=decoder, precision=precision, pes=pes, chips=chips
+    ).mapping
+    results = [
+        s2.simulate(n, profile, decoder=decoder, precision=precision, mapping=placed) for n in nets
+    ]
     for key in (*COSTS, "events_per_token"):
         assert _non_decreasing([getattr(r, key) for r in results]), key
-    assert results[-1].energy_j > results[0].energy_j and results[-1].latency_s > results[0].latency_s
+    assert (
+        results[-1].energy_j > results[0].energy_j and results[-1].latency_s > results[0].latency_s
+    )
 
 
-@pytest.mark.parametrize("pes,decoder,chips", [("spread", "host", 2), ("spread", "chip", 2), (120, "host", None),
-                                               ("compact", "chip", None)])
+@pytest.mark.parametrize(
+    "pes,decoder,chips",
+    [("spread", "host", 2), ("spread", "chip", 2), (120, "host", None), ("compact", "chip", None)],
+)
 def test_energy_and_latency_grow_with_nonzeros_on_a_deployed_mapping(profile, pes, decoder, chips):
     nets = _sparsity_nets()
     # placed for the densest network, so every sparser one fits the same PEs
@@ -168,8 +221,12 @@ def test_energy_and_latency_grow_with_nonzeros_on_a_deployed_mapping(profile, pe
     results = [s2.simulate(n, profile, decoder=decoder, mapping=placed) for n in nets]
     for key in COSTS:
         assert _non_decreasing([getattr(r, key) for r in results]), key
-    assert results[-1].energy_j > results[0].energy_j and results[-1].latency_s > results[0].latency_s
-    with pytest.raises(s2.MappingError, match="no longer fits"):  # a denser model on a tight placement
+    assert (
+        results[-1].energy_j > results[0].energy_j and results[-1].latency_s > results[0].latency_s
+    )
+    with pytest.raises(
+        s2.MappingError, match="no longer fits"
+    ):  # a denser model on a tight placement
         tight = s2.simulate(nets[0], profile, decoder=decoder, pes="compact").mapping
         s2.simulate(nets[-1], profile, decoder=decoder, mapping=tight)
 
@@ -215,7 +272,11 @@ def test_dense_published_model_needs_many_chips_and_the_pruned_one_fits_one(prof
     with pytest.raises(s2.DoesNotFit) as refused:
         s2.simulate(dense, profile, chips=1)
     needed = refused.value.chips_needed
-    assert needed > 1 and f"{needed} chips" in str(refused.value) and f"--chips {needed}" in str(refused.value)
+    assert (
+        needed > 1
+        and f"{needed} chips" in str(refused.value)
+        and f"--chips {needed}" in str(refused.value)
+    )
     unbounded = s2.simulate(dense, profile)
     assert unbounded.mapping.chips == needed and not unbounded.fits
     assert s2.simulate(dense, profile, chips=needed).fits
@@ -239,7 +300,10 @@ def test_calibration_within_documented_tolerance(profile):
     assert cal["within_tolerance"]
     info = cal["info"]
     assert info["pes"] == 150
-    assert abs(info["weight_bytes_per_pe_max"] / info["published_weight_bytes_per_pe"] - 1) <= cal["tolerance"]
+    assert (
+        abs(info["weight_bytes_per_pe_max"] / info["published_weight_bytes_per_pe"] - 1)
+        <= cal["tolerance"]
+    )
     docs = Path(__file__).resolve().parents[1] / "docs" / "spinnaker2.md"
     assert "±25%" in docs.read_text()
 
@@ -247,8 +311,11 @@ def test_calibration_within_documented_tolerance(profile):
 def test_sensitivity_covers_every_assumed_numeric_constant(profile):
     rows = s2.sensitivity(profile, factors=(2.0,))
     names = {r["constant"] for r in rows}
-    numeric = {c.name for c in profile.assumed()
-               if isinstance(c.value, (int, float)) and not isinstance(c.value, bool)} - {"tolerance"}
+    numeric = {
+        c.name
+        for c in profile.assumed()
+        if isinstance(c.value, (int, float)) and not isinstance(c.value, bool)
+    } - {"tolerance"}
     assert numeric <= names
     host = next(r for r in rows if r["constant"] == "host.latency_s")
     assert host["x2"]["latency_s"] > 0.5  # the published latency rests on the host exchange
@@ -268,9 +335,11 @@ def empty_store(tmp_path_factory) -> str:
 
 
 def _config(tmp_path: Path, sparsity: float) -> Path:
-    tree = {"data": {"corpus": "wikitext-2"},
-            "model": {"arch": "egru", "embedding_size": 750, "hidden_size": 1350, "num_layers": 3},
-            "prune": {"target_sparsity": sparsity, "schedule": "oneshot" if sparsity else "none"}}
+    tree = {
+        "data": {"corpus": "wikitext-2"},
+        "model": {"arch": "egru", "embedding_size": 750, "hidden_size": 1350, "num_layers": 3},
+        "prune": {"target_sparsity": sparsity, "schedule": "oneshot" if sparsity else "none"},
+    }
     path = tmp_path / f"s{sparsity}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
@@ -278,29 +347,36 @@ def _config(tmp_path: Path, sparsity: float) -> Path:
 
 def test_cli_config_dense_refused_with_chips_needed_sparse_fits(tmp_path, in_tmp_cwd):
     runner = CliRunner()
-    dense = runner.invoke(simulate_app, ["spinnaker2", "--config", str(_config(tmp_path, 0.0)), "--chips", "1"])
+    dense = runner.invoke(
+        simulate_app, ["spinnaker2", "--config", str(_config(tmp_path, 0.0)), "--chips", "1"]
+    )
     assert dense.exit_code == 1
     assert "does not fit 1 chip" in dense.output and "--chips" in dense.output
     assert "Traceback" not in dense.output
-    sparse = runner.invoke(simulate_app, ["spinnaker2", "--config", str(_config(tmp_path, 0.95)),
-                                          "--chips", "1", "--json"])
+    sparse = runner.invoke(
+        simulate_app,
+        ["spinnaker2", "--config", str(_config(tmp_path, 0.95)), "--chips", "1", "--json"],
+    )
     assert sparse.exit_code == 0, sparse.output
     out = json.loads(sparse.stdout)
     assert out["figures"]["fits"] == 1.0 and out["figures"]["chips"] == 1.0
     assert out["figures"]["events_per_token"] > 0
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--sweep", "a", "--config", "b.yaml"], "exactly one of"),
-    (["abc", "--sweep", "x"], "exactly one of"),
-    (["abc", "--precision", "fp16"], "--precision"),
-    (["abc", "--decoder", "fpga"], "--decoder"),
-    (["abc", "--level", "turbo"], "--level"),
-    (["abc", "--set", "nosuch.constant=1"], "nosuch.constant"),
-    (["abc", "--event-rate", "0.5"], "--config only"),
-    (["no-such-run"], "no run 'no-such-run'"),
-    (["--sweep", "nothing-here"], "no finished runs"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sweep", "a", "--config", "b.yaml"], "exactly one of"),
+        (["abc", "--sweep", "x"], "exactly one of"),
+        (["abc", "--precision", "fp16"], "--precision"),
+        (["abc", "--decoder", "fpga"], "--decoder"),
+        (["abc", "--level", "turbo"], "--level"),
+        (["abc", "--set", "nosuch.constant=1"], "nosuch.constant"),
+        (["abc", "--event-rate", "0.5"], "--config only"),
+        (["no-such-run"], "no run 'no-such-run'"),
+        (["--sweep", "nothing-here"], "no finished runs"),
+    ],
+)
 def test_cli_bad_input_one_paragraph_no_traceback(empty_store, args, message):
     result = CliRunner().invoke(simulate_app, ["spinnaker2", *args, "--tracking-uri", empty_store])
     assert result.exit_code == 2, result.output
@@ -321,17 +397,39 @@ def test_end_to_end_train_then_simulate_from_the_run(in_tmp_cwd):
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     train = subprocess.run(
-        [str(VENV_BIN / "duosparse"), "train", "--set", "data.corpus=synthetic", "--set", "train.epochs=1",
-         "--set", "train.max_steps_per_epoch=20", "--set", "model.hidden_size=64",
-         "--set", "model.embedding_size=32", "--set", "train.max_eval_batches=5", "--json"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            str(VENV_BIN / "duosparse"),
+            "train",
+            "--set",
+            "data.corpus=synthetic",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.max_steps_per_epoch=20",
+            "--set",
+            "model.hidden_size=64",
+            "--set",
+            "model.embedding_size=32",
+            "--set",
+            "train.max_eval_batches=5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert train.returncode == 0, train.stderr[-2000:]
     run_id = json.loads(train.stdout)["run_id"]
     assert (in_tmp_cwd / "mlruns.db").is_file()
 
-    sim = subprocess.run([sys.executable, "-m", "duosparse.simulate", "spinnaker2", run_id, "--json"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    sim = subprocess.run(
+        [sys.executable, "-m", "duosparse.simulate", "spinnaker2", run_id, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert sim.returncode == 0, sim.stderr[-2000:]
     out = json.loads(sim.stdout)
     figures = out["figures"]
@@ -344,23 +442,32 @@ def test_end_to_end_train_then_simulate_from_the_run(in_tmp_cwd):
     client = MlflowClient(f"sqlite:///{in_tmp_cwd / 'mlruns.db'}")
     run = client.get_run(run_id)
     for name in s2.FIGURES:
-        assert run.data.metrics[schema.spinnaker2(name)] == pytest.approx(figures[name], rel=1e-9), name
+        assert run.data.metrics[schema.spinnaker2(name)] == pytest.approx(
+            figures[name], rel=1e-9
+        ), name
     assert s2.ARTIFACT in {a.path for a in client.list_artifacts(run_id)}
     # Event-driven work from the measured per-unit rates = the run's own effective MAC count.
-    assert figures["macs_per_token"] == pytest.approx(run.data.metrics[schema.OPS_EFFECTIVE], rel=0.02)
+    assert figures["macs_per_token"] == pytest.approx(
+        run.data.metrics[schema.OPS_EFFECTIVE], rel=0.02
+    )
 
     # Human-readable output: per-token energy and latency, with the GPU comparison.
-    human = CliRunner().invoke(simulate_app, ["spinnaker2", run_id, "--decoder", "chip", "--no-log"])
+    human = CliRunner().invoke(
+        simulate_app, ["spinnaker2", run_id, "--decoder", "chip", "--no-log"]
+    )
     assert human.exit_code == 0, human.output
     for text in ("per token", "latency", "energy", "GPU baseline", "less energy"):
         assert text in human.output
-    chip = CliRunner().invoke(simulate_app, ["spinnaker2", run_id, "--decoder", "chip", "--json", "--no-log"])
+    chip = CliRunner().invoke(
+        simulate_app, ["spinnaker2", run_id, "--decoder", "chip", "--json", "--no-log"]
+    )
     with_decoder = json.loads(chip.stdout)["figures"]["macs_per_token"]
     assert with_decoder == pytest.approx(run.data.metrics[schema.OPS_TOTAL_EFFECTIVE], rel=0.02)
 
     # The sweep path finds runs by their sweep tag.
     client.set_tag(run_id, schema.TAG_SWEEP, "e2e-sweep")
-    sweep = CliRunner().invoke(simulate_app, ["spinnaker2", "--sweep", "e2e-sweep", "--json", "--no-log"])
+    sweep = CliRunner().invoke(
+        simulate_app, ["spinnaker2", "--sweep", "e2e-sweep", "--json", "--no-log"]
+    )
     assert sweep.exit_code == 0, sweep.output
     assert [r["run_id"] for r in json.loads(sweep.stdout)["runs"]] == [run_id]
-

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from mlflow.tracking import MlflowClient
-
 from duosparse import schema
+from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from duosparse.sweep import SpecError, expand, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,6 +22,7 @@ from . import data as data_module
 from . import schema
 from .config import ConfigError, load_config
 from .sensitivity import prune_app
+from .simulate import simulate_app
 
 app = typer.Typer(
     help="duosparse: sweeps over activity sparsity (EGRU) x weight sparsity (pruning) "
@@ -33,6 +34,7 @@ app.add_typer(data_app, name="data")
 sweep_app = typer.Typer(help="Run and inspect sweeps declared in sweeps/*.yaml.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")
 app.add_typer(prune_app, name="prune")
+app.add_typer(simulate_app, name="simulate")
 
 console = Console(stderr=True)
 

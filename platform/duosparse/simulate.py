@@ -24,7 +24,9 @@ from . import schema
 
 simulate_app = typer.Typer(
     help="Simulated deployments on neuromorphic hardware.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
 )
 
 console = Console(stderr=True)
@@ -48,7 +50,10 @@ def _parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     chip, gpu = {}, {}
     for text in items:
         if "=" not in text:
-            _fail(f"--set '{text}' is not of the form key=value; write for example --set host.latency_s=0.")
+            _fail(
+                f"--set '{text}' is not of the form key=value; write for example "
+                "--set host.latency_s=0."
+            )
         key, raw = (part.strip() for part in text.split("=", 1))
         value = yaml.safe_load(raw)
         if key.startswith("gpu."):
@@ -58,7 +63,9 @@ def _parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     return chip, gpu
 
 
-def _log(client: Any, run_id: str, result: Any, step: int, figures: list[str], artifact: str) -> None:
+def _log(
+    client: Any, run_id: str, result: Any, step: int, figures: list[str], artifact: str
+) -> None:
     """hw/spinnaker2/<figure> metrics and the JSON artifact on the run."""
     import time
 
@@ -80,8 +87,13 @@ def _log_refusal(client: Any, run_id: str, chips_needed: int, step: int) -> None
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(schema.spinnaker2("fits"), 0.0, now, step),
-                                      Metric(schema.spinnaker2("chips_needed"), float(chips_needed), now, step)])
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(schema.spinnaker2("fits"), 0.0, now, step),
+            Metric(schema.spinnaker2("chips_needed"), float(chips_needed), now, step),
+        ],
+    )
 
 
 def _load_run(client: Any, run_id: str, s2: Any) -> tuple[Any, int]:
@@ -120,57 +132,147 @@ def _sweep_runs(client: Any, sweep: str) -> list[Any]:
     if not experiments:
         return []
     runs = client.search_runs(
-        experiments, filter_string=f"tags.`{schema.TAG_SWEEP}` = '{sweep}' and attributes.status = 'FINISHED'",
+        experiments,
+        filter_string=f"tags.`{schema.TAG_SWEEP}` = '{sweep}' and attributes.status = 'FINISHED'",
         max_results=10_000,
     )
     return [r for r in runs if r.data.tags.get(schema.TAG_KIND) != "sweep"]
+
+
+def _times(ratio: float, better: str, worse: str) -> str:
+    return f"{ratio:.3g}x {better}" if ratio >= 1 else f"{1 / ratio:.3g}x {worse}"
 
 
 def _human(label: str, result: Any, budget: int | None) -> None:
     out = Console()
     m, f = result.mapping, result.figures()
     lvl = result.level
-    out.print(f"[bold]SpiNNaker2 deployment of {label}[/] ({result.precision}, decoder on "
-              f"{result.decoder}, level {lvl.name}: {lvl.voltage_v:g} V / {lvl.frequency_hz / 1e6:g} MHz, "
-              f"{'pipelined' if result.pipelined else 'sequential'})", highlight=False)
+    out.print(
+        f"[bold]SpiNNaker2 deployment of {label}[/] ({result.precision}, decoder on "
+        f"{result.decoder}, level {lvl.name}: {lvl.voltage_v:g} V / "
+        f"{lvl.frequency_hz / 1e6:g} MHz, "
+        f"{'pipelined' if result.pipelined else 'sequential'})",
+        highlight=False,
+    )
     fits = "fits" if result.fits else "[red]does not fit[/]"
-    out.print(f"  {m.pes} PEs on {m.chips} chip(s); needs at least {m.pes_needed} PEs / "
-              f"{m.chips_needed} chip(s); {fits} {budget or 1} chip(s)", highlight=False)
-    out.print(f"  largest PE: {m.max_pe_bytes / 1024:.1f} KiB of {m.budget_bytes / 1024:.1f} KiB; "
-              f"{result.macs_per_token:,.0f} MACs and {result.events_per_token:,.0f} events per token",
-              highlight=False)
+    out.print(
+        f"  {m.pes} PEs on {m.chips} chip(s); needs at least {m.pes_needed} PEs / "
+        f"{m.chips_needed} chip(s); {fits} {budget or 1} chip(s)",
+        highlight=False,
+    )
+    out.print(
+        f"  largest PE: {m.max_pe_bytes / 1024:.1f} KiB of {m.budget_bytes / 1024:.1f} KiB; "
+        f"{result.macs_per_token:,.0f} MACs and {result.events_per_token:,.0f} events per token",
+        highlight=False,
+    )
     table = Table("per token", "SpiNNaker2", "GPU baseline", "SpiNNaker2 vs GPU")
-    table.add_row("latency", f"{result.latency_s * 1e3:.4g} ms", f"{result.gpu['latency_s'] * 1e3:.4g} ms",
-                  f"{f['speedup_vs_gpu']:.3g}x the GPU's speed")
-    table.add_row("energy", f"{result.energy_j * 1e6:.4g} uJ", f"{result.gpu['energy_j'] * 1e6:.4g} uJ",
-                  f"{f['energy_gain_vs_gpu']:.3g}x less energy")
+    table.add_row(
+        "latency",
+        f"{result.latency_s * 1e3:.4g} ms",
+        f"{result.gpu['latency_s'] * 1e3:.4g} ms",
+        _times(f["speedup_vs_gpu"], "faster", "slower"),
+    )
+    table.add_row(
+        "energy",
+        f"{result.energy_j * 1e6:.4g} uJ",
+        f"{result.gpu['energy_j'] * 1e6:.4g} uJ",
+        _times(f["energy_gain_vs_gpu"], "less energy", "more energy"),
+    )
     table.add_row("power", f"{result.power_w:.3g} W", f"{result.gpu['power_w']:.3g} W", "")
     out.print(table)
-    out.print(f"  latency: compute {result.compute_s * 1e6:.1f} us, communication {result.comm_s * 1e6:.1f} us, "
-              f"sync {result.sync_s * 1e6:.1f} us, host {result.host_s * 1e6:.1f} us; energy: static "
-              f"{result.static_j * 1e6:.1f} uJ, dynamic {result.dynamic_j * 1e6:.1f} uJ, communication "
-              f"{result.comm_j * 1e6:.1f} uJ", highlight=False)
+    out.print(
+        f"  latency: compute {result.compute_s * 1e6:.1f} us, "
+        f"communication {result.comm_s * 1e6:.1f} us, "
+        f"sync {result.sync_s * 1e6:.1f} us, host {result.host_s * 1e6:.1f} us; energy: static "
+        f"{result.static_j * 1e6:.1f} uJ, dynamic {result.dynamic_j * 1e6:.1f} uJ, communication "
+        f"{result.comm_j * 1e6:.1f} uJ",
+        highlight=False,
+    )
 
 
 @simulate_app.command("spinnaker2")
 def spinnaker2(
-    run_id: Annotated[str | None, typer.Argument(help="MLflow run id of a finished training run")] = None,
-    sweep: Annotated[str | None, typer.Option(help="Simulate every finished run of this sweep (tag duosparse.sweep)")] = None,
-    config: Annotated[Path | None, typer.Option(help="RunConfig YAML: shapes only, random masks at prune.target_sparsity, --event-rate")] = None,
-    decoder: Annotated[str, typer.Option(help="Decoder on the chip or on the host: chip | host")] = "host",
-    precision: Annotated[str, typer.Option(help="fp32 (Cortex-M4F, compressed columns) | int8 (MAC array, dense rows)")] = "fp32",
-    chips: Annotated[int | None, typer.Option(min=1, help="Chips available; refuse (saying how many it needs) if the model does not fit")] = None,
-    pes: Annotated[str, typer.Option(help="PEs to use: compact (fewest the memory allows) | spread (all PEs of the chips) | a number")] = "compact",
-    level: Annotated[str | None, typer.Option(help="DVFS performance level from the profile (low | high; default: the profile's)")] = None,
-    sequential: Annotated[bool, typer.Option("--sequential", help="Layers of a token one after another (autoregressive generation) instead of pipelined")] = False,
-    event_rate: Annotated[float | None, typer.Option(help="--config only: events per unit per token (default 0.2 EGRU, 1.0 LSTM/GRU)")] = None,
-    vocab_size: Annotated[int | None, typer.Option(help="--config only: vocabulary size (default: the corpus's)")] = None,
-    profile: Annotated[Path | None, typer.Option(help="SpiNNaker2 profile YAML (default: the packaged one)")] = None,
-    gpu_profile: Annotated[Path | None, typer.Option(help="GPU baseline profile YAML (default: A100)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a profile constant: key=value (gpu.key=value for the GPU), e.g. host.latency_s=0")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")] = None,
-    no_log: Annotated[bool, typer.Option("--no-log", help="Do not write the figures to the runs")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
+    run_id: Annotated[
+        str | None, typer.Argument(help="MLflow run id of a finished training run")
+    ] = None,
+    sweep: Annotated[
+        str | None,
+        typer.Option(help="Simulate every finished run of this sweep (tag duosparse.sweep)"),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="RunConfig YAML: shapes only, random masks at prune.target_sparsity, --event-rate"
+        ),
+    ] = None,
+    decoder: Annotated[
+        str, typer.Option(help="Decoder on the chip or on the host: chip | host")
+    ] = "host",
+    precision: Annotated[
+        str,
+        typer.Option(help="fp32 (Cortex-M4F, compressed columns) | int8 (MAC array, dense rows)"),
+    ] = "fp32",
+    chips: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Chips available; refuse (saying how many it needs) if the model does not fit",
+        ),
+    ] = None,
+    pes: Annotated[
+        str,
+        typer.Option(
+            help="PEs to use: compact (fewest the memory allows) | spread (all PEs of the "
+            "chips) | a number"
+        ),
+    ] = "compact",
+    level: Annotated[
+        str | None,
+        typer.Option(
+            help="DVFS performance level from the profile (low | high; default: the profile's)"
+        ),
+    ] = None,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential",
+            help="Layers of a token one after another (autoregressive generation) instead "
+            "of pipelined",
+        ),
+    ] = False,
+    event_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="--config only: events per unit per token (default 0.2 EGRU, 1.0 LSTM/GRU)"
+        ),
+    ] = None,
+    vocab_size: Annotated[
+        int | None, typer.Option(help="--config only: vocabulary size (default: the corpus's)")
+    ] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="SpiNNaker2 profile YAML (default: the packaged one)")
+    ] = None,
+    gpu_profile: Annotated[
+        Path | None, typer.Option(help="GPU baseline profile YAML (default: A100)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a profile constant: key=value (gpu.key=value for the GPU), "
+            "e.g. host.latency_s=0",
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)"),
+    ] = None,
+    no_log: Annotated[
+        bool, typer.Option("--no-log", help="Do not write the figures to the runs")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the results as JSON on stdout")
+    ] = False,
 ) -> None:
     """Map a model onto SpiNNaker2 PEs; energy and latency per token from its measured sparsity.
 
@@ -180,7 +282,10 @@ def spinnaker2(
     if len(chosen) != 1:
         _fail("give exactly one of RUN_ID, --sweep SWEEP or --config CONFIG.yaml.")
     if (event_rate is not None or vocab_size is not None) and config is None:
-        _fail("--event-rate and --vocab-size apply to --config only; a run's measured event rates are used otherwise.")
+        _fail(
+            "--event-rate and --vocab-size apply to --config only; a run's measured event "
+            "rates are used otherwise."
+        )
 
     from .analysis import spinnaker2 as s2  # lazily: the platform does not import analysis
     from .config import ConfigError, load_config
@@ -192,16 +297,29 @@ def spinnaker2(
         gpu = s2.load_profile(gpu_profile, gpu=True).replace(**gpu_sets)
         s2.performance_level(hw, level)  # bad --level before any work
         if decoder not in s2.DECODER_PLACES:
-            raise s2.SimulationError(f"--decoder must be one of {', '.join(s2.DECODER_PLACES)} (got '{decoder}').")
+            raise s2.SimulationError(
+                f"--decoder must be one of {', '.join(s2.DECODER_PLACES)} (got '{decoder}')."
+            )
         pe_policy: int | str = int(pes) if pes.isdigit() else pes
         if pe_policy not in s2.PE_POLICIES and not isinstance(pe_policy, int):
-            raise s2.SimulationError(f"--pes must be compact, spread or a number of PEs (got '{pes}').")
+            raise s2.SimulationError(
+                f"--pes must be compact, spread or a number of PEs (got '{pes}')."
+            )
         if precision not in s2.PRECISIONS:
-            raise s2.SimulationError(f"--precision must be one of {', '.join(s2.PRECISIONS)} (got '{precision}').")
+            raise s2.SimulationError(
+                f"--precision must be one of {', '.join(s2.PRECISIONS)} (got '{precision}')."
+            )
     except s2.SimulationError as e:
         _fail(str(e))
-    options = dict(profile=hw, gpu_profile=gpu, precision=precision, decoder=decoder, level=level,
-                   pipelined=not sequential, pes=pe_policy)
+    options = dict(
+        profile=hw,
+        gpu_profile=gpu,
+        precision=precision,
+        decoder=decoder,
+        level=level,
+        pipelined=not sequential,
+        pes=pe_policy,
+    )
 
     def run_one(net: Any) -> Any:
         return s2.simulate(net, chips=chips, **options)
@@ -215,9 +333,15 @@ def spinnaker2(
         except (ConfigError, s2.SimulationError) as e:
             _fail(str(e), 1 if isinstance(e, s2.DoesNotFit) else 2)
         if json_out:
-            print(json.dumps({"config": str(config), **result.to_dict()}, indent=2, default=_jsonable))
+            print(
+                json.dumps({"config": str(config), **result.to_dict()}, indent=2, default=_jsonable)
+            )
         else:
-            _human(f"{config} (random masks, event rate {net.layers[0].out_rates.mean():g})", result, chips)
+            _human(
+                f"{config} (random masks, event rate {net.layers[0].out_rates.mean():g})",
+                result,
+                chips,
+            )
         return
 
     try:
@@ -243,14 +367,18 @@ def spinnaker2(
         else:
             _human(f"run {run_id}", result, chips)
             if not no_log:
-                console.print(f"Logged as {schema.spinnaker2('*')} on run {run_id} (duosparse ui to browse).")
+                console.print(
+                    f"Logged as {schema.spinnaker2('*')} on run {run_id} (duosparse ui to browse)."
+                )
         return
 
     # --- a sweep: every finished run; one that fails does not stop the others --------------
     runs = _sweep_runs(client, sweep)
     if not runs:
-        _fail(f"no finished runs carry {schema.TAG_SWEEP} = '{sweep}' in {client.tracking_uri}; "
-              "check the sweep name (`duosparse sweep status`) or --tracking-uri.")
+        _fail(
+            f"no finished runs carry {schema.TAG_SWEEP} = '{sweep}' in {client.tracking_uri}; "
+            "check the sweep name (`duosparse sweep status`) or --tracking-uri."
+        )
     results, problems = [], []
     for i, run in enumerate(runs, 1):
         rid = run.info.run_id
@@ -266,16 +394,40 @@ def spinnaker2(
             _log(client, rid, result, step, list(s2.FIGURES), s2.ARTIFACT)
         results.append((rid, result))
     if json_out:
-        print(json.dumps({"sweep": sweep, "runs": [{"run_id": rid, **r.to_dict()} for rid, r in results],
-                          "problems": problems}, indent=2, default=_jsonable))
+        print(
+            json.dumps(
+                {
+                    "sweep": sweep,
+                    "runs": [{"run_id": rid, **r.to_dict()} for rid, r in results],
+                    "problems": problems,
+                },
+                indent=2,
+                default=_jsonable,
+            )
+        )
     else:
-        table = Table("run", "fits", "PEs", "chips", "latency / token", "energy / token",
-                      "GPU energy / token", "energy gain", title=f"sweep {sweep} on SpiNNaker2")
+        table = Table(
+            "run",
+            "fits",
+            "PEs",
+            "chips",
+            "latency / token",
+            "energy / token",
+            "GPU energy / token",
+            "energy gain",
+            title=f"sweep {sweep} on SpiNNaker2",
+        )
         for rid, r in results:
-            table.add_row(rid[:12], "yes" if r.fits else f"[red]no ({r.mapping.chips_needed})[/]",
-                          str(r.mapping.pes), str(r.mapping.chips), f"{r.latency_s * 1e3:.4g} ms",
-                          f"{r.energy_j * 1e6:.4g} uJ", f"{r.gpu['energy_j'] * 1e6:.4g} uJ",
-                          f"{r.gpu['energy_j'] / r.energy_j:.3g}x")
+            table.add_row(
+                rid[:12],
+                "yes" if r.fits else f"[red]no ({r.mapping.chips_needed})[/]",
+                str(r.mapping.pes),
+                str(r.mapping.chips),
+                f"{r.latency_s * 1e3:.4g} ms",
+                f"{r.energy_j * 1e6:.4g} uJ",
+                f"{r.gpu['energy_j'] * 1e6:.4g} uJ",
+                f"{r.gpu['energy_j'] / r.energy_j:.3g}x",
+            )
         Console().print(table)
     for problem in problems:
         console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)

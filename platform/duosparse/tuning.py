@@ -227,7 +227,14 @@ def _check_cluster(address: str | None, uri: str) -> None:
 
 
 def _storage_path(spec: SweepSpec) -> str:
-    path = spec.storage_path or str(Path.cwd() / "runs" / "tune")
+    """Where Tune keeps its state: the spec's storage_path, $DUOSPARSE_TUNE_STORAGE, or
+    ./runs/tune. Under `ray job submit` the cwd is the job's unpacked working_dir, which Ray
+    may delete and unpack again (and a new job gets a new one), so there the default is the
+    user's cache instead. On a multi-machine cluster set storage_path to shared storage."""
+    path = spec.storage_path or os.environ.get("DUOSPARSE_TUNE_STORAGE")
+    if not path:
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set for `ray job submit` entrypoints
+        path = str(Path.home() / ".cache" / "duosparse" / "tune" if in_job else Path.cwd() / "runs" / "tune")
     return path if "://" in path else str(Path(path).resolve())
 
 
@@ -246,7 +253,13 @@ def _progress_callback(uri: str, total: int, show: bool):
             return {"uri": self.uri, "total": self.total, "show": self.show, "_bar": None, "_client": None}
 
         def setup(self, **info):
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self._client = tracking._client(self.uri)
             self._bar = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(),
@@ -333,10 +346,32 @@ def run_sweep(
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 ),
             )
-        tuner.fit()
+        _fit_in(storage, tuner)
     finally:
         tracking.finish_run(client, parent, "FINISHED")
     return plan(spec, uri)
+
+
+def _fit_in(storage: str, tuner: Any) -> None:
+    """Run the Tuner from inside the (absolute, stable) storage folder.
+
+    Under `ray job submit` the driver's cwd is the job's unpacked working_dir, which Ray may
+    delete and unpack again while workers on the same host set up their runtime env; Tune's
+    closing ExperimentAnalysis then fails in os.getcwd(). Its paths are all absolute, so a
+    stable cwd for the duration of fit() changes nothing else."""
+    previous = os.environ.get("PWD") or os.getcwd()
+    if "://" in storage:
+        tuner.fit()
+        return
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    os.chdir(storage)
+    try:
+        tuner.fit()
+    finally:
+        try:
+            os.chdir(previous)
+        except OSError:
+            pass
 
 
 def _trial_params(config: RunConfig, spec: SweepSpec, uri: str, experiment_id: str, parent: str) -> dict:
