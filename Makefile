@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Tests and CI read the corpora from ../shared/data unless told otherwise.
 export DUOSPARSE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup train sweep ui test test-fast bench lint clean
+.PHONY: setup train sweep ui test bench lint clean
 
 setup: $(STAMP)
 
@@ -22,10 +22,16 @@ $(STAMP): pyproject.toml constraints.txt
 train: setup  ## one default run (configs/default.yaml), logged to ./mlruns.db
 	$(DS) train configs/default.yaml
 
+SPEC ?= sweeps/ptb_quick.yaml
+sweep: setup  ## the main job: the quick PTB study on local Ray + ./mlruns.db (resumable)
+	$(DS) sweep run $(SPEC) || test $$? -eq 1  # 1: some trials failed; they are listed above
+
 ui: setup  ## MLflow UI on http://127.0.0.1:5000 over ./mlruns.db
 	$(DS) ui
 
+# The cluster tests need PostgreSQL: .ci/postgres.sh installs/starts it (root) and prints a URI.
 test: setup  ## the whole test suite
+	@export DUOSPARSE_TEST_POSTGRES_URI="$${DUOSPARSE_TEST_POSTGRES_URI:-$$(bash .ci/postgres.sh)}"; \
 	$(PY) -m pytest -q
 
 bench: setup  ## training throughput ratios against torch.nn.GRU, measured in the same run
