@@ -105,3 +105,37 @@ def test_help_for_every_command(tmp_path):
     for args in (["--help"], ["train", "--help"], ["data", "check", "--help"], ["ui", "--help"]):
         result = run(*args, cwd=tmp_path)
         assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_ui_serves_the_embedded_store_on_loopback_only(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    import psutil
+
+    assert run("train", *TINY, "--json", cwd=tmp_path).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    ui = subprocess.Popen([DUOSPARSE, "ui", "--port", str(port)], cwd=tmp_path, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the MLflow UI did not come up"
+                time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=duosparse"
+        body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        assert body["experiment"]["name"] == "duosparse"  # the same store `train` wrote
+        procs = [psutil.Process(ui.pid), *psutil.Process(ui.pid).children(recursive=True)]
+        addresses = {c.laddr.ip for p in procs for c in p.net_connections("inet") if c.status == "LISTEN"}
+        assert addresses and addresses <= {"127.0.0.1"}
+    finally:
+        os.killpg(ui.pid, 15)
+        ui.wait(timeout=30)
