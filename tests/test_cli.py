@@ -39,6 +39,7 @@ def test_bad_config_key_exits_nonzero_naming_the_key_without_traceback(tmp_path)
     (["--set", "train.lr=-1"], "train.lr"),
     (["--set", "prune.target_sparsity=1.0"], "prune.target_sparsity"),
     (["--set", "nonsense"], "key=value"),
+    (["--set", "model.num_layers=1"], "model.hidden_size"),  # tied 1-layer: hidden_size unused
 ])
 def test_bad_values_are_refused_with_the_field_named(tmp_path, args, needle):
     result = run("train", *args, cwd=tmp_path)

@@ -63,6 +63,18 @@ class ModelConfig(_Section):
     dropout: Dropout = Dropout()
     activity_regularizer: ActivityRegularizer = ActivityRegularizer()
 
+    @model_validator(mode="after")
+    def _hidden_size_matters(self) -> ModelConfig:
+        # with tying, the last layer's width is embedding_size: a 1-layer tied model has no
+        # hidden_size, and sweeping it would train the same model twice under two names
+        if self.tie_weights and self.num_layers == 1 and self.hidden_size != self.embedding_size:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) has no effect: with model.tie_weights and "
+                f"one layer, the layer's width is model.embedding_size ({self.embedding_size}); "
+                "set hidden_size equal to embedding_size, use num_layers >= 2, or tie_weights: false"
+            )
+        return self
+
 
 class PruneConfig(_Section):
     target_sparsity: float = Field(0.0, ge=0, lt=1)
