@@ -189,3 +189,28 @@ def test_detached_state_keeps_values():
     for s, d in zip(state, detach_state(state)):
         for a, b in zip(s, d):
             assert torch.equal(a, b) and not b.requires_grad
+
+
+def test_fast_egru_sequence_equals_the_step_by_step_cell():
+    """egru_kernel's hand-written BPTT against autograd through egru_cell, float64."""
+    torch.manual_seed(8)
+    layer = RecurrentLayer("egru", 7, 11, _model_cfg("model.arch=egru")).double()
+    with torch.no_grad():
+        layer.threshold.uniform_(0.0, 0.3)
+    x = torch.randn(9, 4, 7, dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(4, 11, dtype=torch.float64).clamp(min=0).requires_grad_()
+    c0 = (torch.randn(4, 11, dtype=torch.float64) * 0.5).requires_grad_()
+    weights = torch.rand(9, 4, 11, dtype=torch.float64)
+    results = {}
+    for fast in (False, True):
+        layer.fast = fast
+        out, (y, c), events = layer(x, (y0, c0))
+        # every output carries gradient: sequence, final state, events (activity regulariser)
+        loss = (out * weights).sum() + (0.3 * c).sum() + (0.2 * y).sum() + (0.7 * events).sum()
+        params = [x, y0, c0, layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh, layer.threshold]
+        results[fast] = (out.detach(), c.detach(), events.detach(), torch.autograd.grad(loss, params))
+    (out_a, c_a, ev_a, g_a), (out_b, c_b, ev_b, g_b) = results[False], results[True]
+    assert torch.equal(out_a, out_b) and torch.equal(c_a, c_b) and torch.equal(ev_a, ev_b)
+    assert 0 < float(ev_a.mean()) < 1
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .egru_kernel import egru_sequence
 
 State = tuple[Tensor, ...]  # per layer: LSTM (h, c), GRU (h,), EGRU (y, c'); [0] is the output
 
@@ -84,6 +85,7 @@ class RecurrentLayer(nn.Module):
             self.threshold = nn.Parameter(torch.full((hidden_size,), float(cfg.threshold)))
             self.height = cfg.pseudo_derivative.height
             self.width = cfg.pseudo_derivative.width
+            self.fast = True  # False: step through egru_cell with autograd (the reference)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -114,6 +116,9 @@ class RecurrentLayer(nn.Module):
     def _egru(self, x: Tensor, state: State, w_hh: Tensor) -> tuple[Tensor, State, Tensor]:
         y, c = state
         x_proj = F.linear(x, self.weight_ih, self.bias_ih)  # all time steps in one matmul
+        if self.fast:  # the same equations, one autograd node for the sequence (egru_kernel)
+            out, y, c, events = egru_sequence(x_proj, y, c, w_hh, self.bias_hh, self.threshold, self.height, self.width)
+            return out, (y, c), events
         outputs, events = [], []
         for x_t in x_proj:
             y, c, o = egru_cell(x_t, y, c, w_hh, self.bias_hh, self.threshold, self.height, self.width)
