@@ -112,7 +112,6 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps_per_epoch: int | None = Field(None, ge=1)
     max_eval_batches: int | None = Field(None, ge=1)  # cap on evaluation chunks, for quick runs
-    log_every: int = Field(50, ge=1)
 
 
 class RunConfig(_Section):
