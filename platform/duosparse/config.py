@@ -228,6 +228,16 @@ def build_config(tree: dict[str, Any] | None, source: str = "config") -> RunConf
         raise ConfigError(f"Invalid {source}: {_describe(e)}.") from None
 
 
+def read_yaml(path: Path, what: str, example: str, error: type[Exception]) -> Any:
+    """safe_load a YAML file, raising `error` with a one-line fix when it is missing or bad."""
+    if not path.is_file():
+        raise error(f"{what} '{path}' does not exist; pass the path of {example}.")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{what} '{path}' is not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML RunConfig (or start from defaults) and apply `key=value` overrides."""
     tree: dict[str, Any] = {}
@@ -235,12 +245,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file '{path}' does not exist; pass the path of a YAML RunConfig such as configs/default.yaml.")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
+        loaded = read_yaml(path, "Config file", "a YAML RunConfig such as configs/default.yaml", ConfigError)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"Config file '{path}' must hold a mapping of sections (data, model, prune, train).")
         tree = loaded or {}

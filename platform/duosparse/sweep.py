@@ -21,10 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import ConfigError, RunConfig, build_config, flatten, set_dotted
+from .config import ConfigError, RunConfig, build_config, flatten, read_yaml, set_dotted
 
 
 class _Strict(BaseModel):
@@ -129,13 +128,7 @@ def parse_spec(tree: Any, source: str = "spec") -> SweepSpec:
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"Sweep spec '{path}' does not exist; pass a file such as sweeps/smoke.yaml.")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"Sweep spec '{path}' is not valid YAML: {e}") from None
+    tree = read_yaml(Path(path), "Sweep spec", "a sweep spec such as sweeps/smoke.yaml", SpecError)
     return parse_spec(tree, str(path))
 
 
