@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from urllib.parse import urlparse, urlunparse
 import pytest
 from duosparse import schema
 from mlflow.tracking import MlflowClient
+from ray_processes import stop_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -73,8 +75,12 @@ def mlflow_server(postgres_db, tmp_path_factory):
         wait_http(f"{url}/health", timeout=120)
         yield url, artifacts
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 # Ray's token authentication: every process of the cluster and every client shares one token.
@@ -107,7 +113,7 @@ def ray_cluster(tmp_path_factory):
                 time.sleep(0.5)
         yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(gcs)  # this cluster only; `ray stop` would end every Ray here
 
 
 def test_smoke_sweep_through_ray_job_submit_lands_in_postgres(ray_cluster, mlflow_server):
