@@ -25,6 +25,7 @@ train: setup  ## one default run (configs/default.yaml), logged to ./mlruns.db
 SPEC ?= sweeps/ptb_quick.yaml
 sweep: setup  ## the main job: the quick PTB study on local Ray + ./mlruns.db (resumable)
 	$(DS) sweep run $(SPEC) || test $$? -eq 1  # 1: some trials failed; they are listed above
+	$(DS) analyze $(SPEC)
 
 ui: setup  ## MLflow UI on http://127.0.0.1:5000 over ./mlruns.db
 	$(DS) ui

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import yaml
+from duosparse import schema
+from duosparse.model import GATES
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = PROFILE_DIR / "spinnaker2.yaml"
@@ -42,33 +44,13 @@ DEFAULT_GPU_PROFILE = PROFILE_DIR / "gpu_a100.yaml"
 
 PRECISIONS = ("fp32", "int8")
 DECODER_PLACES = ("chip", "host")
-GATES = {"lstm": 4, "gru": 3, "egru": 3}
 # Default event rate for --config (no trained model): EGRU units emit on a fraction of tokens,
 # LSTM / GRU outputs are (almost) never exactly zero.
 DEFAULT_EVENT_RATE = {"egru": 0.2, "gru": 1.0, "lstm": 1.0}
 CORPUS_VOCAB = {"ptb": 10_000, "wikitext-2": 33_278, "synthetic": 64}
 
-# Figures logged on a run as hw/spinnaker2/<figure> (duosparse.schema.spinnaker2 builds the
-# names). Per token unless the name says otherwise.
-FIGURES = (
-    "energy_per_token_j",
-    "latency_per_token_s",
-    "compute_latency_per_token_s",
-    "power_w",
-    "pes",
-    "chips",
-    "chips_needed",
-    "fits",
-    "max_pe_bytes",
-    "macs_per_token",
-    "events_per_token",
-    "gpu_energy_per_token_j",
-    "gpu_latency_per_token_s",
-    "gpu_power_w",
-    "energy_gain_vs_gpu",
-    "speedup_vs_gpu",
-)
-ARTIFACT = "spinnaker2.json"  # the full result, options included, logged beside the metrics
+FIGURES = schema.SPINNAKER2_FIGURES  # logged on a run as hw/spinnaker2/<figure>
+ARTIFACT = schema.ARTIFACT_SPINNAKER2
 
 
 class SimulationError(ValueError):

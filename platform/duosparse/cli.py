@@ -20,6 +20,7 @@ from rich.table import Table
 
 from . import data as data_module
 from . import schema
+from .analyze_cli import register as register_analysis
 from .config import ConfigError, load_config
 from .sensitivity import prune_app
 from .simulate import simulate_app
@@ -35,6 +36,7 @@ sweep_app = typer.Typer(help="Run and inspect sweeps declared in sweeps/*.yaml."
 app.add_typer(sweep_app, name="sweep")
 app.add_typer(prune_app, name="prune")
 app.add_typer(simulate_app, name="simulate")
+register_analysis(app)  # `analyze` and `export pareto`
 
 console = Console(stderr=True)
 

@@ -62,10 +62,23 @@ def spinnaker2(figure: str) -> str:
     return HW_SPINNAKER2_PREFIX + figure
 
 
+# The figures `duosparse simulate spinnaker2` logs as hw/spinnaker2/<figure>; per token unless
+# the name says otherwise.
+SPINNAKER2_FIGURES = (
+    "energy_per_token_j", "latency_per_token_s", "compute_latency_per_token_s", "power_w",
+    "pes", "chips", "chips_needed", "fits", "max_pe_bytes", "macs_per_token",
+    "events_per_token", "gpu_energy_per_token_j", "gpu_latency_per_token_s", "gpu_power_w",
+    "energy_gain_vs_gpu", "speedup_vs_gpu",
+)
+
+
 # --- artifacts ------------------------------------------------------------------------
 ARTIFACT_CONFIG = "config.yaml"
 ARTIFACT_CHECKPOINT = "model.pt"
 ARTIFACT_ACTIVITY = "activity.json"  # per-layer activity and per-unit event rates (test split)
+ARTIFACT_SPINNAKER2 = "spinnaker2.json"  # the full deployment result, options included
+ARTIFACTS_ANALYSIS = "analysis"  # folder on a sweep's parent run: report, tables, figures
+ARTIFACTS_PARETO = "analysis/pareto"  # folder for `duosparse export pareto`
 
 # The metrics every finished training run has (DESIGN section 5), for tests and the run table.
 RUN_METRICS = (

@@ -1,0 +1,392 @@
+"""The run table: one tidy pandas DataFrame per sweep (or experiment), read from MLflow.
+
+One row per training run. Columns, all typed:
+
+- identity and state: `run_id`, `run_name`, `run_key`, `sweep`, `kind`, `parent_run_id`,
+  `status` (MLflow's FINISHED / FAILED / KILLED / RUNNING), `failure` (the reason),
+  `early_stopped` (ASHA stopped it), `ok` (finished, not stopped early, has test/ppl: the
+  runs every analysis uses), `start_time`, `end_time`;
+- the flattened RunConfig under its dotted keys (`model.arch`, `prune.target_sparsity`, ...),
+  typed from the RunConfig field types (MLflow keeps params as strings);
+- every metric under its schema name (`test/ppl`, `ops/effective_macs_per_token`,
+  `sparsity/activity/layer_0`, `hw/spinnaker2/energy_per_token_j`, ...): the latest value,
+  which is the final test-split figure.
+
+`write_table` / `read_table` export and re-import it (CSV or Parquet) with the same types,
+so every analysis runs from a file without a tracking server.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from duosparse import schema
+from duosparse.config import RunConfig
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from scipy import stats
+
+# --- column names (metrics and config keys keep their schema names) ---------------------
+RUN_ID = "run_id"
+RUN_NAME = "run_name"
+RUN_KEY = "run_key"
+SWEEP = "sweep"
+KIND = "kind"
+PARENT_RUN_ID = "parent_run_id"
+STATUS = "status"
+FAILURE = "failure"
+EARLY_STOPPED = "early_stopped"
+OK = "ok"
+START_TIME = "start_time"
+END_TIME = "end_time"
+# seed-aggregated tables
+N_SEEDS = "n_seeds"
+SEEDS = "seeds"
+RUN_IDS = "run_ids"
+
+META_TYPES: dict[str, str] = {
+    RUN_ID: "string",
+    RUN_NAME: "string",
+    RUN_KEY: "string",
+    SWEEP: "string",
+    KIND: "string",
+    PARENT_RUN_ID: "string",
+    STATUS: "string",
+    FAILURE: "string",
+    EARLY_STOPPED: "boolean",
+    OK: "boolean",
+    START_TIME: "datetime64[ns, UTC]",
+    END_TIME: "datetime64[ns, UTC]",
+}
+AGG_TYPES: dict[str, str] = {N_SEEDS: "int64", SEEDS: "string", RUN_IDS: "string"}
+
+ARCH = "model.arch"
+SEED = "train.seed"
+# A model's size: runs of different sizes have different dense baselines.
+SIZE_KEYS = ("data.corpus", "model.embedding_size", "model.hidden_size", "model.num_layers")
+
+
+class RunTableError(ValueError):
+    """No usable runs, or a file that is not a run table; the message says what to do."""
+
+
+# --- typing the config columns ----------------------------------------------------------
+
+
+@cache
+def config_fields() -> dict[str, Any]:
+    """Dotted RunConfig key -> its type annotation, in RunConfig order."""
+
+    def walk(model: type[BaseModel], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out.update(walk(ann, f"{prefix}{name}."))
+            else:
+                out[f"{prefix}{name}"] = ann
+        return out
+
+    return walk(RunConfig, "")
+
+
+def _dtype(annotation: Any) -> str:
+    """The pandas dtype of a config field: nullable, so a missing value stays missing."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _dtype(args[0])
+    if origin is typing.Literal:
+        return _dtype(type(args[0]))
+    return {bool: "boolean", int: "Int64", float: "float64"}.get(annotation, "string")
+
+
+@cache
+def _adapter(annotation: Any) -> TypeAdapter:
+    return TypeAdapter(annotation)
+
+
+def parse_param(key: str, text: str | None) -> Any:
+    """An MLflow param string ('0.5', 'True', 'null', 'egru') -> the config field's value."""
+    if text is None:
+        return None
+    value = yaml.safe_load(text) if text.strip() else None
+    annotation = config_fields().get(key)
+    if annotation is None:  # a key this code version does not know: keep the text
+        return text
+    try:
+        return _adapter(annotation).validate_python(value)
+    except ValidationError:
+        return None  # an old run with another type; missing rather than wrong
+
+
+def config_columns(table: pd.DataFrame) -> list[str]:
+    """The RunConfig columns of a table, in RunConfig order."""
+    return [c for c in config_fields() if c in table.columns]
+
+
+def _is_metric(column: str) -> bool:
+    # metrics are 'section/name' (schema.py); aggregated statistics are 'metric:stat'
+    return "/" in column and column not in config_fields()
+
+
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if _is_metric(c) and ":" not in c]
+
+
+def varying_config(table: pd.DataFrame) -> list[str]:
+    """Config columns with more than one value: the sweep's axes (seed included)."""
+    return [c for c in config_columns(table) if table[c].nunique(dropna=False) > 1]
+
+
+def apply_types(table: pd.DataFrame) -> pd.DataFrame:
+    """Give every known column its dtype (after CSV import, or after building from MLflow)."""
+    table = table.copy()
+    for col in table.columns:
+        if col in META_TYPES or col in AGG_TYPES:
+            dtype = META_TYPES.get(col) or AGG_TYPES[col]
+        elif col in config_fields():
+            dtype = _dtype(config_fields()[col])
+        elif _is_metric(col):
+            dtype = "float64"
+        else:
+            dtype = "string"
+        if dtype.startswith("datetime"):
+            table[col] = pd.to_datetime(table[col], utc=True, format="ISO8601")
+        elif dtype == "string":
+            table[col] = table[col].astype("string").replace("", pd.NA)
+        elif dtype == "boolean" and table[col].dtype == object:
+            table[col] = table[col].map(_bool).astype("boolean")
+        else:
+            table[col] = table[col].astype(dtype)
+    return table
+
+
+def _bool(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"true": True, "false": False}.get(value.strip().lower(), pd.NA)
+    return pd.NA if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+# --- reading MLflow -----------------------------------------------------------------------
+
+
+def _row(run: Any) -> dict[str, Any]:
+    tags, info = run.data.tags, run.info
+    status = info.status
+    early = tags.get(schema.TAG_EARLY_STOPPED) == "true"
+    test_ppl = run.data.metrics.get(schema.TEST_PPL, math.nan)
+    row: dict[str, Any] = {
+        RUN_ID: info.run_id,
+        RUN_NAME: info.run_name or tags.get(schema.TAG_RUN_NAME),
+        RUN_KEY: tags.get(schema.TAG_RUN_KEY),
+        SWEEP: tags.get(schema.TAG_SWEEP),
+        KIND: tags.get(schema.TAG_KIND),
+        PARENT_RUN_ID: tags.get(schema.TAG_PARENT_RUN_ID),
+        STATUS: status,
+        FAILURE: tags.get(schema.TAG_FAILURE) or None,
+        EARLY_STOPPED: early,
+        OK: status == "FINISHED" and not early and math.isfinite(test_ppl),
+        START_TIME: pd.to_datetime(info.start_time, unit="ms", utc=True),
+        END_TIME: pd.to_datetime(info.end_time, unit="ms", utc=True) if info.end_time else pd.NaT,
+    }
+    row.update({k: parse_param(k, v) for k, v in run.data.params.items()})
+    row.update(run.data.metrics)
+    return row
+
+
+def table_from_runs(runs: list[Any]) -> pd.DataFrame:
+    """The run table of MLflow Run objects (trial or train runs; sweep parents are left out).
+
+    A run_key met more than once keeps its best run: FINISHED before others, then the newest.
+    """
+    rows = [_row(r) for r in runs if r.data.tags.get(schema.TAG_KIND) != "sweep"]
+    if not rows:
+        return apply_types(pd.DataFrame(columns=list(META_TYPES)))
+    table = pd.DataFrame(rows)
+    table["_finished"] = table[STATUS] == "FINISHED"
+    table = table.sort_values(["_finished", START_TIME], ascending=False)
+    keyed = table[RUN_KEY].notna()
+    table = pd.concat([table[keyed].drop_duplicates(RUN_KEY), table[~keyed]])
+    table = table.drop(columns="_finished")
+    return apply_types(_ordered(table).sort_values(START_TIME).reset_index(drop=True))
+
+
+def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+    meta = [c for c in META_TYPES if c in table.columns]
+    config = config_columns(table)
+    known = [c for c in schema.RUN_METRICS if c in table.columns]
+    rest = sorted(c for c in table.columns if c not in {*meta, *config, *known})
+    return table[meta + config + known + rest]
+
+
+def experiment_ids(client: Any, name: str) -> tuple[list[str], str | None]:
+    """The experiments of a sweep or experiment `name`, and the sweep tag to filter on.
+
+    `name` is an experiment (a sweep's experiment is its name unless the spec says otherwise);
+    failing that, a sweep name looked up by tag in every experiment.
+    """
+    if "'" in name or "`" in name:  # MLflow's filter strings cannot quote these
+        raise RunTableError(f"'{name}': sweep and experiment names cannot hold quotes here.")
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        tagged = client.search_runs(
+            [experiment.experiment_id], f"tags.`{schema.TAG_SWEEP}` = '{name}'", max_results=1
+        )
+        return [experiment.experiment_id], name if tagged else None
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(ids, f"tags.`{schema.TAG_SWEEP}` = '{name}'", max_results=50_000)
+    return sorted({r.info.experiment_id for r in found}), name if found else None
+
+
+def runs_table(
+    name: str, tracking_uri: str | None = None, sweep: str | None = None, client: Any = None
+) -> pd.DataFrame:
+    """The run table of sweep or experiment `name` in the MLflow store at `tracking_uri`.
+
+    `sweep` restricts it to runs tagged with that sweep (for an experiment shared by several
+    sweeps); by default runs are restricted to sweep `name` when any carry that tag.
+    """
+    from duosparse import tracking
+
+    client = client or tracking.open_store(tracking_uri)
+    ids, tag = experiment_ids(client, name)
+    tag = sweep or tag
+    if not ids:
+        known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+        raise RunTableError(
+            f"there is no experiment or sweep '{name}' in the tracking store "
+            f"{client.tracking_uri} (experiments there: {known}); check the name, pass the "
+            "sweep's spec YAML, or --tracking-uri."
+        )
+    filter_string = f"tags.`{schema.TAG_SWEEP}` = '{tag}'" if tag else ""
+    runs = client.search_runs(ids, filter_string, max_results=50_000)
+    table = table_from_runs(runs)
+    table.attrs.update(sweep=tag or name, tracking_uri=client.tracking_uri, experiment_ids=ids)
+    return table
+
+
+def newest_parent_run(client: Any, ids: list[str], sweep: str) -> str | None:
+    """The run id of the sweep's newest launch (parent run), where analyses are logged."""
+    runs = client.search_runs(
+        ids,
+        f"tags.`{schema.TAG_KIND}` = 'sweep' and tags.`{schema.TAG_SWEEP}` = '{sweep}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+# --- seeds ------------------------------------------------------------------------------
+
+
+def mean_ci(values: Any, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """Mean, Student-t confidence interval and standard deviation of the finite values."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, math.nan, math.nan, math.nan
+    std = float(x.std(ddof=1))
+    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * std / math.sqrt(x.size)
+    return mean, mean - half, mean + half, std
+
+
+def aggregate_seeds(
+    table: pd.DataFrame, metrics: list[str] | None = None, confidence: float = 0.95
+) -> pd.DataFrame:
+    """One row per configuration (every config key but the seed) over the `ok` runs.
+
+    Each metric column holds the mean over seeds, with `<metric>:ci_low`, `<metric>:ci_high`
+    (Student-t, `confidence`) and `<metric>:std` beside it; `run_id` is the first seed's run
+    (a representative for links), `run_ids` all of them.
+    """
+    ok = table[table[OK].fillna(False).astype(bool)] if OK in table else table
+    metrics = metrics or metric_columns(table)
+    keys = [c for c in config_columns(table) if c != SEED]
+    rows = []
+    if keys and len(ok):
+        groups = ok.groupby(keys, dropna=False, sort=True)
+    else:
+        groups = [((), ok)] if len(ok) else []
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row: dict[str, Any] = dict(zip(keys, key))
+        row[RUN_ID] = group[RUN_ID].iloc[0]
+        row[RUN_IDS] = ",".join(group[RUN_ID])
+        row[N_SEEDS] = len(group)
+        row[SEEDS] = ",".join(str(s) for s in group[SEED]) if SEED in group else ""
+        if SWEEP in group:
+            row[SWEEP] = group[SWEEP].iloc[0]
+        for m in metrics:
+            mean, low, high, std = mean_ci(group[m], confidence)
+            row.update({m: mean, f"{m}:ci_low": low, f"{m}:ci_high": high, f"{m}:std": std})
+        rows.append(row)
+    columns = keys + [RUN_ID, RUN_IDS, N_SEEDS, SEEDS] + ([SWEEP] if SWEEP in table else [])
+    columns += [f"{m}{s}" for m in metrics for s in ("", ":ci_low", ":ci_high", ":std")]
+    out = pd.DataFrame(rows, columns=columns)
+    out.attrs.update(table.attrs)
+    return apply_types(out)
+
+
+# --- files --------------------------------------------------------------------------------
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+def write_table(table: pd.DataFrame, path: str | Path) -> Path:
+    """Export to CSV or Parquet (by suffix); `read_table` restores the same types."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        out = table.copy()
+        out.attrs = {
+            k: v for k, v in table.attrs.items() if isinstance(v, str | int | float | list)
+        }
+        out.to_parquet(path, index=False)
+    elif path.suffix == ".csv":
+        table.to_csv(path, index=False)
+    else:
+        raise RunTableError(f"'{path}': export as .csv or .parquet.")
+    return path
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A run table (or seed-aggregated table) written by `write_table`."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunTableError(f"the run table '{path}' does not exist.")
+    try:
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+        elif path.suffix == ".csv":
+            table = pd.read_csv(path)  # pandas 3 parses floats back exactly
+        else:
+            raise RunTableError(f"'{path}' is neither .csv nor .parquet.")
+    except RunTableError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many types for a bad file
+        raise RunTableError(
+            f"'{path}' cannot be read as a run table ({type(e).__name__}: {e})."
+        ) from None
+    if RUN_ID not in table.columns:
+        raise RunTableError(
+            f"'{path}' is not a duosparse run table (no '{RUN_ID}' column); export one with "
+            "`duosparse analyze SWEEP` (runs.parquet / runs.csv in its output folder)."
+        )
+    attrs = dict(table.attrs)
+    table = apply_types(table)
+    table.attrs.update(attrs)
+    if "sweep" not in table.attrs:
+        sweeps = table[SWEEP].dropna().unique() if SWEEP in table else []
+        table.attrs["sweep"] = str(sweeps[0]) if len(sweeps) == 1 else path.stem
+    return table

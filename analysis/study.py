@@ -1,0 +1,140 @@
+"""`analyze(table)`: every analysis of one sweep, as one JSON-ready dict.
+
+Used by `duosparse analyze` and `duosparse export pareto`, and by the HTML report. The input
+is a run table (`runs.runs_table` from MLflow, or `runs.read_table` from a file), so the same
+analysis runs with or without a tracking server.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from duosparse import schema
+
+from . import fits, pareto
+from .runs import (
+    ARCH,
+    EARLY_STOPPED,
+    FAILURE,
+    OK,
+    RUN_ID,
+    RUN_IDS,
+    RUN_NAME,
+    STATUS,
+    aggregate_seeds,
+    varying_config,
+)
+
+
+def analyze(
+    table: pd.DataFrame,
+    budgets: list[fits.Budget] | tuple[fits.Budget, ...] = fits.DEFAULT_BUDGETS,
+    reference_arch: str | None = None,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Seed aggregation, Pareto fronts and hypervolumes, trade-off fits, multiplicativity and
+    the iso-perplexity table of one run table. Raises ValueError without a usable run."""
+    ok = table[table[OK].fillna(False).astype(bool)] if OK in table else table
+    if not len(ok):
+        raise ValueError(
+            f"none of the {len(table)} runs finished with a test perplexity, so there is "
+            "nothing to analyse; check `duosparse sweep status` for failures."
+        )
+    configs = aggregate_seeds(table, confidence=confidence)
+    axes = [c for c in varying_config(ok) if c != "train.seed"]
+    results: dict[str, Any] = {
+        "sweep": table.attrs.get("sweep"),
+        "counts": _counts(table),
+        "axes": axes,
+        "architectures": sorted(str(a) for a in ok[ARCH].dropna().unique()) if ARCH in ok else [],
+        "confidence": confidence,
+        "not_ok": _not_ok(table, axes),
+    }
+    results.update(pareto_summary(configs, axes))
+    results["fits"] = fits.fit_groups(table, n_boot=n_boot, confidence=confidence, seed=seed)
+    results["multiplicativity"] = {
+        "activity_vs_weight": fits.activity_vs_weight(table, confidence),
+        "macs_vs_estimate": fits.macs_vs_estimate(table, confidence),
+    }
+    results["baselines"] = _records(fits.baselines(configs, reference_arch))
+    results["reference_arch"] = reference_arch
+    results["iso_perplexity"] = fits.iso_perplexity(configs, budgets, reference_arch)
+    results["layer_activity"] = layer_activity(configs)
+    return jsonable(results)
+
+
+def pareto_summary(configs: pd.DataFrame, axes: list[str] | None = None) -> dict[str, Any]:
+    """The front rows and the hypervolumes of every cost axis the table has."""
+    axes = axes if axes is not None else [c for c in varying_config(configs) if c != "train.seed"]
+    out: dict[str, Any] = {"pareto": {}, "hypervolume": {}}
+    for cost in pareto.cost_axes(configs):
+        front = pareto.pareto_front(configs, cost)
+        out["pareto"][cost] = _records(front, [ARCH, cost, schema.TEST_PPL, *axes, RUN_ID, RUN_IDS])
+        out["hypervolume"][cost] = pareto.compare(configs, cost)
+    return jsonable(out)
+
+
+def _counts(table: pd.DataFrame) -> dict[str, int]:
+    counts = {
+        "runs": len(table),
+        "ok": int(table[OK].fillna(False).sum()) if OK in table else len(table),
+    }
+    if STATUS in table:
+        counts.update({str(k): int(v) for k, v in table[STATUS].value_counts().items()})
+    if EARLY_STOPPED in table:
+        counts["early_stopped"] = int(table[EARLY_STOPPED].fillna(False).sum())
+    return counts
+
+
+def _not_ok(table: pd.DataFrame, axes: list[str]) -> list[dict[str, Any]]:
+    if OK not in table:
+        return []
+    bad = table[~table[OK].fillna(False).astype(bool)]
+    return _records(bad, [RUN_ID, RUN_NAME, STATUS, EARLY_STOPPED, FAILURE, *axes])
+
+
+def layer_activity(configs: pd.DataFrame) -> dict[str, list[float]]:
+    """Mean activity sparsity of each recurrent layer, per architecture."""
+    layers = sorted(
+        (c for c in configs if c.startswith(schema.layer_activity(0)[:-1]) and ":" not in c),
+        key=lambda c: int(c.rsplit("_", 1)[1]),
+    )
+    if not layers or ARCH not in configs:
+        return {}
+    means = configs.groupby(ARCH)[layers].mean()
+    return {str(arch): [float(v) for v in row] for arch, row in means.iterrows()}
+
+
+def _records(frame: pd.DataFrame, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    cols = list(dict.fromkeys(c for c in (columns or frame.columns) if c in frame))
+    return [
+        {c: _plain(v) for c, v in zip(cols, row)} for row in frame[cols].itertuples(index=False)
+    ]
+
+
+def _plain(value: Any) -> Any:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def jsonable(obj: Any) -> Any:
+    """numpy / pandas scalars -> Python, NaN and inf -> None, tuples -> lists, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [jsonable(v) for v in obj.tolist()]
+    return _plain(obj)

@@ -1,0 +1,399 @@
+"""Plotly figures of one analysed sweep: inputs are the run table and `analyze`'s results.
+
+Every point's hover shows its run id and the swept config values, so a point on a plot can
+be looked up in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from duosparse import schema
+from duosparse.analysis import pareto
+from duosparse.analysis.fits import fit_keys
+from duosparse.analysis.runs import ARCH, OK, RUN_ID, RUN_IDS, aggregate_seeds, varying_config
+from plotly.subplots import make_subplots
+
+ARCH_COLORS = {"lstm": "#1f77b4", "gru": "#ff7f0e", "egru": "#2ca02c"}
+_OTHER_COLORS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+PARETO_NAMES = {
+    schema.OPS_EFFECTIVE: "pareto_effective_macs",
+    schema.OPS_WEIGHT_SPARSE: "pareto_weight_sparse_macs",
+    schema.OPS_TOTAL_EFFECTIVE: "pareto_total_macs",
+    schema.spinnaker2("energy_per_token_j"): "pareto_spinnaker2_energy",
+}
+LAYOUT = dict(template="plotly_white", width=900, height=560, hovermode="closest")
+
+
+def color(arch: str, archs: list[str]) -> str:
+    if arch in ARCH_COLORS:
+        return ARCH_COLORS[arch]
+    others = [a for a in archs if a not in ARCH_COLORS]
+    return _OTHER_COLORS[others.index(arch) % len(_OTHER_COLORS)] if arch in others else "#333"
+
+
+def _ok(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table[OK].fillna(False).astype(bool)] if OK in table else table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else "-"
+    return "-" if value is None or value is pd.NA else str(value)
+
+
+def hover(rows: pd.DataFrame, axes: list[str], extra: list[str] = ()) -> list[str]:
+    """'run <id>' + the swept config values + the plotted figures, one string per row."""
+    lines = []
+    for _, row in rows.iterrows():
+        ids = row.get(RUN_IDS)
+        seeds = (
+            f" ({len(str(ids).split(','))} seeds)" if isinstance(ids, str) and "," in ids else ""
+        )
+        parts = [f"run {row[RUN_ID]}{seeds}"]
+        parts += [f"{c} = {_fmt(row[c])}" for c in axes if c in row]
+        parts += [f"{c} = {_fmt(row[c])}" for c in extra if c in row]
+        lines.append("<br>".join(parts))
+    return lines
+
+
+def _archs(table: pd.DataFrame) -> list[str]:
+    return sorted(str(a) for a in table[ARCH].dropna().unique()) if ARCH in table else []
+
+
+def _axes(table: pd.DataFrame) -> list[str]:
+    return [c for c in varying_config(_ok(table)) if c != "train.seed"]
+
+
+# --- Pareto fronts ------------------------------------------------------------------------------
+
+
+def pareto_figure(
+    configs: pd.DataFrame, cost: str, results: dict[str, Any] | None = None
+) -> go.Figure:
+    """Test perplexity against one cost axis: every configuration, the front of each
+    architecture as a staircase, hypervolume in the legend."""
+    rows = pareto.usable(configs, cost)
+    axes, archs = _axes(configs), _archs(rows)
+    hv = ((results or {}).get("hypervolume", {}).get(cost) or {}).get("groups", {})
+    fig = go.Figure()
+    for arch in archs:
+        group = rows[rows[ARCH] == arch].sort_values(cost)
+        front = pareto.pareto_front(group, cost)
+        c = color(arch, archs)
+        extra = [cost, schema.TEST_PPL]
+        fig.add_trace(
+            go.Scatter(
+                x=group[cost],
+                y=group[schema.TEST_PPL],
+                mode="markers",
+                name=f"{arch} runs",
+                legendgroup=arch,
+                marker=dict(color=c, size=8, opacity=0.35),
+                text=hover(group, axes, extra),
+                hovertemplate="%{text}<extra></extra>",
+            )
+        )
+        label = f"{arch} front" + (
+            f" (HV {hv[arch]['hypervolume_normalized']:.3f})" if arch in hv else ""
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=front[cost],
+                y=front[schema.TEST_PPL],
+                mode="lines+markers",
+                name=label,
+                legendgroup=arch,
+                line=dict(color=c, shape="hv", width=2),
+                marker=dict(color=c, size=11, line=dict(color="black", width=1)),
+                text=hover(front, axes, extra),
+                hovertemplate="%{text}<extra></extra>",
+            )
+        )
+    fig.update_layout(title=f"Test perplexity vs {pareto.COST_AXES.get(cost, cost)}", **LAYOUT)
+    fig.update_xaxes(type="log", title=pareto.COST_AXES.get(cost, cost))
+    fig.update_yaxes(title="test perplexity")
+    return fig
+
+
+# --- trade-off fits -----------------------------------------------------------------------------
+
+
+def tradeoff_figure(table: pd.DataFrame, results: dict[str, Any]) -> go.Figure:
+    """Perplexity against compute reduction: runs, fitted curves and their confidence bands."""
+    rows = _ok(table)
+    x, y = schema.OPS_COMPUTE_REDUCTION, schema.TEST_PPL
+    axes, archs = _axes(table), _archs(rows)
+    keys = fit_keys(rows)
+    fig = go.Figure()
+    for fit in results.get("fits", []):
+        arch = str(fit.get(ARCH, ""))
+        c = color(arch, archs)
+        mask = np.ones(len(rows), dtype=bool)
+        for k in keys:
+            mask &= (rows[k] == fit.get(k)).to_numpy(dtype=bool)
+        group = rows[mask]
+        name = ", ".join(f"{_fmt(fit.get(k))}" for k in keys) or "all"
+        fig.add_trace(
+            go.Scatter(
+                x=group[x],
+                y=group[y],
+                mode="markers",
+                name=f"{name} runs",
+                legendgroup=name,
+                marker=dict(color=c, size=8),
+                text=hover(group, axes, [x, y]),
+                hovertemplate="%{text}<extra></extra>",
+            )
+        )
+        curve = fit.get("curve")
+        if not curve:
+            continue
+        p = fit["params"]
+        fig.add_trace(
+            go.Scatter(
+                x=curve["reduction"] + curve["reduction"][::-1],
+                y=curve["ppl_high"] + curve["ppl_low"][::-1],
+                fill="toself",
+                fillcolor=c,
+                opacity=0.15,
+                line=dict(width=0),
+                hoverinfo="skip",
+                legendgroup=name,
+                showlegend=False,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=curve["reduction"],
+                y=curve["ppl"],
+                mode="lines",
+                legendgroup=name,
+                name=f"{name}: {p['ppl0']:.3g}(1 + {p['a']:.2g} R^{p['b']:.2g}), "
+                f"R2 {fit['r2']:.2f}",
+                line=dict(color=c, width=2),
+                hoverinfo="skip",
+            )
+        )
+    fig.update_layout(
+        title="Perplexity vs compute reduction, fit ppl0 (1 + a R^b) with "
+        f"{results.get('confidence', 0.95):.0%} band",
+        **LAYOUT,
+    )
+    fig.update_xaxes(type="log", title="compute reduction R = dense / effective MACs")
+    fig.update_yaxes(title="test perplexity")
+    return fig
+
+
+# --- heatmaps -----------------------------------------------------------------------------------
+
+
+def heatmap_figure(configs: pd.DataFrame, metric: str, title: str) -> go.Figure:
+    """`metric` over prune ratio x threshold, one panel per architecture (and size)."""
+    rows = _ok(configs)
+    px_, py_ = "model.threshold", "prune.target_sparsity"
+    keys = fit_keys(rows)
+    groups = list(rows.groupby(keys, sort=True)) if keys else [((), rows)]
+    cols = min(len(groups), 3) or 1
+    nrows = max(math.ceil(len(groups) / cols), 1)
+    names = [", ".join(_fmt(v) for v in (k if isinstance(k, tuple) else (k,))) for k, _ in groups]
+    fig = make_subplots(
+        rows=nrows,
+        cols=cols,
+        subplot_titles=names or [""],
+        horizontal_spacing=0.08,
+        vertical_spacing=0.15,
+    )
+    values = rows[metric].to_numpy(dtype=float) if metric in rows else np.array([])
+    finite = values[np.isfinite(values)]
+    zmin, zmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    for i, (_, group) in enumerate(groups):
+        grid = group.pivot_table(index=py_, columns=px_, values=metric, aggfunc="mean")
+        ids = group.pivot_table(index=py_, columns=px_, values=RUN_ID, aggfunc="first")
+        text = [[_fmt(v) for v in r] for r in grid.to_numpy()]
+        custom = ids.reindex_like(grid).to_numpy().astype(str)
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.to_numpy(),
+                x=[f"{v:g}" for v in grid.columns],
+                y=[f"{v:g}" for v in grid.index],
+                text=text,
+                texttemplate="%{text}",
+                customdata=custom,
+                zmin=zmin,
+                zmax=zmax,
+                coloraxis="coloraxis",
+                hovertemplate=f"run %{{customdata}}<br>{px_} = %{{x}}<br>{py_} = %{{y}}<br>"
+                f"{metric} = %{{z:.4g}}<extra></extra>",
+            ),
+            row=i // cols + 1,
+            col=i % cols + 1,
+        )
+    fig.update_xaxes(title=px_, type="category")
+    fig.update_yaxes(title=py_, type="category")
+    fig.update_layout(
+        title=title,
+        coloraxis=dict(colorscale="Viridis", colorbar=dict(title=metric)),
+        **{**LAYOUT, "height": 360 * nrows + 120},
+    )
+    return fig
+
+
+# --- multiplicativity ---------------------------------------------------------------------------
+
+
+def activity_weight_figure(table: pd.DataFrame, results: dict[str, Any]) -> go.Figure:
+    """Activity sparsity against weight sparsity, with the fitted common-slope lines."""
+    rows = _ok(table)
+    x, y = schema.SPARSITY_WEIGHT, schema.SPARSITY_ACTIVITY
+    axes, archs = _axes(table), _archs(rows)
+    fits = {f[ARCH]: f for f in results.get("multiplicativity", {}).get("activity_vs_weight", [])}
+    fig = go.Figure()
+    for arch in archs:
+        group, c = rows[rows[ARCH] == arch], color(arch, archs)
+        fit = fits.get(arch, {})
+        label = arch
+        if "ci" in fit:
+            label += f": slope {fit['slope']:.3g} [{fit['ci'][0]:.3g}, {fit['ci'][1]:.3g}]"
+        fig.add_trace(
+            go.Scatter(
+                x=group[x],
+                y=group[y],
+                mode="markers",
+                name=label,
+                legendgroup=arch,
+                marker=dict(color=c, size=8),
+                text=hover(group, axes, [x, y]),
+                hovertemplate="%{text}<extra></extra>",
+            )
+        )
+        lo, hi = fit.get("weight_sparsity_range", [0.0, 0.0])
+        for name, intercept in (fit.get("intercepts") or {}).items():
+            fig.add_trace(
+                go.Scatter(
+                    x=[lo, hi],
+                    y=[intercept + fit["slope"] * lo, intercept + fit["slope"] * hi],
+                    mode="lines",
+                    line=dict(color=c, dash="dash"),
+                    legendgroup=arch,
+                    showlegend=False,
+                    hovertemplate=f"{arch} ({name}): slope {fit['slope']:.3g}<extra></extra>",
+                )
+            )
+    fig.update_layout(
+        title="Activity vs weight sparsity (a flat line: the sparsities multiply)", **LAYOUT
+    )
+    fig.update_xaxes(title="weight sparsity")
+    fig.update_yaxes(title="activity sparsity")
+    return fig
+
+
+def macs_figure(table: pd.DataFrame) -> go.Figure:
+    """Exact effective MACs against the multiplicative estimate dense (1 - s_w)(1 - s_a)."""
+    rows = _ok(table)
+    x, y = schema.OPS_MULTIPLICATIVE, schema.OPS_EFFECTIVE
+    axes, archs = _axes(table), _archs(rows)
+    fig = go.Figure()
+    for arch in archs:
+        group = rows[rows[ARCH] == arch]
+        fig.add_trace(
+            go.Scatter(
+                x=group[x],
+                y=group[y],
+                mode="markers",
+                name=arch,
+                marker=dict(color=color(arch, archs), size=8),
+                text=hover(group, axes, [x, y]),
+                hovertemplate="%{text}<extra></extra>",
+            )
+        )
+    both = rows[[x, y]].to_numpy(dtype=float) if len(rows) else np.ones((1, 2))
+    both = both[np.isfinite(both) & (both > 0)] if both.size else np.ones(1)
+    lo, hi = (float(both.min()), float(both.max())) if both.size else (1.0, 10.0)
+    fig.add_trace(
+        go.Scatter(
+            x=[lo, hi],
+            y=[lo, hi],
+            mode="lines",
+            name="exact = estimate",
+            line=dict(color="gray", dash="dot"),
+            hoverinfo="skip",
+        )
+    )
+    fig.update_layout(title="Exact effective MACs vs the multiplicative estimate", **LAYOUT)
+    fig.update_xaxes(type="log", title="multiplicative estimate dense (1 - s_w)(1 - s_a) / token")
+    fig.update_yaxes(type="log", title="exact effective MACs / token")
+    return fig
+
+
+def layer_activity_figure(configs: pd.DataFrame) -> go.Figure:
+    """Activity sparsity of each recurrent layer, one line per configuration."""
+    rows = _ok(configs)
+    layers = sorted(
+        (c for c in rows if c.startswith(schema.layer_activity(0)[:-1]) and ":" not in c),
+        key=lambda c: int(c.rsplit("_", 1)[1]),
+    )
+    axes, archs = _axes(configs), _archs(rows)
+    fig = go.Figure()
+    shown: set[str] = set()
+    for (_, row), text in zip(rows.iterrows(), hover(rows, axes)):
+        arch = str(row[ARCH])
+        values = [row[c] for c in layers]
+        fig.add_trace(
+            go.Scatter(
+                x=list(range(len(layers))),
+                y=values,
+                mode="lines+markers",
+                name=arch,
+                legendgroup=arch,
+                showlegend=arch not in shown,
+                line=dict(color=color(arch, archs), width=1),
+                text=[text] * len(layers),
+                hovertemplate="%{text}<br>layer %{x}: %{y:.3f}<extra></extra>",
+            )
+        )
+        shown.add(arch)
+    fig.update_layout(title="Per-layer activity sparsity (test split)", **LAYOUT)
+    fig.update_xaxes(title="recurrent layer", dtick=1)
+    fig.update_yaxes(title="activity sparsity", range=[0, 1])
+    return fig
+
+
+# --- all of them ----------------------------------------------------------------------------------
+
+
+def build_figures(
+    table: pd.DataFrame, results: dict[str, Any], configs: pd.DataFrame | None = None
+) -> dict[str, go.Figure]:
+    """name -> figure, in report order: Pareto fronts, trade-off, heatmaps, multiplicativity."""
+    configs = aggregate_seeds(table) if configs is None else configs
+    figs = {
+        PARETO_NAMES.get(c, c): pareto_figure(configs, c, results)
+        for c in pareto.cost_axes(configs)
+    }
+    figs["tradeoff_fit"] = tradeoff_figure(table, results)
+    figs["heatmap_ppl"] = heatmap_figure(
+        configs, schema.TEST_PPL, "Test perplexity over prune ratio x threshold"
+    )
+    figs["heatmap_reduction"] = heatmap_figure(
+        configs,
+        schema.OPS_COMPUTE_REDUCTION,
+        "Compute reduction (dense / effective MACs) over prune ratio x threshold",
+    )
+    figs["activity_vs_weight"] = activity_weight_figure(table, results)
+    figs["effective_vs_estimate"] = macs_figure(table)
+    figs["layer_activity"] = layer_activity_figure(configs)
+    return figs
+
+
+def pareto_figures(table: pd.DataFrame, results: dict[str, Any]) -> dict[str, go.Figure]:
+    """Only the Pareto fronts (for `duosparse export pareto`)."""
+    configs = aggregate_seeds(table)
+    return {
+        PARETO_NAMES.get(c, c): pareto_figure(configs, c, results)
+        for c in pareto.cost_axes(configs)
+    }

@@ -1,0 +1,616 @@
+"""The analysis layer and the dashboards: Pareto fronts, fits, multiplicativity, the run table
+(from a real smoke sweep and from a synthetic MLflow store), the HTML report and static export
+through kaleido and the system Chromium (.ci/run installs Debian's)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+import yaml
+from duosparse import schema, tracking
+from duosparse.analysis import fits, pareto, runs, study
+from duosparse.analyze_cli import register
+from duosparse.config import RunConfig, set_dotted
+from duosparse.dashboards import export, figures
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
+
+
+def cli(*args: str):
+    """`duosparse analyze|export ...` in-process, on a Typer app holding only these commands."""
+    app = typer.Typer(pretty_exceptions_enable=False)
+
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    register(app)
+    return CliRunner().invoke(app, list(args))
+
+
+# --- synthetic sweeps -----------------------------------------------------------------------------
+
+PPL0 = {"lstm": 100.0, "gru": 105.0, "egru": 110.0}
+A, B = 0.01, 1.5
+
+
+def synthetic_runs(seed: int = 0, slope: float = 0.0, seeds=(0, 1)) -> list[tuple[RunConfig, dict]]:
+    """Configs and final metrics of a planted study: ppl = ppl0 (1 + A R^B), EGRU activity
+    = 0.5 + 2 threshold + slope * weight sparsity, exact MACs 2 % above the estimate."""
+    rng = np.random.default_rng(seed)
+    out = []
+    grid = [("lstm", 0.0), ("gru", 0.0), ("egru", 0.05), ("egru", 0.1)]
+    for (arch, threshold), sparsity, s in itertools.product(grid, (0.0, 0.5, 0.8, 0.9), seeds):
+        config = RunConfig.model_validate(
+            {
+                "data": {"corpus": "synthetic"},
+                "model": {
+                    "arch": arch,
+                    "threshold": threshold,
+                    "embedding_size": 64,
+                    "hidden_size": 64,
+                },
+                "prune": {
+                    "target_sparsity": sparsity,
+                    "schedule": "oneshot" if sparsity else "none",
+                },
+                "train": {"seed": s},
+            }
+        )
+        gates = 4 if arch == "lstm" else 3
+        dense = 2 * gates * 64 * 128.0
+        s_a = (
+            0.0 if arch != "egru" else 0.5 + 2 * threshold + slope * sparsity + rng.normal(0, 0.01)
+        )
+        estimate = dense * (1 - sparsity) * (1 - s_a)
+        effective = estimate * 1.02
+        reduction = dense / effective
+        ppl = PPL0[arch] * (1 + A * reduction**B) * math.exp(rng.normal(0, 0.01))
+        metrics = {
+            schema.TRAIN_LOSS: math.log(ppl) + 0.1,
+            schema.VAL_LOSS: math.log(ppl),
+            schema.VAL_PPL: ppl,
+            schema.TEST_LOSS: math.log(ppl),
+            schema.TEST_PPL: ppl,
+            schema.SPARSITY_WEIGHT: sparsity,
+            schema.SPARSITY_ACTIVITY: s_a,
+            schema.layer_activity(0): s_a * 0.9,
+            schema.layer_activity(1): s_a * 1.1,
+            schema.OPS_DENSE: dense,
+            schema.OPS_WEIGHT_SPARSE: dense * (1 - sparsity),
+            schema.OPS_EFFECTIVE: effective,
+            schema.OPS_MULTIPLICATIVE: estimate,
+            schema.OPS_TOTAL_EFFECTIVE: effective + 6400.0,
+            schema.OPS_COMPUTE_REDUCTION: reduction,
+            schema.PERF_TOKENS_PER_S: 1e4,
+            schema.PERF_EPOCH_S: 1.0,
+        }
+        out.append((config, metrics))
+    return out
+
+
+def table_of(items: list[tuple[RunConfig, dict]]) -> pd.DataFrame:
+    """A run table straight from synthetic runs (no MLflow), as runs_table would type it."""
+    rows = [
+        {
+            runs.RUN_ID: f"run{i:03d}",
+            runs.RUN_KEY: c.run_key,
+            runs.STATUS: "FINISHED",
+            runs.EARLY_STOPPED: False,
+            runs.OK: True,
+            **c.flat(),
+            **m,
+        }
+        for i, (c, m) in enumerate(items)
+    ]
+    return runs.apply_types(pd.DataFrame(rows))
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    """A SQLite MLflow store shaped like a sweep: two launches (parent runs), 32 finished
+    trials, one FAILED and one stopped early by ASHA."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    uri = f"sqlite:///{folder / 'mlruns.db'}"
+    client = tracking.open_store(uri)
+    exp = client.create_experiment("synth", artifact_location=(folder / "mlartifacts").as_uri())
+    parents = []
+    for i in range(2):
+        parents.append(
+            client.create_run(
+                exp,
+                start_time=int(time.time() * 1000) + i,
+                tags={schema.TAG_KIND: "sweep", schema.TAG_SWEEP: "synth"},
+                run_name="synth launch",
+            ).info.run_id
+        )
+    items = synthetic_runs()
+    for config, metrics in items:
+        run_id = tracking.start_run(
+            client,
+            exp,
+            config,
+            kind="trial",
+            parent_run_id=parents[0],
+            tags={schema.TAG_SWEEP: "synth"},
+        )
+        tracking.MlflowReporter(client, run_id).log_metrics(metrics, step=2)
+        tracking.finish_run(client, run_id)
+    bad = RunConfig.model_validate(
+        {"model": {"arch": "gru", "hidden_size": 32}, "train": {"lr": 5.0}}
+    )
+    failed = tracking.start_run(client, exp, bad, kind="trial", tags={schema.TAG_SWEEP: "synth"})
+    tracking.finish_run(client, failed, "FAILED", "train/loss became nan at epoch 1")
+    stopped_cfg = RunConfig.model_validate({"model": {"arch": "gru", "hidden_size": 48}})
+    stopped = tracking.start_run(
+        client, exp, stopped_cfg, kind="trial", tags={schema.TAG_SWEEP: "synth"}
+    )
+    tracking.MlflowReporter(client, stopped).log_metrics({schema.VAL_LOSS: 5.0}, step=1)
+    client.set_tag(stopped, schema.TAG_EARLY_STOPPED, "true")
+    tracking.finish_run(client, stopped)
+    return {
+        "uri": uri,
+        "client": client,
+        "parents": parents,
+        "failed": failed,
+        "stopped": stopped,
+        "items": items,
+        "folder": folder,
+    }
+
+
+# --- Pareto fronts --------------------------------------------------------------------------------
+
+
+def brute_force_front(points: np.ndarray) -> np.ndarray:
+    keep = []
+    for i, p in enumerate(points):
+        dominated = any(np.all(q <= p) and np.any(q < p) for j, q in enumerate(points) if j != i)
+        keep.append(bool(np.all(np.isfinite(p))) and not dominated)
+    return np.array(keep)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_pareto_front_equals_brute_force_non_dominated_filter(dims):
+    rng = np.random.default_rng(dims)
+    for trial in range(60):
+        n = int(rng.integers(1, 40))
+        points = rng.normal(size=(n, dims))
+        if trial % 3 == 0:  # ties and duplicates on a coarse grid
+            points = rng.integers(0, 4, size=(n, dims)).astype(float)
+        if trial % 5 == 0:
+            points[rng.integers(0, n)] = np.nan  # a run without a figure is never on the front
+        assert np.array_equal(pareto.non_dominated(points), brute_force_front(points)), points
+
+
+def test_pareto_front_per_architecture_and_hypervolume():
+    table = pd.DataFrame(
+        {
+            "model.arch": ["a", "a", "a", "b", "b"],
+            "ok": [True] * 5,
+            "cost": [10.0, 100.0, 50.0, 10.0, 1000.0],
+            schema.TEST_PPL: [90.0, 80.0, 95.0, 85.0, 70.0],
+        }
+    )
+    front = pareto.pareto_front(table, "cost")
+    assert front[["model.arch", "cost"]].values.tolist() == [
+        ["a", 10.0],
+        ["a", 100.0],
+        ["b", 10.0],
+        ["b", 1000.0],
+    ]
+    # one point: a rectangle; a dominated point adds nothing; two points: a staircase
+    assert pareto.hypervolume_2d(np.array([[1.0, 80.0]]), (3.0, 100.0)) == pytest.approx(40.0)
+    assert pareto.hypervolume_2d(
+        np.array([[1.0, 80.0], [2.0, 90.0]]), (3.0, 100.0)
+    ) == pytest.approx(40.0)
+    assert pareto.hypervolume_2d(
+        np.array([[1.0, 90.0], [2.0, 80.0]]), (3.0, 100.0)
+    ) == pytest.approx(30.0)
+    hv = pareto.compare(table, "cost", reference=(3.0, 100.0))["groups"]
+    # a: log10 cost 1 (ppl 90) and 2 (ppl 80): 1*10 + 1*20 = 30; b: 1 (85) and 3 (70, at the edge)
+    assert hv["a"]["hypervolume"] == pytest.approx(30.0)
+    assert hv["b"]["hypervolume"] == pytest.approx(2 * 15.0)
+
+
+# --- trade-off fit --------------------------------------------------------------------------------
+
+
+def test_fit_recovers_known_parameters_within_its_confidence_interval():
+    truth = {"ppl0": 80.0, "a": 0.02, "b": 1.3}
+    rng = np.random.default_rng(7)
+    reduction = np.geomspace(1, 20, 12)
+    ppl = fits.tradeoff(reduction, **truth) * np.exp(rng.normal(0, 0.01, reduction.size))
+    fit = fits.fit_tradeoff(reduction, ppl, n_boot=300, seed=1)
+    for name, value in truth.items():
+        low, high = fit.ci[name]
+        assert low <= value <= high, (name, fit.ci)
+        assert low <= fit.params[name] <= high
+        assert (high - low) < 0.5 * value + 1.0  # informative, not just wide
+    assert fit.r2 > 0.99 and fit.rmse < 0.02
+    assert fit.aic < fit.aic_powerlaw  # the knee is real: the power law fits worse
+    assert fit.reduction_at(float(fit.predict(10.0))) == pytest.approx(10.0, rel=1e-6)
+    band = fit.curve
+    assert all(
+        lo <= mid <= hi for lo, mid, hi in zip(band["ppl_low"], band["ppl"], band["ppl_high"])
+    )
+
+
+def test_fit_needs_enough_distinct_points():
+    with pytest.raises(ValueError, match="at least 4 runs"):
+        fits.fit_tradeoff([1, 2, 4], [10, 11, 13])
+    fit = fits.fit_tradeoff([1, 2, 5, 10], [100.0, 101.5, 106.0, 118.0], n_boot=100)  # one dof
+    assert all(math.isfinite(v) for ci in fit.ci.values() for v in ci)
+
+
+# --- multiplicativity and iso-perplexity ----------------------------------------------------------
+
+
+def test_multiplicativity_detects_a_planted_dependence_and_none_where_there_is_none():
+    planted = {
+        e["model.arch"]: e for e in fits.activity_vs_weight(table_of(synthetic_runs(slope=0.3)))
+    }
+    egru = planted["egru"]
+    assert not egru["independent"] and egru["ci"][0] > 0
+    assert egru["ci"][0] <= 0.3 <= egru["ci"][1]
+    assert "rises" in egru["verdict"]
+    flat = {
+        e["model.arch"]: e for e in fits.activity_vs_weight(table_of(synthetic_runs(slope=0.0)))
+    }
+    assert flat["egru"]["independent"] and flat["egru"]["ci"][0] < 0 < flat["egru"]["ci"][1]
+    assert abs(flat["egru"]["slope"]) < 0.05
+    assert flat["lstm"]["independent"]  # activity-dense: a flat zero line
+    # the threshold's own effect (+2 threshold) goes to the intercepts, not the slope
+    assert flat["egru"]["intercepts"]["0.1"] - flat["egru"]["intercepts"]["0.05"] == pytest.approx(
+        0.1, abs=0.02
+    )
+
+    ratios = {e["model.arch"]: e for e in fits.macs_vs_estimate(table_of(synthetic_runs()))}
+    assert ratios["egru"]["ratio"] == pytest.approx(1.02)
+    assert ratios["egru"]["within_tolerance"]
+    off = table_of(synthetic_runs())
+    off[schema.OPS_EFFECTIVE] *= 1.3
+    assert not fits.macs_vs_estimate(off)[0]["within_tolerance"]
+
+
+def test_iso_perplexity_picks_the_largest_reduction_within_budget():
+    table = table_of(synthetic_runs(seeds=(0,)))
+    configs = runs.aggregate_seeds(table)
+    budgets = [fits.parse_budget("5%"), fits.parse_budget("120"), fits.parse_budget("1")]
+    rows = fits.iso_perplexity(configs, budgets)
+    by = {(r["model.arch"], r["budget"]): r for r in rows}
+    for arch in ("lstm", "gru", "egru"):
+        group = configs[configs["model.arch"] == arch]
+        base = group[group["prune.target_sparsity"] == 0].sort_values("model.threshold").iloc[0]
+        within = group[group[schema.TEST_PPL] <= base[schema.TEST_PPL] * 1.05]
+        best = within.loc[within[schema.OPS_COMPUTE_REDUCTION].idxmax()]
+        entry = by[(arch, "+5%")]
+        assert entry["reduction"] == pytest.approx(best[schema.OPS_COMPUTE_REDUCTION])
+        assert entry["run_id"] == best[runs.RUN_ID]
+        assert entry["baseline_ppl"] == pytest.approx(base[schema.TEST_PPL])
+        absolute = group[group[schema.TEST_PPL] <= 120]
+        if len(absolute):
+            assert by[(arch, "ppl <= 120")]["reduction"] == pytest.approx(
+                absolute[schema.OPS_COMPUTE_REDUCTION].max()
+            )
+        assert by[(arch, "ppl <= 1")]["reduction"] is None  # nothing that good
+    with pytest.raises(ValueError, match="budget"):
+        fits.parse_budget("sixty")
+    # against one reference architecture: the LSTM of the same size
+    lstm = fits.iso_perplexity(configs, [fits.parse_budget("10%")], reference_arch="lstm")
+    assert {r["baseline_ppl"] for r in lstm if r.get("baseline_ppl")} == {
+        by[("lstm", "+5%")]["baseline_ppl"]
+    }
+
+
+# --- run table ------------------------------------------------------------------------------------
+
+
+def test_run_table_types_failures_and_seed_aggregation(synthetic_store):
+    table = runs.runs_table("synth", synthetic_store["uri"])
+    assert len(table) == len(synthetic_store["items"]) + 2
+    assert table.dtypes["model.arch"] == "string" and table.dtypes["model.hidden_size"] == "Int64"
+    assert (
+        table.dtypes["prune.target_sparsity"] == "float64"
+        and table.dtypes["model.tie_weights"] == "boolean"
+    )
+    assert table.dtypes["data.dir"] == "string" and table["data.dir"].isna().all()  # 'null' param
+    assert table.dtypes[schema.TEST_PPL] == "float64" and table.dtypes[runs.START_TIME].kind == "M"
+    failed = table.set_index(runs.RUN_ID).loc[synthetic_store["failed"]]
+    assert failed[runs.STATUS] == "FAILED" and "nan" in failed[runs.FAILURE] and not failed[runs.OK]
+    stopped = table.set_index(runs.RUN_ID).loc[synthetic_store["stopped"]]
+    assert stopped[runs.EARLY_STOPPED] and not stopped[runs.OK]
+    assert int(table[runs.OK].sum()) == len(synthetic_store["items"])
+
+    configs = runs.aggregate_seeds(table)
+    assert len(configs) == len(synthetic_store["items"]) // 2 and (configs[runs.N_SEEDS] == 2).all()
+    row = configs.iloc[0]
+    members = table[table[runs.RUN_ID].isin(row[runs.RUN_IDS].split(","))][schema.TEST_PPL]
+    mean, low, high, _ = runs.mean_ci(members)
+    assert row[schema.TEST_PPL] == pytest.approx(members.mean())
+    half = 12.706 * members.std(ddof=1) / math.sqrt(2)  # t(0.975, 1 dof)
+    assert (row[f"{schema.TEST_PPL}:ci_low"], row[f"{schema.TEST_PPL}:ci_high"]) == pytest.approx(
+        (mean - half, mean + half), rel=1e-4
+    )
+
+
+def test_analysis_from_an_exported_table_equals_the_analysis_from_mlflow(synthetic_store, tmp_path):
+    table = runs.runs_table("synth", synthetic_store["uri"])
+    online = study.analyze(table, n_boot=60)
+    for suffix in ("csv", "parquet"):
+        path = runs.write_table(table, tmp_path / f"runs.{suffix}")
+        back = runs.read_table(path)
+        pd.testing.assert_frame_equal(back, table)
+        assert study.analyze(back, n_boot=60) == online
+    fit = {f["model.arch"]: f for f in online["fits"]}
+    for arch, ppl0 in PPL0.items():
+        assert fit[arch]["ci"]["ppl0"][0] <= ppl0 <= fit[arch]["ci"]["ppl0"][1]
+    assert online["counts"]["FAILED"] == 1 and online["counts"]["early_stopped"] == 1
+    assert {r["run_id"] for r in online["not_ok"]} == {
+        synthetic_store["failed"],
+        synthetic_store["stopped"],
+    }
+    hv = online["hypervolume"][schema.OPS_EFFECTIVE]["groups"]
+    assert hv["egru"]["hypervolume"] > hv["lstm"]["hypervolume"]  # sparser for the same quality
+
+
+def test_analyze_command_writes_the_report_and_logs_it_to_the_newest_parent(
+    synthetic_store, tmp_path
+):
+    out = tmp_path / "analysis"
+    result = cli(
+        "analyze",
+        "synth",
+        "--tracking-uri",
+        synthetic_store["uri"],
+        "--out",
+        str(out),
+        "--bootstrap",
+        "60",
+        "--budget",
+        "5%",
+        "--budget",
+        "130",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["logged_to_run"] == synthetic_store["parents"][1]  # the newest launch
+    client = synthetic_store["client"]
+    logged = {a.path for a in client.list_artifacts(synthetic_store["parents"][1], "analysis")}
+    assert {"analysis/report.html", "analysis/results.json", "analysis/runs.parquet"} <= logged
+    assert not client.list_artifacts(synthetic_store["parents"][0])
+
+    html = (out / "report.html").read_text()
+    assert html.count("<script type='text/javascript'>") == 1  # plotly.js inlined once
+    assert "<script src=" not in html.replace(" ", "")  # nothing loaded from the network
+    front = payload["results"]["pareto"][schema.OPS_EFFECTIVE]
+    for point in front:  # every front point: its run id and its figures are in the page
+        assert point["run_id"] in html
+        assert json.dumps(point[schema.TEST_PPL]) in html
+    embedded = html.split("id='duosparse-results'>")[1].split("</script>")[0]
+    assert json.loads(embedded.replace("<\\/", "</")) == payload["results"]
+    assert {"ppl <= 130", "+5%"} == {e["budget"] for e in payload["results"]["iso_perplexity"]}
+
+    # offline: the exported table, no tracking store, the same results
+    offline = cli(
+        "analyze",
+        str(out / "runs.parquet"),
+        "--out",
+        str(tmp_path / "offline"),
+        "--bootstrap",
+        "60",
+        "--budget",
+        "5%",
+        "--budget",
+        "130",
+        "--json",
+    )
+    assert offline.exit_code == 0, offline.output
+    again = json.loads(offline.stdout)
+    assert again["logged_to_run"] is None and again["results"] == payload["results"]
+
+
+def test_bad_input_is_one_paragraph_without_traceback(synthetic_store, tmp_path):
+    uri = synthetic_store["uri"]
+    configs = runs.write_table(
+        runs.aggregate_seeds(runs.runs_table("synth", uri)), tmp_path / "c.csv"
+    )
+    for args, needle in [
+        (["analyze", str(configs)], "not a run table"),
+        (["analyze", "nosuch", "--tracking-uri", uri], "no experiment or sweep 'nosuch'"),
+        (["analyze", "synth", "--budget", "lots"], "--budget"),
+        (["analyze", str(tmp_path / "missing.csv")], "does not exist"),
+        (["analyze", "synth", "--tracking-uri", uri, "--baseline-arch", "rnn"], "rnn"),
+        (["export", "pareto", "synth", "--format", "png,gif"], "gif"),
+    ]:
+        result = cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert needle in result.stderr and "Traceback" not in result.output + result.stderr
+
+
+# --- figures, report, static export ---------------------------------------------------------------
+
+
+def test_figures_hover_shows_run_ids_and_config():
+    table = table_of(synthetic_runs(seeds=(0,)))
+    results = study.analyze(table, n_boot=50)
+    figs = figures.build_figures(table, results)
+    assert {
+        "pareto_effective_macs",
+        "pareto_weight_sparse_macs",
+        "pareto_total_macs",
+        "tradeoff_fit",
+        "heatmap_ppl",
+        "heatmap_reduction",
+        "activity_vs_weight",
+        "effective_vs_estimate",
+        "layer_activity",
+    } <= set(figs)
+    texts = [t for trace in figs["pareto_effective_macs"].data for t in (trace.text or [])]
+    assert any(
+        "run run000" in t and "prune.target_sparsity = " in t and "model.threshold" in t
+        for t in texts
+    )
+    # SpiNNaker2 energy joins the Pareto axes once runs were simulated
+    table[schema.spinnaker2("energy_per_token_j")] = table[schema.OPS_EFFECTIVE] * 1e-9
+    assert "pareto_spinnaker2_energy" in figures.build_figures(
+        table, study.analyze(table, n_boot=50)
+    )
+
+
+def test_export_pareto_writes_valid_png_svg_pdf_and_html(synthetic_store, tmp_path):
+    try:
+        export.find_browser()
+    except export.ExportError as e:
+        pytest.fail(f"{e} (.ci/run installs Debian's chromium for this test)")
+    table_path = runs.write_table(
+        runs.runs_table("synth", synthetic_store["uri"]), tmp_path / "runs.parquet"
+    )
+    result = cli(
+        "export",
+        "pareto",
+        str(table_path),
+        "--format",
+        "html,png,svg,pdf",
+        "--out",
+        str(tmp_path / "pareto"),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    files = [Path(f) for f in json.loads(result.stdout)["files"]]
+    assert {f.suffix for f in files} == {".html", ".png", ".svg", ".pdf"} and len(files) == 12
+    for f in files:
+        data = f.read_bytes()
+        assert len(data) > 1000, f
+        if f.suffix == ".png":
+            assert data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in data[-16:]
+            width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+            assert width >= 900 and height >= 500
+        elif f.suffix == ".svg":
+            assert ET.fromstring(data).tag.endswith("svg")
+        elif f.suffix == ".pdf":
+            assert data.startswith(b"%PDF-") and b"%%EOF" in data[-64:]
+        else:
+            assert b"Plotly.newPlot" in data
+    html = (tmp_path / "pareto" / "pareto_effective_macs.html").read_text()
+    assert runs.runs_table("synth", synthetic_store["uri"])[runs.RUN_ID].iloc[0] in html
+
+
+def test_missing_browser_gives_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chrome"))
+    with pytest.raises(export.ExportError, match="apt-get install chromium") as err:
+        export.find_browser()
+    assert "BROWSER_PATH" in str(err.value)
+    monkeypatch.delenv("BROWSER_PATH")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(export, "BROWSER_PATHS", ())
+    monkeypatch.setattr("choreographer.cli._cli_utils.get_chrome_download_path", lambda **_: None)
+    with pytest.raises(export.ExportError, match="apt-get install chromium"):
+        export.find_browser()
+    result = cli("export", "pareto", "anything", "--format", "html,png")
+    assert result.exit_code == 2 and "apt-get install chromium" in result.stderr
+
+
+def test_the_platform_does_not_import_the_analysis_layer():
+    code = (
+        "import sys, duosparse.cli, duosparse.analyze_cli; "
+        "bad = [m for m in sys.modules if m.startswith(('duosparse.analysis', "
+        "'duosparse.dashboards', 'plotly', 'scipy'))]; print(bad); sys.exit(bool(bad))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- a real sweep: Ray Tune trials logged to MLflow, read back ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smoke_analysis")
+    spec = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    spec["name"] = "smoke_analysis"
+    (folder / "smoke.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    done = subprocess.run(
+        [DUOSPARSE, "sweep", "run", "smoke.yaml", "--json"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder, f"sqlite:///{folder / 'mlruns.db'}"
+
+
+def test_run_table_round_trips_from_a_real_mlflow_store(smoke_sweep, tmp_path):
+    folder, uri = smoke_sweep
+    table = runs.runs_table("smoke_analysis", uri)
+    assert len(table) == 4 and table[runs.OK].all() and (table[runs.KIND] == "trial").all()
+    assert set(table["model.arch"]) == {"lstm", "egru"}
+    assert sorted(table["prune.target_sparsity"]) == [0.0, 0.0, 0.5, 0.5]
+    assert (
+        table.dtypes["train.max_steps_per_epoch"] == "Int64"
+        and (table["train.max_steps_per_epoch"] == 10).all()
+    )
+    for name in (*schema.RUN_METRICS, schema.layer_activity(0), schema.layer_activity(1)):
+        assert table.dtypes[name] == "float64" and table[name].notna().all(), name
+    client = MlflowClient(uri)
+    for _, row in table.iterrows():
+        run = client.get_run(row[runs.RUN_ID])
+        assert run.data.metrics[schema.TEST_PPL] == row[schema.TEST_PPL]
+        # the typed columns rebuild the very config the run was trained with
+        tree: dict = {}
+        for key in runs.config_columns(table):
+            set_dotted(
+                tree,
+                key,
+                None
+                if pd.isna(row[key])
+                else row[key].item()
+                if hasattr(row[key], "item")
+                else row[key],
+            )
+        assert (
+            RunConfig.model_validate(tree).run_key
+            == row[runs.RUN_KEY]
+            == run.data.tags[schema.TAG_RUN_KEY]
+        )
+    for suffix in ("csv", "parquet"):
+        back = runs.read_table(runs.write_table(table, tmp_path / f"runs.{suffix}"))
+        pd.testing.assert_frame_equal(back, table)
+
+    # the spec path names the experiment and store; the report lands on the launch's parent run
+    result = cli(
+        "analyze",
+        str(folder / "smoke.yaml"),
+        "--out",
+        str(tmp_path / "out"),
+        "--bootstrap",
+        "50",
+        "--tracking-uri",
+        uri,
+    )
+    assert result.exit_code == 0, result.output
+    parent = runs.newest_parent_run(client, table.attrs["experiment_ids"], "smoke_analysis")
+    assert "analysis/report.html" in {a.path for a in client.list_artifacts(parent, "analysis")}
+    assert "Report:" in result.stderr and "make ui" in result.stderr
