@@ -41,5 +41,7 @@ bench: setup  ## training throughput ratios against torch.nn.GRU, measured in th
 lint: setup
 	$(VENV)/bin/ruff check platform analysis dashboards tests benchmarks
 
+include docker/cluster.mk  # cluster-env, cluster-build, cluster-up, cluster-submit, cluster-down
+
 clean:
 	rm -rf runs mlruns.db mlartifacts bench.json .pytest_cache
