@@ -30,8 +30,10 @@ sweep: setup  ## the main job: the quick PTB study on local Ray + ./mlruns.db (r
 ui: setup  ## MLflow UI on http://127.0.0.1:5000 over ./mlruns.db
 	$(DS) ui
 
-# The cluster tests need PostgreSQL: .ci/postgres.sh installs/starts it (root) and prints a URI.
+# The tests need PostgreSQL and Chromium: .ci/system-packages.sh installs them when missing
+# (root), .ci/postgres.sh starts PostgreSQL and prints a URI for a test role.
 test: setup  ## the whole test suite
+	bash .ci/system-packages.sh
 	@export DUOSPARSE_TEST_POSTGRES_URI="$${DUOSPARSE_TEST_POSTGRES_URI:-$$(bash .ci/postgres.sh)}"; \
 	$(PY) -m pytest -q
 

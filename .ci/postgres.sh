@@ -2,10 +2,7 @@
 # Install (if needed) and start PostgreSQL on 127.0.0.1, create a role for the tests with a
 # fresh random password, and print the connection URI for DUOSPARSE_TEST_POSTGRES_URI.
 set -euo pipefail
-if ! command -v pg_lsclusters >/dev/null 2>&1 || [ -z "$(pg_lsclusters -h 2>/dev/null)" ]; then
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
-fi
+bash "$(dirname "$0")/system-packages.sh" >&2
 read -r version cluster _ < <(pg_lsclusters -h | head -n 1)
 pg_ctlcluster "$version" "$cluster" start >&2 2>/dev/null || true
 for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -q && break; sleep 1; done
