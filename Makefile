@@ -37,7 +37,7 @@ test: setup  ## the whole test suite
 	@export DUOSPARSE_TEST_POSTGRES_URI="$${DUOSPARSE_TEST_POSTGRES_URI:-$$(bash .ci/postgres.sh)}"; \
 	$(PY) -m pytest -q
 
-bench: setup  ## training throughput ratios against torch.nn.GRU, measured in the same run
+bench: setup  ## speed figures as ratios to baselines measured in the same run (bench.json)
 	$(PY) benchmarks/run.py
 
 lint: setup

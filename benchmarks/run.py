@@ -1,88 +1,142 @@
-"""Training throughput of the duosparse LSTM, GRU and EGRU against torch.nn.GRU, measured in
-the same process, printed as ratios and written to bench.json. Run with `make bench`."""
+"""`make bench`: the performance figures of duosparse, each a ratio against a baseline measured
+in the same run, printed as one table and written to bench.json.
+
+    python benchmarks/run.py [--quick] [--only training,inference,overheads] [--no-sweep]
+                             [--threads 1] [--device cpu|cuda] [--out bench.json]
+
+Sections (see each module's docstring for exactly what is timed):
+  training   training throughput of the EGRU (and LSTM, GRU) against torch.nn.GRU/LSTM (CPU;
+             --device cuda on a GPU machine)
+  inference  event-driven batch-1 inference against the dense batch-1 path, per operating point
+  overheads  MAC/activity accounting in evaluation; the sweep machinery around one trial
+
+Timings are medians of interleaved rounds (baseline and candidate alternate), so a machine
+whose load changes shifts both alike; single-threaded (`--threads`) and in process CPU time,
+so time spent descheduled on a shared machine does not count (the wall-clock ratio is kept
+in bench.json too). `--quick` runs fewer, shorter rounds (a 15 s trial
+instead of a 60 s one): for a smoke test, not for the record (docs/performance.md).
+The exit status is 0 whether or not targets are met; bench.json says which are.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from duosparse.config import load_config
-from duosparse.model import LanguageModel, detach_state
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VOCAB, EMBED, HIDDEN, LAYERS, BATCH, BPTT, STEPS, WARMUP = 10_000, 128, 256, 2, 32, 35, 12, 3
+from common import Row, machine  # noqa: E402
 
-
-class TorchGRULM(torch.nn.Module):
-    """The baseline: torch.nn.GRU in the same shell (embedding, 2 layers, tied decoder)."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = torch.nn.Embedding(VOCAB, EMBED)
-        self.rnn1 = torch.nn.GRU(EMBED, HIDDEN)
-        self.rnn2 = torch.nn.GRU(HIDDEN, EMBED)
-        self.decoder = torch.nn.Linear(EMBED, VOCAB)
-        self.decoder.weight = self.encoder.weight
-
-    def forward(self, x, state):
-        h1, h2 = state
-        y, h1 = self.rnn1(self.encoder(x), h1)
-        y, h2 = self.rnn2(y, h2)
-        return self.decoder(y), (h1.detach(), h2.detach())
+SECTIONS = ("training", "inference", "overheads")
 
 
-def tokens_per_s(model: torch.nn.Module, step) -> float:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, VOCAB, (BPTT + 1, BATCH), generator=gen) for _ in range(STEPS + WARMUP)]
-    state = None
-    for i, seq in enumerate(batches):
-        if i == WARMUP:
-            start = time.perf_counter()
-        logits, state = step(model, seq[:-1], state)
-        loss = F.cross_entropy(logits.flatten(0, 1), seq[1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return STEPS * BPTT * BATCH / (time.perf_counter() - start)
+def _fmt(value: float) -> str:
+    if value != value:  # nan
+        return "nan"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
 
 
-def duosparse_step(model, x, state):
-    state = detach_state(state) if state is not None else model.initial_state(BATCH)
-    logits, state, _ = model(x, state)
-    return logits, state
+def print_table(rows: list[Row]) -> None:
+    headers = ("figure", "measured", "baseline", "unit", "ratio", "target", "met")
+    cells = [(r.figure, _fmt(r.measured), _fmt(r.baseline), r.unit, f"{r.ratio:.2f}",
+              r.target_text, {True: "yes", False: "NO", None: "-"}[r.met]) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    print(line)
+    print("-" * len(line))
+    section = None
+    for row, cell in zip(rows, cells):
+        if row.section != section:
+            section = row.section
+            print(f"[{section}]")
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cell, widths))))
 
 
-def torch_step(model, x, state):
-    if state is None:
-        state = (torch.zeros(1, BATCH, HIDDEN), torch.zeros(1, BATCH, EMBED))
-    return model(x, state)
+def print_points(points: list[dict]) -> None:
+    print("\nevent-driven inference, operating points (recurrent layers, batch 1, 1 thread):")
+    print(f"{'weight sp.':>10} {'embedding':>9} {'activity sp.':>12} {'eff. MACs/token':>16} "
+          f"{'MAC reduction':>14} {'dense us/tok':>13} {'event us/tok':>13} {'speedup':>8}")
+    for p in sorted(points, key=lambda p: p["effective_mac_reduction"]):
+        print(f"{p['weight_sparsity']:>10.0%} {'pruned' if p['embedding_pruned'] else 'dense':>9} "
+              f"{p['activity_sparsity']:>12.1%} "
+              f"{p['effective_macs_per_token']:>16,.0f} {p['effective_mac_reduction']:>13.1f}x "
+              f"{p['dense_us_per_token']:>13,.0f} {p['event_us_per_token']:>13,.0f} {p['speedup']:>7.1f}x")
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    rows = {}
-    baseline = tokens_per_s(TorchGRULM(), torch_step)
-    rows["torch.nn.GRU"] = baseline
-    for arch in ("lstm", "gru", "egru"):
-        cfg = load_config(None, [f"model.arch={arch}", f"model.embedding_size={EMBED}",
-                                 f"model.hidden_size={HIDDEN}", f"model.num_layers={LAYERS}",
-                                 "model.threshold=0.05"]).model
-        rows[f"duosparse {arch}"] = tokens_per_s(LanguageModel(cfg, VOCAB), duosparse_step)
-    print(f"training throughput, {LAYERS} layers, embedding {EMBED}, hidden {HIDDEN}, vocab {VOCAB}, "
-          f"batch {BATCH}, bptt {BPTT}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"{'model':<18}{'tokens/s':>12}{'ratio to torch.nn.GRU':>24}")
-    results = {}
-    for name, value in rows.items():
-        ratio = value / baseline
-        results[name] = {"tokens_per_s": value, "ratio": ratio}
-        print(f"{name:<18}{value:>12,.0f}{ratio:>24.2f}")
-    Path("bench.json").write_text(json.dumps({"training_throughput": results}, indent=2))
-    print("written to bench.json")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (smoke test)")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, of {', '.join(SECTIONS)}")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep-overhead figure (needs Ray)")
+    parser.add_argument("--out", default="bench.json", help="where to write the JSON table")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the training section (cpu, or cuda on a GPU machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for training and overheads (default 1, as a sweep trial "
+                             "with resources.cpu 1; inference always runs 1)")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    info = machine()
+    print(f"duosparse benchmarks on {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+          f"({info['torch_threads']} threads), load average {info['load_average_at_start']}"
+          + (" [quick]" if args.quick else ""), flush=True)
+    start = time.perf_counter()
+    rows: list[Row] = []
+    points: list[dict] = []
+    timings = {}
+    for section in sections:
+        t0 = time.perf_counter()
+        print(f"... {section}", flush=True)
+        if section == "training":
+            import training
+
+            rows += training.run(args.quick, args.device)
+        elif section == "inference":
+            import inference
+
+            section_rows, points = inference.run(args.quick)
+            rows += section_rows
+        else:
+            import overheads
+
+            rows += overheads.run(args.quick, sweep=not args.no_sweep)
+        timings[section] = time.perf_counter() - t0
+    elapsed = time.perf_counter() - start
+
+    print()
+    print_table(rows)
+    if points:
+        print_points(points)
+    targeted = [r for r in rows if r.met is not None]
+    met = sum(bool(r.met) for r in targeted)
+    print(f"\n{met} of {len(targeted)} targets met; {elapsed:.0f} s "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+    payload = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "quick": args.quick, "machine": info, "elapsed_s": elapsed, "section_s": timings,
+        "all_targets_met": met == len(targeted),
+        "figures": [r.to_json() for r in rows],
+        "operating_points": points,
+    }
+    Path(args.out).write_text(json.dumps(payload, indent=2))
+    print(f"written to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -305,6 +305,8 @@ def run_sweep(
     address = address or os.environ.get("RAY_ADDRESS")
     # one checkpoint per epoch is the design; Tune's warning about frequent snapshots is noise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Ray starts workers at niceness 15; trials are the work here, so give them full priority
+    os.environ.setdefault("RAY_worker_niceness", "0")
     uri = tracking_uri_for(spec, tracking_uri)
     _check_cluster(address, uri)
     client = tracking.open_store(uri)  # creates the schema once, before any trial
