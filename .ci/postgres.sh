@@ -4,7 +4,7 @@
 set -euo pipefail
 bash "$(dirname "$0")/system-packages.sh" >&2
 read -r version cluster _ < <(pg_lsclusters -h | head -n 1)
-pg_ctlcluster "$version" "$cluster" start >&2 2>/dev/null || true
+pg_ctlcluster "$version" "$cluster" start >/dev/null 2>&1 || true  # already running is fine
 for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -q && break; sleep 1; done
 # One random password per machine, kept in a private file, so that concurrent runs agree.
 secret_file="${XDG_CACHE_HOME:-$HOME/.cache}/duosparse/postgres-test-password"
