@@ -48,11 +48,5 @@ set -- ray start --head \
     --dashboard-host="${RAY_DASHBOARD_HOST:-127.0.0.1}" \
     --dashboard-port="${RAY_DASHBOARD_PORT:-8265}" \
     --disable-usage-stats
-if [ -n "${RAY_NODE_IP:-}" ]; then set -- "$@" --node-ip-address="$RAY_NODE_IP"; fi
-if [ -n "${RAY_NUM_CPUS:-}" ]; then set -- "$@" --num-cpus="$RAY_NUM_CPUS"; fi
-if [ -n "${RAY_NUM_GPUS:-}" ]; then set -- "$@" --num-gpus="$RAY_NUM_GPUS"; fi
-if [ -n "${RAY_TEMP_DIR:-}" ]; then set -- "$@" --temp-dir="$RAY_TEMP_DIR"; fi
-# shellcheck disable=SC2086  # RAY_START_ARGS is a list of flags on purpose
-if [ -n "${RAY_START_ARGS:-}" ]; then set -- "$@" $RAY_START_ARGS; fi
-if [ "${RAY_BLOCK:-1}" = "1" ]; then set -- "$@" --block; fi
-exec "$@"
+# shellcheck source=ray-node-start.sh
+. "$(dirname "$0")/ray-node-start.sh"
