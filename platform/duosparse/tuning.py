@@ -127,6 +127,12 @@ def run_trial(params: dict[str, Any]) -> None:
     params = params["trial"]
     config = RunConfig.model_validate(params["config"])
     client = tracking._client(params["tracking_uri"])
+    done = runs_by_key(client, params["experiment_id"]).get(config.run_key)
+    if done is not None and done.info.status == "FINISHED":
+        # finished before a killed driver could record it in Tune: nothing left to run
+        tune.report({"epoch": config.train.epochs, TUNE_METRIC: float("inf"),
+                     "mlflow_run_id": done.info.run_id, "duosparse_done": True, "failed": False})
+        return
     run_id = _trial_run(client, params, config)
     workdir = Path(tempfile.mkdtemp(prefix=f"duosparse-{config.run_key[:12]}-"))
     checkpoint = tune.get_checkpoint()
@@ -153,14 +159,27 @@ def run_trial(params: dict[str, Any]) -> None:
 def _trial_run(client: Any, params: dict[str, Any], config: RunConfig) -> str:
     """The trial's MLflow run: the existing unfinished one for its run_key, or a new child."""
     existing = runs_by_key(client, params["experiment_id"]).get(config.run_key)
-    if existing is not None and existing.info.status != "FINISHED":
+    if existing is None:
+        run_id = tracking.start_run(
+            client, params["experiment_id"], config, kind="trial", run_name=params["run_name"],
+            parent_run_id=params["parent_run_id"], tags={schema.TAG_SWEEP: params["sweep"]},
+        )
+        # A worker that outlived a killed driver may have created one at the same moment:
+        # every process keeps the oldest run of the key and deletes its own newer one.
+        same = client.search_runs(
+            [params["experiment_id"]],
+            filter_string=f"tags.`{schema.TAG_RUN_KEY}` = '{config.run_key}' "
+                          f"and tags.`{schema.TAG_KIND}` = 'trial'",
+        )
+        oldest = min(same, key=lambda r: (r.info.start_time, r.info.run_id))
+        if oldest.info.run_id == run_id:
+            return run_id
+        client.delete_run(run_id)
+        existing = oldest
+    if existing.info.status != "RUNNING":
         client.update_run(existing.info.run_id, status="RUNNING")
-        client.set_tag(existing.info.run_id, schema.TAG_FAILURE, "")
-        return existing.info.run_id
-    return tracking.start_run(
-        client, params["experiment_id"], config, kind="trial", run_name=params["run_name"],
-        parent_run_id=params["parent_run_id"], tags={schema.TAG_SWEEP: params["sweep"]},
-    )
+    client.set_tag(existing.info.run_id, schema.TAG_FAILURE, "")
+    return existing.info.run_id
 
 
 # --- the driver ---------------------------------------------------------------------------
