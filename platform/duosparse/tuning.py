@@ -127,13 +127,13 @@ def run_trial(params: dict[str, Any]) -> None:
     params = params["trial"]
     config = RunConfig.model_validate(params["config"])
     client = tracking._client(params["tracking_uri"])
-    done = runs_by_key(client, params["experiment_id"]).get(config.run_key)
-    if done is not None and done.info.status == "FINISHED":
+    existing = runs_by_key(client, params["experiment_id"]).get(config.run_key)
+    if existing is not None and existing.info.status == "FINISHED":
         # finished before a killed driver could record it in Tune: nothing left to run
         tune.report({"epoch": config.train.epochs, TUNE_METRIC: float("inf"),
-                     "mlflow_run_id": done.info.run_id, "duosparse_done": True, "failed": False})
+                     "mlflow_run_id": existing.info.run_id, "duosparse_done": True, "failed": False})
         return
-    run_id = _trial_run(client, params, config)
+    run_id = _trial_run(client, params, config, existing)
     workdir = Path(tempfile.mkdtemp(prefix=f"duosparse-{config.run_key[:12]}-"))
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a retry or a resumed sweep: continue from the last epoch
@@ -156,9 +156,8 @@ def run_trial(params: dict[str, Any]) -> None:
     reporter.done()
 
 
-def _trial_run(client: Any, params: dict[str, Any], config: RunConfig) -> str:
-    """The trial's MLflow run: the existing unfinished one for its run_key, or a new child."""
-    existing = runs_by_key(client, params["experiment_id"]).get(config.run_key)
+def _trial_run(client: Any, params: dict[str, Any], config: RunConfig, existing: Any) -> str:
+    """The trial's MLflow run: `existing` (the unfinished run of its run_key), or a new child."""
     if existing is None:
         run_id = tracking.start_run(
             client, params["experiment_id"], config, kind="trial", run_name=params["run_name"],
