@@ -1,7 +1,7 @@
 """`make bench`: the performance figures of duosparse, each a ratio against a baseline measured
 in the same run, printed as one table and written to bench.json.
 
-    python benchmarks/run.py [--quick] [--only training,inference,overheads] [--no-sweep]
+    python benchmarks/run.py [--quick] [--only training,inference,overheads,gpu] [--no-sweep]
                              [--threads 1] [--device cpu|cuda] [--out bench.json]
 
 Sections (see each module's docstring for exactly what is timed):
@@ -9,6 +9,9 @@ Sections (see each module's docstring for exactly what is timed):
              --device cuda on a GPU machine)
   inference  event-driven batch-1 inference against the dense batch-1 path, per operating point
   overheads  MAC/activity accounting in evaluation; the sweep machinery around one trial
+  gpu        EGRU training against cuDNN's GRU at the paper's size (gpu_check.py): measured
+             when a CUDA GPU is visible, else the rows recorded by gpu_check.py on a GPU
+             (benchmarks/recorded/), marked as such
 
 Timings are medians of interleaved rounds (baseline and candidate alternate), so a machine
 whose load changes shifts both alike; single-threaded (`--threads`) and in process CPU time,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Row, machine  # noqa: E402
 
-SECTIONS = ("training", "inference", "overheads")
+SECTIONS = ("training", "inference", "overheads", "gpu")
+RECORDED = Path(__file__).resolve().parent / "recorded"
 
 
 def _fmt(value: float) -> str:
@@ -70,7 +75,40 @@ def print_points(points: list[dict]) -> None:
               f"{p['dense_us_per_token']:>13,.0f} {p['event_us_per_token']:>13,.0f} {p['speedup']:>7.1f}x")
 
 
+def recorded_gpu_rows() -> list[Row]:
+    """The GPU rows that gpu_check.py wrote on a GPU machine (benchmarks/recorded/gpu-*.json),
+    each figure named with its GPU and date: not measured in this run."""
+    rows = []
+    for path in sorted(RECORDED.glob("gpu-*.json")):
+        recorded = json.loads(path.read_text())
+        stamp = f"[recorded: {recorded['machine']['gpu']}, {recorded['machine']['date']}] "
+        for figure in recorded["figures"]:
+            fields = {k: figure[k] for k in Row.__dataclass_fields__}
+            fields["figure"] = stamp + fields["figure"]
+            fields["note"] = f"{fields['note']}; from {path.relative_to(RECORDED.parent.parent)}"
+            rows.append(Row(**fields))
+    if not rows:
+        print("no CUDA GPU here and nothing recorded in benchmarks/recorded/: the gpu section is empty")
+    return rows
+
+
+# glibc hands freed memory at the top of the heap back to the OS and large blocks come from
+# fresh mmaps, so every training step faults the same megabytes in again (3,000-7,000 page
+# faults per step here, mostly the vocabulary-sized tensors, for baseline and candidate
+# alike): noise of several per cent. Higher thresholds keep those pages in the process.
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_MMAP_THRESHOLD_": "67108864"}
+
+
+def _with_malloc_env() -> None:
+    """Re-run this script with MALLOC_ENV set (glibc reads it only at process start)."""
+    if any(key in os.environ for key in MALLOC_ENV):  # set already (or chosen by the user)
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _with_malloc_env()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (smoke test)")
     parser.add_argument("--only", default=",".join(SECTIONS),
@@ -106,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
             import training
 
             rows += training.run(args.quick, args.device)
+        elif section == "gpu":
+            if torch.cuda.is_available():
+                import gpu_check
+
+                rows += gpu_check.run(0.7 if args.quick else 1.5, 2 if args.quick else 3)[0]
+            else:
+                rows += recorded_gpu_rows()
         elif section == "inference":
             import inference
 

@@ -37,8 +37,8 @@ class TorchLM(torch.nn.Module):
         self.decoder = torch.nn.Linear(hidden, VOCAB)
         self.kind, self.layers, self.hidden = kind, layers, hidden
 
-    def initial_state(self):
-        h = self.decoder.weight.new_zeros(self.layers, BATCH, self.hidden)
+    def initial_state(self, batch: int):
+        h = self.decoder.weight.new_zeros(self.layers, batch, self.hidden)
         return h if self.kind == "gru" else (h, h.clone())
 
     def forward(self, tokens, state):
@@ -50,12 +50,14 @@ class TorchLM(torch.nn.Module):
 class Trainer:
     """One model with its optimiser and carried state; `run(n)` does n training steps."""
 
-    def __init__(self, model: torch.nn.Module, duosparse: bool, device: torch.device, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, duosparse: bool, device: torch.device, seed: int = 0,
+                 batch: int = BATCH, bptt: int = BPTT):
         self.model, self.duosparse, self.device = model.to(device), duosparse, device
+        self.batch, self.bptt = batch, bptt
         self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        self.state = model.initial_state(BATCH) if duosparse else model.initial_state()
+        self.state = model.initial_state(batch)
         gen = torch.Generator().manual_seed(seed)
-        self.batches = [torch.randint(0, VOCAB, (BPTT + 1, BATCH), generator=gen).to(device)
+        self.batches = [torch.randint(0, VOCAB, (bptt + 1, batch), generator=gen).to(device)
                         for _ in range(8)]
         self.i = 0
         model.train()
@@ -69,6 +71,7 @@ class Trainer:
         else:
             logits, self.state = self.model(inputs, self.state)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        self.last_loss = loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
@@ -81,7 +84,7 @@ class Trainer:
         for _ in range(steps):
             self.step()
         _synchronize(self.device)
-        return steps * BPTT * BATCH
+        return steps * self.bptt * self.batch
 
 
 def _synchronize(device: torch.device) -> None:

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The Triton kernels of duosparse.egru_triton run on CPU under Triton's interpreter in the tests
+# (tests/test_egru_triton.py); Triton reads this when it is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture
 def data_dir() -> Path:

@@ -12,8 +12,10 @@ section 3 line by line.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +118,11 @@ class RecurrentLayer(nn.Module):
     def _egru(self, x: Tensor, state: State, w_hh: Tensor) -> tuple[Tensor, State, Tensor]:
         y, c = state
         x_proj = F.linear(x, self.weight_ih, self.bias_ih)  # all time steps in one matmul
-        if self.fast:  # the same equations, one autograd node for the sequence (egru_kernel)
-            out, y, c, events = egru_sequence(x_proj, y, c, w_hh, self.bias_hh, self.threshold, self.height, self.width)
+        if self.fast:  # the same equations, one autograd node for the sequence
+            sequence = egru_sequence  # egru_kernel: a PyTorch loop, any device
+            if x_proj.is_cuda and (kernels := _egru_triton()) and kernels.supported(x_proj, w_hh):
+                sequence = kernels.egru_sequence  # fused Triton kernels
+            out, y, c, events = sequence(x_proj, y, c, w_hh, self.bias_hh, self.threshold, self.height, self.width)
             return out, (y, c), events
         outputs, events = [], []
         for x_t in x_proj:
@@ -130,6 +135,17 @@ class RecurrentLayer(nn.Module):
     def clamp_threshold(self) -> None:
         if self.arch == "egru":
             self.threshold.clamp_(min=0.0)  # thresholds are kept >= 0
+
+
+@functools.cache
+def _egru_triton() -> ModuleType | None:
+    """duosparse.egru_triton, or None where Triton is not installed (CUDA then runs the
+    PyTorch loop). Imported on first use on a GPU: Triton is a GPU dependency."""
+    try:
+        from . import egru_triton
+    except ImportError:
+        return None
+    return egru_triton
 
 
 # --- AWD-LSTM regularisation ---------------------------------------------------------

@@ -70,10 +70,18 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif name == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'.")
-    return torch.device(name)
+    else:
+        device = torch.device(name)
+    if device.type == "cuda":
+        # One precision for every architecture: LSTM and GRU run in cuDNN, which may use TF32
+        # (torch.backends.cudnn.allow_tf32, on by default); the EGRU's products run in cuBLAS,
+        # which PyTorch keeps at full float32 by default. Give cuBLAS the cuDNN setting, so
+        # the three are compared at the same arithmetic (docs/performance.md, GPU).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    return device
 
 
 def build_model(config: RunConfig, vocab_size: int) -> LanguageModel:
