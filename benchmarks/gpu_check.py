@@ -1,11 +1,13 @@
 """GPU check of the fast EGRU, for a user with an NVIDIA GPU (a few minutes):
 
     python benchmarks/gpu_check.py [--out bench-gpu.json] [--seconds 1.5] [--rounds 3]
+                                   [--no-loop] [--ptb-epochs N]
 
 1. Correctness: the compiled Triton kernels (duosparse.egru_triton), with and without CUDA
    graphs, against autograd through the step-by-step reference cell (model.egru_cell) in
-   float64 on the same GPU: outputs, events and every gradient; then a few training steps of a
-   small language model through the kernels and through egru_kernel's PyTorch loop.
+   float64 on the same GPU: outputs, events and every gradient; sequences of varying length
+   through the graphs against the kernels run directly; then a few training steps of a small
+   language model through the kernels and through egru_kernel's PyTorch loop.
 2. Training throughput at the paper's size (embedding 750, 3 layers of 1350, vocabulary
    10,000, batch 64, BPTT 70, float32, untied): duosparse's EGRU language model against the
    same shell around torch.nn.GRU (cuDNN), the same training step as benchmarks/training.py
@@ -15,6 +17,8 @@
    float32: unequal arithmetic, shown for information). The EGRU runs as the layers select it
    on CUDA (Triton kernels, CUDA graphs), and for comparison without graphs, as egru_kernel's
    PyTorch loop, and as the reference cell stepped with autograd (a plain per-step loop).
+3. With --ptb-epochs N: duosparse's own train() on Penn Treebank ($DUOSPARSE_DATA_DIR) for N
+   epochs with the paper-size EGRU and regularisation (variable BPTT: a graph per length).
 
 Wall time with torch.cuda.synchronize(), interleaved rounds, median of per-round ratios.
 Writes the rows (the format of `make bench`'s bench.json) to --out; `make bench` on a machine
@@ -105,6 +109,25 @@ def check_correctness(device: torch.device) -> dict:
               f"worst relative error {worst:.2e}, events differing {mismatched_events:.1e}", flush=True)
         if worst > 1e-4 or mismatched_events > 1e-3:
             raise CheckFailed(f"the Triton kernels disagree with the reference: {errors}")
+    # a variable BPTT: lengths in any order through the graphs (buffers shared per family)
+    # equal the same lengths without graphs
+    worst = 0.0
+    for steps_now in (30, 20, 41, 20, 30):
+        runs = []
+        for graphs in (False, True):
+            _kernels(True, graphs)
+            layer.fast = True
+            leaves = [t.requires_grad_() for t in (torch.randn(steps_now, batch, inputs, device=device,
+                      generator=torch.Generator(device).manual_seed(steps_now)), y0.clone(), c0.clone())]
+            out, (y, c), events = layer(leaves[0], (leaves[1], leaves[2]))
+            grads = torch.autograd.grad((out * out).sum() + c.sum(), [leaves[0], layer.weight_hh, layer.threshold])
+            runs.append([out.detach(), c.detach(), *grads])
+        worst = max(worst, *(float((a - b).abs().max()) for a, b in zip(*runs)))
+    result["variable_length_graphs_vs_none_max_abs_difference"] = worst
+    print(f"  lengths 30, 20, 41, 20, 30 through CUDA graphs vs without: largest difference {worst:.1e}",
+          flush=True)
+    if worst > 1e-5:
+        raise CheckFailed(f"graphs of different lengths disagree with the kernels run directly: {worst}")
     layer.double()  # leave nothing in float64 behind for the throughput part
     return result
 
@@ -205,7 +228,51 @@ def throughput(device: torch.device, seconds: float, rounds: int, loop_too: bool
     return rows
 
 
-def run(seconds: float = 1.5, rounds: int = 3, loop_too: bool = True) -> tuple[list[Row], dict]:
+def train_ptb(device: torch.device, epochs: int) -> dict:
+    """duosparse's own `train()` on Penn Treebank ($DUOSPARSE_DATA_DIR) for a few epochs with the
+    paper-size EGRU and sweeps/ptb_paper.yaml's regularisation and optimiser (variable BPTT
+    around 70, batch 64, AWD dropouts, AdamW, cosine schedule; threshold 0.05, no pruning):
+    the whole training path on the GPU, with the kernels as the layers select them. A few
+    epochs of the paper's 800: the perplexity shows the path trains, not the paper's figure."""
+    import tempfile
+
+    import yaml
+    from duosparse import egru_triton, schema
+    from duosparse.config import load_config
+    from duosparse.train import train
+
+    _kernels(True, True)
+    torch.backends.cudnn.allow_tf32 = True  # train() gives cuBLAS the cuDNN setting
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "sweeps" / "ptb_paper.yaml").read_text())["base"]
+    base.pop("prune")
+    base["model"].update(arch="egru", threshold=0.05)
+    base["train"].update(epochs=epochs, device="cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "config.yaml"
+        config_path.write_text(yaml.safe_dump(base))
+        config = load_config(config_path)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        metrics = train(config, workdir=Path(tmp) / "run", progress=False)
+        seconds = time.perf_counter() - start
+    families = list(egru_triton._graphs.values())
+    result = {
+        "epochs": epochs, "wall_s": seconds, "val_ppl": metrics.get(schema.VAL_PPL),
+        "test_ppl": metrics.get(schema.TEST_PPL), "activity_sparsity": metrics.get(schema.SPARSITY_ACTIVITY),
+        "train_tokens_per_s": metrics.get(schema.PERF_TOKENS_PER_S),
+        "graph_families": len(families), "graphs": sum(len(f.graphs) for f in families),
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+    }
+    print(f"  PTB, paper-size EGRU, {epochs} epochs in {seconds:.0f} s: test ppl {result['test_ppl']:.1f}, "
+          f"val ppl {result['val_ppl']:.1f}, activity sparsity {result['activity_sparsity']:.3f}, "
+          f"{result['train_tokens_per_s']:,.0f} training tokens/s; {result['graphs']} graphs in "
+          f"{result['graph_families']} families, peak GPU memory {result['peak_gpu_memory_gb']:.1f} GB",
+          flush=True)
+    return result
+
+
+def run(seconds: float = 1.5, rounds: int = 3, loop_too: bool = True,
+        ptb_epochs: int = 0) -> tuple[list[Row], dict]:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     import triton
@@ -224,8 +291,17 @@ def run(seconds: float = 1.5, rounds: int = 3, loop_too: bool = True) -> tuple[l
         except Exception as error:
             print(f"  FAILED: {error!r}", flush=True)
             failures.append(f"{key}: {error!r}")
-    print("training throughput at the paper's size:", flush=True)
-    rows = throughput(device, seconds, rounds, loop_too, failures)
+    rows = []
+    if rounds:
+        print("training throughput at the paper's size:", flush=True)
+        rows = throughput(device, seconds, rounds, loop_too, failures)
+    if ptb_epochs:
+        print("duosparse train on Penn Treebank:", flush=True)
+        try:
+            info["train_ptb"] = train_ptb(device, ptb_epochs)
+        except Exception as error:
+            print(f"  FAILED: {error!r}", flush=True)
+            failures.append(f"train_ptb: {error!r}")
     info["failures"] = failures
     return rows, info
 
@@ -234,10 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench-gpu.json")
     parser.add_argument("--seconds", type=float, default=1.5, help="length of one timed measurement")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-loop", action="store_true", help="skip the (slow) PyTorch-loop variant")
+    parser.add_argument("--rounds", type=int, default=3, help="0: no throughput part")
+    parser.add_argument("--no-loop", action="store_true", help="skip the (slow) PyTorch-loop variants")
+    parser.add_argument("--ptb-epochs", type=int, default=0,
+                        help="also train the paper-size EGRU on PTB ($DUOSPARSE_DATA_DIR) this many epochs")
     args = parser.parse_args(argv)
-    rows, info = run(args.seconds, args.rounds, not args.no_loop)
+    rows, info = run(args.seconds, args.rounds, not args.no_loop, args.ptb_epochs)
     targeted = [r for r in rows if r.met is not None]
     payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": info,
                "all_targets_met": all(r.met for r in targeted), "figures": [r.to_json() for r in rows]}

@@ -86,3 +86,38 @@ def test_only_float32_takes_the_kernels(interpreted):
     assert interpreted.supported(x, w)
     assert not interpreted.supported(x.double(), w.double())
     assert not interpreted.supported(x.half(), w)
+
+
+def test_graph_family_replays_each_length_from_shared_buffers(interpreted):
+    """The CUDA-graph bookkeeping with capture replaced by plain re-running (`capture=lambda
+    run: run`): sequences of varying length (a variable BPTT) through one family give what the
+    loops give called directly, and the buffers are allocated for the longest length, not per
+    length."""
+    batch, hidden = 3, 10
+    gen = torch.Generator().manual_seed(5)
+
+    def forward_tensors(steps):
+        inputs = {"x_proj": torch.randn(steps, batch, 3 * hidden, generator=gen),
+                  "y0": torch.randn(batch, hidden, generator=gen).clamp(min=0),
+                  "c0": torch.randn(batch, hidden, generator=gen),
+                  "w_hh": torch.randn(3 * hidden, hidden, generator=gen) * 0.3,
+                  "b_hh": torch.randn(3 * hidden, generator=gen), "theta": torch.rand(hidden, generator=gen) * 0.3}
+        outputs = {"ys": torch.empty(steps, batch, hidden), "cs": torch.empty(steps, batch, hidden),
+                   "c_resets": torch.empty(steps + 1, batch, hidden),
+                   "gates": torch.empty(steps, batch, 4 * hidden), "h": torch.empty(batch, 3 * hidden)}
+        return inputs, outputs
+
+    family = interpreted._GraphFamily(interpreted._forward_loop, {"height": 1.0, "width": 1.0},
+                                      capture=lambda run: run)
+    capacities = []
+    for steps in (5, 3, 8, 3, 8, 6):
+        inputs, outputs = forward_tensors(steps)
+        got = family(steps, inputs, {k: v.clone() for k, v in outputs.items()})
+        interpreted._forward_loop(**inputs, height=1.0, width=1.0, out=outputs)
+        for name in ("ys", "cs", "c_resets", "gates"):
+            assert got[name].shape == outputs[name].shape, name
+            assert torch.equal(got[name], outputs[name]), (steps, name)
+        capacities.append((family.capacity, family.buffers["x_proj"].data_ptr()))
+    assert [c for c, _ in capacities] == [5, 5, 8, 8, 8, 8]  # grown once, to the longest length
+    assert len({ptr for _, ptr in capacities[2:]}) == 1  # shorter lengths reuse the buffers
+    assert sorted(family.graphs) == [3, 6, 8]  # one graph per length since the last growth

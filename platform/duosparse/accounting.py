@@ -38,7 +38,8 @@ class _Matrix:
 
 def _matrix(weight: Tensor) -> _Matrix:
     nonzero = weight.detach() != 0
-    return _Matrix(nonzero.sum(0).double(), int(nonzero.sum()), weight.numel())
+    # on the CPU, with the activity counts of `Accountant.update`, whatever the model's device
+    return _Matrix(nonzero.sum(0).double().cpu(), int(nonzero.sum()), weight.numel())
 
 
 def weight_sparsity(model: LanguageModel, include_embedding: bool = False) -> float:

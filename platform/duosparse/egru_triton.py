@@ -7,8 +7,9 @@ backward is one kernel and one product (dL/dh_t R). The weight gradient of all s
 product, as on CPU. A plain per-step PyTorch loop launches about 20 kernels per step forward
 and 40 backward, each too small to fill the GPU; here it is 2 and 2.
 
-Optionally (`CUDA_GRAPHS`, on by default) each sequence loop is captured once per shape as
-a CUDA graph and replayed, which also removes the per-launch CPU cost.
+On CUDA (`CUDA_GRAPHS`, on by default) each sequence loop is captured once per shape as a
+CUDA graph and replayed, which removes the per-launch CPU cost (without graphs the GPU waits
+on Python's launches); graphs of the same sizes and different lengths share their buffers.
 
 The kernels also run on CPU under Triton's interpreter (`TRITON_INTERPRET=1`, set before
 this module is imported): that is how tests/test_egru_triton.py checks them on machines
@@ -16,6 +17,8 @@ without a GPU.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -142,43 +145,77 @@ def _backward_loop(d_ys: Tensor, d_c_last: Tensor, d_events: Tensor, gates: Tens
         torch.mm(out["d_h"][t], w_hh, out=d_y_rec)
 
 
-class _Graphed:
-    """One loop captured as a CUDA graph for fixed shapes: copy the inputs into its static
-    buffers, replay, read its static outputs (valid until the next replay)."""
+# Tensors whose first dimension is the time step (c_resets has one entry more).
+_PER_STEP = {"x_proj", "ys", "cs", "c_resets", "gates", "d_ys", "d_events", "d_x", "d_h"}
 
-    def __init__(self, loop, inputs: dict[str, Tensor], outputs: dict[str, Tensor], scalars: dict):
-        self.inputs, self.outputs = {k: v.clone() for k, v in inputs.items()}, outputs
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            loop(**self.inputs, **scalars, out=outputs)  # compiles the kernels, sets up cuBLAS
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            loop(**self.inputs, **scalars, out=outputs)
 
-    def __call__(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+def _cuda_graph(run: Callable[[], None]) -> Callable[[], None]:
+    """Capture `run` as a CUDA graph; returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # once before capture: compiles the kernels, sets up cuBLAS
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # nothing is allocated inside: its private pool stays empty
+        run()
+    return graph.replay
+
+
+class _GraphFamily:
+    """Graphs of one loop for fixed batch and layer sizes: one graph per sequence length, all
+    reading and writing one set of static buffers sized for the longest length seen, so a
+    variable BPTT length (AWD-LSTM's) costs a graph per length but memory only once.
+    `capture(run) -> replay` is CUDA graph capture (tests pass `lambda run: run`)."""
+
+    def __init__(self, loop, scalars: dict, capture: Callable[[Callable[[], None]], Callable[[], None]]):
+        self.loop, self.scalars, self.capture = loop, scalars, capture
+        self.capacity = 0  # time steps the buffers hold
+        self.buffers: dict[str, Tensor] = {}
+        self.graphs: dict[int, tuple[Callable[[], None], dict, dict]] = {}
+
+    def __call__(self, steps: int, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if steps > self.capacity:  # (re)allocate, with room to grow after the first time
+            self.capacity = steps if not self.capacity else max(steps, self.capacity * 5 // 4)
+            self.buffers = {k: v.new_empty(self._shape(k, v, steps)) for k, v in {**inputs, **outputs}.items()}
+            self.graphs.clear()  # they point at the old buffers
+        if steps not in self.graphs:
+            static_inputs = {k: self._view(k, steps) for k in inputs}
+            static_outputs = {k: self._view(k, steps) for k in outputs}
+            replay = self.capture(lambda: self.loop(**static_inputs, **self.scalars, out=static_outputs))
+            self.graphs[steps] = replay, static_inputs, static_outputs
+        replay, static_inputs, static_outputs = self.graphs[steps]
         for k, v in inputs.items():
-            self.inputs[k].copy_(v)
-        self.graph.replay()
-        return self.outputs
+            static_inputs[k].copy_(v)
+        replay()
+        return {k: v.clone() for k, v in static_outputs.items()}  # the next replay overwrites them
+
+    def _shape(self, name: str, tensor: Tensor, steps: int) -> tuple[int, ...]:
+        if name not in _PER_STEP:
+            return tuple(tensor.shape)
+        return (self.capacity + tensor.size(0) - steps, *tensor.shape[1:])
+
+    def _view(self, name: str, steps: int) -> Tensor:
+        buffer = self.buffers[name]
+        return buffer[: steps + buffer.size(0) - self.capacity] if name in _PER_STEP else buffer
 
 
-_graphs: dict[tuple, _Graphed] = {}
+_graphs: dict[tuple, _GraphFamily] = {}
 
 
-def _run(loop, inputs: dict[str, Tensor], outputs: dict[str, Tensor], **scalars) -> dict[str, Tensor]:
-    """loop(**inputs, **scalars, out=outputs), through a CUDA graph captured once per shape
-    where enabled; returns tensors the caller owns."""
+def _run(loop, steps: int, inputs: dict[str, Tensor], outputs: dict[str, Tensor], **scalars) -> dict[str, Tensor]:
+    """loop(**inputs, **scalars, out=outputs), on CUDA (where enabled) through a graph captured
+    once per shape; returns tensors the caller owns."""
     first = next(iter(inputs.values()))
     if not (CUDA_GRAPHS and first.is_cuda):
         loop(**inputs, **scalars, out=outputs)
         return outputs
-    key = (loop.__name__, first.device, first.dtype, *(v.shape for v in inputs.values()), *scalars.values(),
+    sizes = tuple(v.shape[1:] if k in _PER_STEP else v.shape for k, v in inputs.items())
+    key = (loop.__name__, first.device, first.dtype, sizes, *scalars.values(),
            torch.backends.cuda.matmul.allow_tf32)  # a graph keeps the math mode it was captured with
     if key not in _graphs:
-        _graphs[key] = _Graphed(loop, inputs, outputs, scalars)
-    return {k: v.clone() for k, v in _graphs[key](inputs).items()}  # the next replay overwrites them
+        _graphs[key] = _GraphFamily(loop, scalars, _cuda_graph)
+    return _graphs[key](steps, inputs, outputs)
 
 
 class EGRUSequenceTriton(torch.autograd.Function):
@@ -190,7 +227,7 @@ class EGRUSequenceTriton(torch.autograd.Function):
         steps, batch, hidden = x_proj.size(0), x_proj.size(1), x_proj.size(2) // 3
         new = x_proj.new_empty
         out = _run(
-            _forward_loop,
+            _forward_loop, steps,
             {"x_proj": x_proj.contiguous(), "y0": y0.contiguous(), "c0": c0.contiguous(),
              "w_hh": w_hh.contiguous(), "b_hh": b_hh.contiguous(), "theta": theta.contiguous()},
             {"ys": new(steps, batch, hidden), "cs": new(steps, batch, hidden),
@@ -210,7 +247,7 @@ class EGRUSequenceTriton(torch.autograd.Function):
         steps, batch, hidden = ys.shape
         new = ys.new_empty
         out = _run(
-            _backward_loop,
+            _backward_loop, steps,
             {"d_ys": d_ys.contiguous(), "d_c_last": d_c_last.contiguous(), "d_events": d_events.contiguous(),
              "gates": gates, "cs": cs, "c_resets": c_resets, "w_hh": w_hh.contiguous(),
              "theta": theta.contiguous()},
