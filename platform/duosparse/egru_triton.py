@@ -174,10 +174,12 @@ class _GraphFamily:
         self.buffers: dict[str, Tensor] = {}
         self.graphs: dict[int, tuple[Callable[[], None], dict, dict]] = {}
 
-    def __call__(self, steps: int, inputs: dict[str, Tensor], outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    def __call__(self, steps: int, inputs: dict[str, Tensor], outputs: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
         if steps > self.capacity:  # (re)allocate, with room to grow after the first time
             self.capacity = steps if not self.capacity else max(steps, self.capacity * 5 // 4)
-            self.buffers = {k: v.new_empty(self._shape(k, v, steps)) for k, v in {**inputs, **outputs}.items()}
+            shapes = {**{k: v.shape for k, v in inputs.items()}, **outputs}
+            like = next(iter(inputs.values()))
+            self.buffers = {k: like.new_empty(self._shape(k, shape, steps)) for k, shape in shapes.items()}
             self.graphs.clear()  # they point at the old buffers
         if steps not in self.graphs:
             static_inputs = {k: self._view(k, steps) for k in inputs}
@@ -190,10 +192,10 @@ class _GraphFamily:
         replay()
         return {k: v.clone() for k, v in static_outputs.items()}  # the next replay overwrites them
 
-    def _shape(self, name: str, tensor: Tensor, steps: int) -> tuple[int, ...]:
+    def _shape(self, name: str, shape: tuple[int, ...], steps: int) -> tuple[int, ...]:
         if name not in _PER_STEP:
-            return tuple(tensor.shape)
-        return (self.capacity + tensor.size(0) - steps, *tensor.shape[1:])
+            return tuple(shape)
+        return (self.capacity + shape[0] - steps, *shape[1:])
 
     def _view(self, name: str, steps: int) -> Tensor:
         buffer = self.buffers[name]
@@ -203,13 +205,15 @@ class _GraphFamily:
 _graphs: dict[tuple, _GraphFamily] = {}
 
 
-def _run(loop, steps: int, inputs: dict[str, Tensor], outputs: dict[str, Tensor], **scalars) -> dict[str, Tensor]:
-    """loop(**inputs, **scalars, out=outputs), on CUDA (where enabled) through a graph captured
-    once per shape; returns tensors the caller owns."""
+def _run(loop, steps: int, inputs: dict[str, Tensor], outputs: dict[str, tuple[int, ...]],
+         **scalars) -> dict[str, Tensor]:
+    """loop(**inputs, **scalars, out=) into new tensors of the `outputs` shapes, on CUDA (where
+    enabled) through a graph captured once per shape; returns tensors the caller owns."""
     first = next(iter(inputs.values()))
     if not (CUDA_GRAPHS and first.is_cuda):
-        loop(**inputs, **scalars, out=outputs)
-        return outputs
+        out = {k: first.new_empty(shape) for k, shape in outputs.items()}
+        loop(**inputs, **scalars, out=out)
+        return out
     sizes = tuple(v.shape[1:] if k in _PER_STEP else v.shape for k, v in inputs.items())
     key = (loop.__name__, first.device, first.dtype, sizes, *scalars.values(),
            torch.backends.cuda.matmul.allow_tf32)  # a graph keeps the math mode it was captured with
@@ -225,14 +229,13 @@ class EGRUSequenceTriton(torch.autograd.Function):
     def forward(ctx, x_proj: Tensor, y0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Tensor,
                 theta: Tensor, height: float, width: float):
         steps, batch, hidden = x_proj.size(0), x_proj.size(1), x_proj.size(2) // 3
-        new = x_proj.new_empty
         out = _run(
             _forward_loop, steps,
             {"x_proj": x_proj.contiguous(), "y0": y0.contiguous(), "c0": c0.contiguous(),
              "w_hh": w_hh.contiguous(), "b_hh": b_hh.contiguous(), "theta": theta.contiguous()},
-            {"ys": new(steps, batch, hidden), "cs": new(steps, batch, hidden),
-             "c_resets": new(steps + 1, batch, hidden), "gates": new(steps, batch, 4 * hidden),
-             "h": new(batch, 3 * hidden)},
+            {"ys": (steps, batch, hidden), "cs": (steps, batch, hidden),
+             "c_resets": (steps + 1, batch, hidden), "gates": (steps, batch, 4 * hidden),
+             "h": (batch, 3 * hidden)},
             height=height, width=width,
         )
         ys, cs, c_resets = out["ys"], out["cs"], out["c_resets"]
@@ -245,14 +248,13 @@ class EGRUSequenceTriton(torch.autograd.Function):
     def backward(ctx, d_ys: Tensor, d_c_last: Tensor, d_events: Tensor):
         ys, cs, c_resets, gates, y0, w_hh, theta = ctx.saved_tensors
         steps, batch, hidden = ys.shape
-        new = ys.new_empty
         out = _run(
             _backward_loop, steps,
             {"d_ys": d_ys.contiguous(), "d_c_last": d_c_last.contiguous(), "d_events": d_events.contiguous(),
              "gates": gates, "cs": cs, "c_resets": c_resets, "w_hh": w_hh.contiguous(),
              "theta": theta.contiguous()},
-            {"d_x": new(steps, batch, 3 * hidden), "d_h": new(steps, batch, 3 * hidden),
-             "d_y": new(batch, hidden), "d_c": new(batch, hidden), "d_theta": new(batch, hidden)},
+            {"d_x": (steps, batch, 3 * hidden), "d_h": (steps, batch, 3 * hidden),
+             "d_y": (batch, hidden), "d_c": (batch, hidden), "d_theta": (batch, hidden)},
             height=ctx.height, width=ctx.width,
         )
         d_h = out["d_h"]
