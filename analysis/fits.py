@@ -13,6 +13,12 @@ with the fitted variance), which works with the 4-16 runs an architecture has in
 a case bootstrap would often draw a single R; percentile intervals are widened about the
 bootstrap median by t(n - 3) / z for the small sample (simulated coverage of a 95 % interval:
 about 93-94 % with 6-12 runs, see docs/analysis.md).
+
+Selection on validation, report on test: every perplexity here that chooses or is fitted is
+the best validation perplexity (`runs.BEST_VAL_PPL`): the dense baselines, the budgets and
+the winners of the iso-perplexity table, and the trade-off curves. Test perplexity is only
+reported beside it (the chosen configurations' test figures; for a fit, how its curve
+predicts the test figures), so it stays an unbiased estimate of what was chosen.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import pandas as pd
 from duosparse import schema
 from scipy import optimize, stats
 
-from .runs import ARCH, OK, RUN_ID, RUN_IDS, SIZE_KEYS
+from .runs import ARCH, BEST_VAL_PPL, OK, RUN_ID, RUN_IDS, SIZE_KEYS
 
 B_MIN, B_MAX = 0.05, 8.0
 _B_GRID = np.geomspace(B_MIN, B_MAX, 48)
@@ -212,12 +218,15 @@ def fit_keys(table: pd.DataFrame) -> list[str]:
 def fit_groups(
     table: pd.DataFrame,
     x: str = schema.OPS_COMPUTE_REDUCTION,
-    y: str = schema.TEST_PPL,
+    y: str = BEST_VAL_PPL,
     n_boot: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    reported: str = schema.TEST_PPL,
 ) -> list[dict[str, Any]]:
-    """A trade-off fit per architecture (and size); groups too small say why they are skipped."""
+    """A trade-off fit of `y` per architecture (and size); groups too small say why they are
+    skipped. The curve is fitted on validation perplexity, like every choice of the analysis;
+    `reported` (test perplexity) is not fitted, only compared with the curve (`check_on_test`)."""
     rows = _ok(table, x, y)
     keys = fit_keys(rows)
     out = []
@@ -230,8 +239,33 @@ def fit_groups(
             entry["skipped"] = str(e)
         else:
             entry.update(fit.to_dict())
+            entry.update(check_on_test(fit, group, x, y, reported))
         out.append(entry)
     return out
+
+
+def check_on_test(
+    fit: TradeoffFit, rows: pd.DataFrame, x: str, y: str, reported: str = schema.TEST_PPL
+) -> dict[str, Any]:
+    """How the validation-fitted curve carries over to the test split, on the same runs:
+    `test_ratio`, the geometric mean of test / validation perplexity (the split gap), and
+    `test_rmse`, the RMSE of the curve on log test perplexity (compare with `rmse`)."""
+    entry: dict[str, Any] = {"reported": reported, "test_n": 0}
+    if reported not in rows:
+        return entry
+    values = rows[[x, y, reported]].to_numpy(dtype=float)
+    values = values[np.isfinite(values).all(axis=1) & (values > 0).all(axis=1)]
+    if not len(values):
+        return entry
+    r, val, test = values.T
+    log_test = np.log(test)
+    resid = log_test - np.log(fit.predict(r))
+    return {
+        **entry,
+        "test_n": len(values),
+        "test_ratio": float(np.exp(np.mean(log_test - np.log(val)))),
+        "test_rmse": float(np.sqrt(np.mean(resid**2))),
+    }
 
 
 # --- multiplicativity -----------------------------------------------------------------------
@@ -419,11 +453,15 @@ def _sizes(table: pd.DataFrame) -> list[str]:
 
 
 def baselines(
-    configs: pd.DataFrame, reference_arch: str | None = None, y: str = schema.TEST_PPL
+    configs: pd.DataFrame,
+    reference_arch: str | None = None,
+    y: str = BEST_VAL_PPL,
+    reported: str = schema.TEST_PPL,
 ) -> pd.DataFrame:
     """The dense baseline of each (architecture, size): its unpruned configuration with the
-    lowest threshold (the closest to dense activity the sweep has), or with `reference_arch`
-    the unpruned `reference_arch` model of the same size for every architecture."""
+    lowest threshold (the closest to dense activity the sweep has), ties going to the lowest
+    validation perplexity `y`, or with `reference_arch` the unpruned `reference_arch` model of
+    the same size for every architecture. `reported` (test perplexity) rides along."""
     rows = _ok(configs, y)
     pruned = "prune.target_sparsity" if "prune.target_sparsity" in rows else schema.SPARSITY_WEIGHT
     dense = rows[rows[pruned].fillna(0) <= 1e-9]
@@ -432,9 +470,13 @@ def baselines(
     if reference_arch:
         dense = dense[dense[ARCH] == reference_arch]
     order = [c for c in ("model.threshold", y) if c in dense]
-    columns = keys + [y, RUN_ID] + (["model.threshold"] if "model.threshold" in dense else [])
+    columns = keys + [y, reported, RUN_ID]
+    columns += ["model.threshold"] if "model.threshold" in dense else []
+    columns = list(dict.fromkeys(columns))  # y may be `reported` (a caller's choice)
     if not len(dense):
         return pd.DataFrame(columns=columns)
+    if reported not in dense:
+        dense = dense.assign(**{reported: math.nan})
     best = dense.sort_values(order).groupby(keys, sort=True, dropna=False).head(1)
     return best[columns].reset_index(drop=True)
 
@@ -443,55 +485,77 @@ def iso_perplexity(
     configs: pd.DataFrame,
     budgets: tuple[Budget, ...] | list[Budget] = DEFAULT_BUDGETS,
     reference_arch: str | None = None,
-    y: str = schema.TEST_PPL,
+    y: str = BEST_VAL_PPL,
     reduction: str = schema.OPS_COMPUTE_REDUCTION,
+    reported: str = schema.TEST_PPL,
 ) -> list[dict[str, Any]]:
     """Per architecture and budget, the largest compute reduction of any configuration whose
-    (seed-mean) perplexity is within the budget, and the run that achieves it."""
+    (seed-mean) validation perplexity `y` is within the budget, and the run that achieves it.
+
+    Budgets, baselines and ties are decided on `y` alone; each entry reports the chosen
+    configuration's and its baseline's validation (`val_ppl`) and test (`test_ppl`) figures.
+    """
     rows = _ok(configs, y, reduction)
-    base = baselines(configs, reference_arch, y)
+    base = baselines(configs, reference_arch, y, reported)
     sizes = _sizes(rows)
     join = sizes if reference_arch else [ARCH, *sizes]
     if len(base):
-        rows = rows.merge(base[[*join, y]].rename(columns={y: "baseline_ppl"}), on=join, how="left")
+        figures = base[join].assign(baseline_val_ppl=base[y], baseline_test_ppl=base[reported])
+        rows = rows.merge(figures, on=join, how="left")
     else:
-        rows = rows.assign(baseline_ppl=math.nan)
+        rows = rows.assign(baseline_val_ppl=math.nan, baseline_test_ppl=math.nan)
     out = []
     for arch, group in rows.groupby(ARCH, sort=True):
         for budget in budgets:
-            if budget.kind == "absolute":
-                limit = pd.Series(budget.value, index=group.index)
-            else:
-                limit = group["baseline_ppl"] * (1 + budget.value)
-            within = group[group[y] <= limit + 1e-12]
-            entry: dict[str, Any] = {
-                ARCH: str(arch),
-                "budget": budget.label,
-                "kind": budget.kind,
-                "value": budget.value,
-            }
-            if not len(within):
-                entry.update(reduction=None, note="no configuration within the budget")
-                out.append(entry)
-                continue
-            best = within.sort_values([reduction, y], ascending=[False, True]).iloc[0]
-            entry.update(
-                reduction=float(best[reduction]),
-                ppl=float(best[y]),
-                baseline_ppl=_float(best["baseline_ppl"]),
-                ppl_limit=float(limit[best.name]) if math.isfinite(limit[best.name]) else None,
-                effective_macs=_float(best.get(schema.OPS_EFFECTIVE)),
-                total_reduction=_float(best.get(schema.OPS_TOTAL_COMPUTE_REDUCTION)),
-                run_id=best[RUN_ID],
-                run_ids=best.get(RUN_IDS),
-                config={
-                    c: _plain(best[c])
-                    for c in (*sizes, "prune.target_sparsity", "model.threshold")
-                    if c in best
-                },
-            )
-            out.append(entry)
+            out.append(_iso_entry(str(arch), group, budget, y, reduction, reported, sizes))
     return out
+
+
+def _iso_entry(
+    arch: str,
+    group: pd.DataFrame,
+    budget: Budget,
+    y: str,
+    reduction: str,
+    reported: str,
+    sizes: list[str],
+) -> dict[str, Any]:
+    """One budget's winner within one architecture, chosen on `y` (validation) only."""
+    if budget.kind == "absolute":
+        limit = pd.Series(budget.value, index=group.index)
+    else:
+        limit = group["baseline_val_ppl"] * (1 + budget.value)
+    within = group[group[y] <= limit + 1e-12]
+    entry: dict[str, Any] = {
+        ARCH: arch,
+        "budget": budget.label,
+        "kind": budget.kind,
+        "value": budget.value,
+        "selected_on": y,
+        "reported": reported,
+    }
+    if not len(within):
+        entry.update(reduction=None, note="no configuration within the budget")
+        return entry
+    best = within.sort_values([reduction, y], ascending=[False, True]).iloc[0]
+    entry.update(
+        reduction=float(best[reduction]),
+        val_ppl=float(best[y]),
+        test_ppl=_float(best.get(reported)),
+        val_ppl_limit=_float(limit[best.name]),
+        baseline_val_ppl=_float(best["baseline_val_ppl"]),
+        baseline_test_ppl=_float(best["baseline_test_ppl"]),
+        effective_macs=_float(best.get(schema.OPS_EFFECTIVE)),
+        total_reduction=_float(best.get(schema.OPS_TOTAL_COMPUTE_REDUCTION)),
+        run_id=best[RUN_ID],
+        run_ids=best.get(RUN_IDS),
+        config={
+            c: _plain(best[c])
+            for c in (*sizes, "prune.target_sparsity", "model.threshold")
+            if c in best
+        },
+    )
+    return entry
 
 
 def _float(value: Any) -> float | None:

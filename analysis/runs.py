@@ -10,7 +10,11 @@ One row per training run. Columns, all typed:
   typed from the RunConfig field types (MLflow keeps params as strings);
 - every metric under its schema name (`test/ppl`, `ops/effective_macs_per_token`,
   `sparsity/activity/layer_0`, `hw/spinnaker2/energy_per_token_j`, ...): the latest value,
-  which is the final test-split figure.
+  which is the final test-split figure (`val/ppl`, logged per epoch only, is the last
+  epoch's);
+- `val/best_ppl` (BEST_VAL_PPL), derived here from the run's `val/ppl` history: the best
+  validation perplexity among the epochs at the final sparsity, the epoch whose weights the
+  run tested. Every analysis selects on it and reports `test/ppl` beside it.
 
 `write_table` / `read_table` export and re-import it (CSV or Parquet) with the same types,
 so every analysis runs from a file without a tracking server.
@@ -66,6 +70,13 @@ META_TYPES: dict[str, str] = {
     END_TIME: "datetime64[ns, UTC]",
 }
 AGG_TYPES: dict[str, str] = {N_SEEDS: "int64", SEEDS: "string", RUN_IDS: "string"}
+
+# The selection figure. A run logs `val/ppl` per epoch only, so its latest value is the last
+# epoch's; the training loop tests the weights of the best validation epoch among those at
+# the final sparsity, and that epoch's perplexity is what configurations are chosen on
+# (choosing on test/ppl would select on the split that is reported). Not an MLflow name:
+# the run table derives it from the metric history (`best_val_ppl`).
+BEST_VAL_PPL = "val/best_ppl"
 
 ARCH = "model.arch"
 SEED = "train.seed"
@@ -178,7 +189,37 @@ def _bool(value: Any) -> Any:
 # --- reading MLflow -----------------------------------------------------------------------
 
 
-def _row(run: Any) -> dict[str, Any]:
+def final_sparsity_epoch(params: dict[str, Any]) -> int:
+    """The first epoch whose validation counts for the best model: the epoch after which
+    the masks are final (0: no pruning, every epoch counts).
+
+    Mirrors `duosparse.pruning.Pruner.final_epoch` (the training loop keeps the best
+    validation epoch `>= final_epoch`) on the run's typed config values; a test checks
+    the two agree.
+    """
+    schedule = params.get("prune.schedule") or "none"
+    target = params.get("prune.target_sparsity") or 0.0
+    if schedule == "none" or not target > 0:
+        return 0
+    key = "prune.start_epoch" if schedule == "oneshot" else "prune.end_epoch"
+    value = params.get(key)
+    return int(value) if value is not None and not pd.isna(value) else 1  # RunConfig's default
+
+
+def best_val_ppl(history: list[tuple[int, float]], first_epoch: int) -> float:
+    """The lowest finite val/ppl among (epoch, value) pairs with epoch >= first_epoch; NaN
+    when there is none (a run that never reached its final sparsity)."""
+    values = [v for step, v in history if step >= first_epoch and math.isfinite(v)]
+    return min(values) if values else math.nan
+
+
+def _val_history(client: Any, run: Any) -> list[tuple[int, float]]:
+    if client is None or schema.VAL_PPL not in run.data.metrics:
+        return []
+    return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, schema.VAL_PPL)]
+
+
+def _row(run: Any, val_history: list[tuple[int, float]]) -> dict[str, Any]:
     tags, info = run.data.tags, run.info
     status = info.status
     early = tags.get(schema.TAG_EARLY_STOPPED) == "true"
@@ -197,19 +238,24 @@ def _row(run: Any) -> dict[str, Any]:
         START_TIME: pd.to_datetime(info.start_time, unit="ms", utc=True),
         END_TIME: pd.to_datetime(info.end_time, unit="ms", utc=True) if info.end_time else pd.NaT,
     }
-    row.update({k: parse_param(k, v) for k, v in run.data.params.items()})
+    params = {k: parse_param(k, v) for k, v in run.data.params.items()}
+    row.update(params)
     row.update(run.data.metrics)
+    row[BEST_VAL_PPL] = best_val_ppl(val_history, final_sparsity_epoch(params))
     return row
 
 
-def table_from_runs(runs: list[Any]) -> pd.DataFrame:
+def table_from_runs(runs: list[Any], client: Any) -> pd.DataFrame:
     """The run table of MLflow Run objects (trial or train runs; sweep parents are left out).
 
-    A run_key met more than once keeps its best run: FINISHED before others, then the newest.
+    `client` (an MlflowClient on the runs' store) reads each run's val/ppl history for
+    BEST_VAL_PPL; one request per run. A run_key met more than once keeps its best run:
+    FINISHED before others, then the newest.
     """
-    rows = [_row(r) for r in runs if r.data.tags.get(schema.TAG_KIND) != "sweep"]
+    kept = [r for r in runs if r.data.tags.get(schema.TAG_KIND) != "sweep"]
+    rows = [_row(r, _val_history(client, r)) for r in kept]
     if not rows:
-        return apply_types(pd.DataFrame(columns=list(META_TYPES)))
+        return apply_types(pd.DataFrame(columns=[*META_TYPES, BEST_VAL_PPL]))
     table = pd.DataFrame(rows)
     table["_finished"] = table[STATUS] == "FINISHED"
     table = table.sort_values(["_finished", START_TIME], ascending=False)
@@ -222,7 +268,8 @@ def table_from_runs(runs: list[Any]) -> pd.DataFrame:
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:
     meta = [c for c in META_TYPES if c in table.columns]
     config = config_columns(table)
-    known = [c for c in schema.RUN_METRICS if c in table.columns]
+    metrics = [BEST_VAL_PPL, *schema.RUN_METRICS]  # the selection figure first
+    known = [c for c in metrics if c in table.columns]
     rest = sorted(c for c in table.columns if c not in {*meta, *config, *known})
     return table[meta + config + known + rest]
 
@@ -268,7 +315,7 @@ def runs_table(
         )
     filter_string = f"tags.`{schema.TAG_SWEEP}` = '{tag}'" if tag else ""
     runs = client.search_runs(ids, filter_string, max_results=50_000)
-    table = table_from_runs(runs)
+    table = table_from_runs(runs, client)
     table.attrs.update(sweep=tag or name, tracking_uri=client.tracking_uri, experiment_ids=ids)
     return table
 
@@ -382,6 +429,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise RunTableError(
             f"'{path}' is not a duosparse run table (no '{RUN_ID}' column); export one with "
             "`duosparse analyze SWEEP` (runs.parquet / runs.csv in its output folder)."
+        )
+    if schema.TEST_PPL in table.columns and BEST_VAL_PPL not in table.columns:
+        # Selecting on the last epoch's val/ppl instead would be wrong whenever an earlier
+        # epoch was the best, so the table is refused rather than analysed approximately.
+        raise RunTableError(
+            f"'{path}' has no '{BEST_VAL_PPL}' column (best validation perplexity, which every "
+            "analysis selects on): it was exported by an older duosparse. Analyse the sweep "
+            "from its tracking store (`duosparse analyze SWEEP`), which writes a new runs.parquet."
         )
     attrs = dict(table.attrs)
     table = apply_types(table)

@@ -3,6 +3,10 @@
 Used by `duosparse analyze` and `duosparse export pareto`, and by the HTML report. The input
 is a run table (`runs.runs_table` from MLflow, or `runs.read_table` from a file), so the same
 analysis runs with or without a tracking server.
+
+Selection on validation, report on test: fronts, hypervolumes, fits, baselines and budgets
+use the best validation perplexity (`runs.BEST_VAL_PPL`); every chosen configuration carries
+its test perplexity beside it (`SELECTION` in the results says so).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from duosparse import schema
 from . import fits, pareto
 from .runs import (
     ARCH,
+    BEST_VAL_PPL,
     EARLY_STOPPED,
     FAILURE,
     OK,
@@ -27,6 +32,15 @@ from .runs import (
     aggregate_seeds,
     varying_config,
 )
+
+# Recorded in the results, so a reader of results.json knows which figure chose and which
+# is only reported.
+SELECTION = {
+    "selected_on": BEST_VAL_PPL,
+    "reported": schema.TEST_PPL,
+    "rule": "fronts, hypervolumes, fits, baselines and budgets use the best validation "
+    "perplexity (epochs at the final sparsity); test perplexity is reported beside it",
+}
 
 
 def analyze(
@@ -45,6 +59,7 @@ def analyze(
             f"none of the {len(table)} runs finished with a test perplexity, so there is "
             "nothing to analyse; check `duosparse sweep status` for failures."
         )
+    _require_selection(ok)
     configs = aggregate_seeds(table, confidence=confidence)
     axes = [c for c in varying_config(ok) if c != "train.seed"]
     results: dict[str, Any] = {
@@ -53,6 +68,7 @@ def analyze(
         "axes": axes,
         "architectures": sorted(str(a) for a in ok[ARCH].dropna().unique()) if ARCH in ok else [],
         "confidence": confidence,
+        "selection": SELECTION,
         "not_ok": _not_ok(table, axes),
     }
     results.update(pareto_summary(configs, axes))
@@ -74,9 +90,22 @@ def pareto_summary(configs: pd.DataFrame, axes: list[str] | None = None) -> dict
     out: dict[str, Any] = {"pareto": {}, "hypervolume": {}}
     for cost in pareto.cost_axes(configs):
         front = pareto.pareto_front(configs, cost)
-        out["pareto"][cost] = _records(front, [ARCH, cost, schema.TEST_PPL, *axes, RUN_ID, RUN_IDS])
+        columns = [ARCH, cost, pareto.OBJECTIVE, pareto.REPORTED, *axes, RUN_ID, RUN_IDS]
+        out["pareto"][cost] = _records(front, columns)
         out["hypervolume"][cost] = pareto.compare(configs, cost)
     return jsonable(out)
+
+
+def _require_selection(ok: pd.DataFrame) -> None:
+    """Refuse, rather than return empty fronts, when no usable run has the selection figure."""
+    values = ok[BEST_VAL_PPL].to_numpy(dtype=float) if BEST_VAL_PPL in ok else np.array([])
+    if not np.isfinite(values).any():
+        raise ValueError(
+            f"none of the {len(ok)} usable runs has a best validation perplexity "
+            f"('{BEST_VAL_PPL}', read from each run's {schema.VAL_PPL} history), which every "
+            "analysis selects on; read the runs from their tracking store (`duosparse analyze "
+            "SWEEP`) rather than from a table built without it."
+        )
 
 
 def _counts(table: pd.DataFrame) -> dict[str, int]:

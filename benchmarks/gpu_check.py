@@ -229,27 +229,34 @@ def throughput(device: torch.device, seconds: float, rounds: int, loop_too: bool
 
 def train_ptb(device: torch.device, epochs: int) -> dict:
     """duosparse's own `train()` on Penn Treebank ($DUOSPARSE_DATA_DIR) for a few epochs with the
-    paper-size EGRU and sweeps/ptb_paper.yaml's regularisation and optimiser (variable BPTT
-    around 70, batch 64, AWD dropouts, AdamW, cosine schedule; threshold 0.05, no pruning):
+    paper-size EGRU of sweeps/ptb_paper.yaml, i.e. its recipe configs/recipes/evnn_ptb.yaml
+    (EvNN: embedding 750, layers 1350/1350/750 tied, variable BPTT around 70, batch 64, AWD
+    dropouts, AdamW, cosine schedule, frozen Beta thresholds) with the spec's base on top,
+    less its pruning; threshold 0.05 (the mean of the Beta draws, one of the spec's values):
     the whole training path on the GPU, with the kernels as the layers select them. A few
-    epochs of the paper's 800: the perplexity shows the path trains, not the paper's figure."""
+    epochs of the recipe's 1000, its schedule compressed into them (the cosine starts at the
+    same fraction of training, decay_start_epoch 1 + round(700 N / 1000)): the perplexity
+    shows the path trains, not the paper's figure (benchmarks/gpu_learning_curve.py records
+    a learning curve)."""
+    import copy
     import tempfile
 
-    import yaml
     from duosparse import egru_triton, schema
-    from duosparse.config import load_config
+    from duosparse.config import build_config
+    from duosparse.sweep import load_spec
     from duosparse.train import train
 
     _kernels(True, True)
     torch.backends.cudnn.allow_tf32 = True  # train() gives cuBLAS the cuDNN setting
-    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "sweeps" / "ptb_paper.yaml").read_text())["base"]
-    base.pop("prune")
+    spec_path = Path(__file__).resolve().parents[1] / "sweeps" / "ptb_paper.yaml"
+    base = copy.deepcopy(load_spec(spec_path).base)  # the recipe with the spec's base merged on top
+    base.pop("prune", None)
     base["model"].update(arch="egru", threshold=0.05)
-    base["train"].update(epochs=epochs, device="cuda")
+    recipe_epochs, decay_start = base["train"]["epochs"], base["train"].get("decay_start_epoch", 1)
+    base["train"].update(epochs=epochs, device="cuda",
+                         decay_start_epoch=1 + round((decay_start - 1) * epochs / recipe_epochs))
+    config = build_config(base, f"{spec_path.name} (base and recipe) for train_ptb")
     with tempfile.TemporaryDirectory() as tmp:
-        config_path = Path(tmp) / "config.yaml"
-        config_path.write_text(yaml.safe_dump(base))
-        config = load_config(config_path)
         torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         metrics = train(config, workdir=Path(tmp) / "run", progress=False)

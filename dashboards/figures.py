@@ -2,6 +2,9 @@
 
 Every point's hover shows its run id and the swept config values, so a point on a plot can
 be looked up in the MLflow UI.
+
+Selection on validation, report on test: the perplexity axes are the best validation
+perplexity the analysis chooses on (labelled "(selection)"); test perplexity is in the hover.
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ import plotly.graph_objects as go
 from duosparse import schema
 from duosparse.analysis import pareto
 from duosparse.analysis.fits import fit_keys
-from duosparse.analysis.runs import ARCH, OK, RUN_ID, RUN_IDS, aggregate_seeds, varying_config
+from duosparse.analysis.runs import (
+    ARCH,
+    BEST_VAL_PPL,
+    OK,
+    RUN_ID,
+    RUN_IDS,
+    aggregate_seeds,
+    varying_config,
+)
 from plotly.subplots import make_subplots
 
 ARCH_COLORS = {"lstm": "#1f77b4", "gru": "#ff7f0e", "egru": "#2ca02c"}
@@ -27,6 +38,10 @@ PARETO_NAMES = {
     schema.spinnaker2("energy_per_token_j"): "pareto_spinnaker2_energy",
 }
 LAYOUT = dict(template="plotly_white", width=900, height=560, hovermode="closest")
+# Which split a perplexity is, wherever one is shown: the selection figure and the report.
+VAL_LABEL = "validation perplexity (selection)"
+TEST_LABEL = "test perplexity"
+LABELS = {BEST_VAL_PPL: "val ppl (selection)", schema.TEST_PPL: "test ppl"}
 
 
 def color(arch: str, archs: list[str]) -> str:
@@ -56,7 +71,7 @@ def hover(rows: pd.DataFrame, axes: list[str], extra: list[str] = ()) -> list[st
         )
         parts = [f"run {row[RUN_ID]}{seeds}"]
         parts += [f"{c} = {_fmt(row[c])}" for c in axes if c in row]
-        parts += [f"{c} = {_fmt(row[c])}" for c in extra if c in row]
+        parts += [f"{LABELS.get(c, c)} = {_fmt(row[c])}" for c in extra if c in row]
         lines.append("<br>".join(parts))
     return lines
 
@@ -75,8 +90,9 @@ def _axes(table: pd.DataFrame) -> list[str]:
 def pareto_figure(
     configs: pd.DataFrame, cost: str, results: dict[str, Any] | None = None
 ) -> go.Figure:
-    """Test perplexity against one cost axis: every configuration, the front of each
-    architecture as a staircase, hypervolume in the legend."""
+    """Validation perplexity (the selection figure) against one cost axis: every
+    configuration, the front of each architecture as a staircase, hypervolume in the legend;
+    the hover adds each point's test perplexity."""
     rows = pareto.usable(configs, cost)
     axes, archs = _axes(configs), _archs(rows)
     hv = ((results or {}).get("hypervolume", {}).get(cost) or {}).get("groups", {})
@@ -85,11 +101,11 @@ def pareto_figure(
         group = rows[rows[ARCH] == arch].sort_values(cost)
         front = pareto.pareto_front(group, cost)
         c = color(arch, archs)
-        extra = [cost, schema.TEST_PPL]
+        extra = [cost, pareto.OBJECTIVE, pareto.REPORTED]
         fig.add_trace(
             go.Scatter(
                 x=group[cost],
-                y=group[schema.TEST_PPL],
+                y=group[pareto.OBJECTIVE],
                 mode="markers",
                 name=f"{arch} runs",
                 legendgroup=arch,
@@ -104,7 +120,7 @@ def pareto_figure(
         fig.add_trace(
             go.Scatter(
                 x=front[cost],
-                y=front[schema.TEST_PPL],
+                y=front[pareto.OBJECTIVE],
                 mode="lines+markers",
                 name=label,
                 legendgroup=arch,
@@ -114,9 +130,10 @@ def pareto_figure(
                 hovertemplate="%{text}<extra></extra>",
             )
         )
-    fig.update_layout(title=f"Test perplexity vs {pareto.COST_AXES.get(cost, cost)}", **LAYOUT)
-    fig.update_xaxes(type="log", title=pareto.COST_AXES.get(cost, cost))
-    fig.update_yaxes(title="test perplexity")
+    cost_label = pareto.COST_AXES.get(cost, cost)
+    fig.update_layout(title=f"{VAL_LABEL.capitalize()} vs {cost_label}", **LAYOUT)
+    fig.update_xaxes(type="log", title=cost_label)
+    fig.update_yaxes(title=VAL_LABEL)
     return fig
 
 
@@ -124,9 +141,10 @@ def pareto_figure(
 
 
 def tradeoff_figure(table: pd.DataFrame, results: dict[str, Any]) -> go.Figure:
-    """Perplexity against compute reduction: runs, fitted curves and their confidence bands."""
+    """Validation perplexity against compute reduction: runs, the curves fitted to it and
+    their confidence bands; the hover adds each run's test perplexity."""
     rows = _ok(table)
-    x, y = schema.OPS_COMPUTE_REDUCTION, schema.TEST_PPL
+    x, y = schema.OPS_COMPUTE_REDUCTION, BEST_VAL_PPL
     axes, archs = _axes(table), _archs(rows)
     keys = fit_keys(rows)
     fig = go.Figure()
@@ -146,7 +164,7 @@ def tradeoff_figure(table: pd.DataFrame, results: dict[str, Any]) -> go.Figure:
                 name=f"{name} runs",
                 legendgroup=name,
                 marker=dict(color=c, size=8),
-                text=hover(group, axes, [x, y]),
+                text=hover(group, axes, [x, y, schema.TEST_PPL]),
                 hovertemplate="%{text}<extra></extra>",
             )
         )
@@ -180,20 +198,23 @@ def tradeoff_figure(table: pd.DataFrame, results: dict[str, Any]) -> go.Figure:
             )
         )
     fig.update_layout(
-        title="Perplexity vs compute reduction, fit ppl0 (1 + a R^b) with "
+        title="Validation perplexity vs compute reduction, fit ppl0 (1 + a R^b) with "
         f"{results.get('confidence', 0.95):.0%} band",
         **LAYOUT,
     )
     fig.update_xaxes(type="log", title="compute reduction R = dense / effective MACs")
-    fig.update_yaxes(title="test perplexity")
+    fig.update_yaxes(title=VAL_LABEL)
     return fig
 
 
 # --- heatmaps -----------------------------------------------------------------------------------
 
 
-def heatmap_figure(configs: pd.DataFrame, metric: str, title: str) -> go.Figure:
-    """`metric` over prune ratio x threshold, one panel per architecture (and size)."""
+def heatmap_figure(
+    configs: pd.DataFrame, metric: str, title: str, companion: str | None = None
+) -> go.Figure:
+    """`metric` over prune ratio x threshold, one panel per architecture (and size); the
+    hover adds `companion` (the test perplexity beside the validation one)."""
     rows = _ok(configs)
     px_, py_ = "model.threshold", "prune.target_sparsity"
     keys = fit_keys(rows)
@@ -211,11 +232,16 @@ def heatmap_figure(configs: pd.DataFrame, metric: str, title: str) -> go.Figure:
     values = rows[metric].to_numpy(dtype=float) if metric in rows else np.array([])
     finite = values[np.isfinite(values)]
     zmin, zmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    template = f"run %{{customdata[0]}}<br>{px_} = %{{x}}<br>{py_} = %{{y}}<br>"
+    template += f"{LABELS.get(metric, metric)} = %{{z:.4g}}"
+    if companion:
+        template += f"<br>{LABELS.get(companion, companion)} = %{{customdata[1]}}"
+    template += "<extra></extra>"
     for i, (_, group) in enumerate(groups):
         grid = group.pivot_table(index=py_, columns=px_, values=metric, aggfunc="mean")
         ids = group.pivot_table(index=py_, columns=px_, values=RUN_ID, aggfunc="first")
         text = [[_fmt(v) for v in r] for r in grid.to_numpy()]
-        custom = ids.reindex_like(grid).to_numpy().astype(str)
+        custom = _heatmap_custom(group, grid, ids, companion)
         fig.add_trace(
             go.Heatmap(
                 z=grid.to_numpy(),
@@ -227,8 +253,7 @@ def heatmap_figure(configs: pd.DataFrame, metric: str, title: str) -> go.Figure:
                 zmin=zmin,
                 zmax=zmax,
                 coloraxis="coloraxis",
-                hovertemplate=f"run %{{customdata}}<br>{px_} = %{{x}}<br>{py_} = %{{y}}<br>"
-                f"{metric} = %{{z:.4g}}<extra></extra>",
+                hovertemplate=template,
             ),
             row=i // cols + 1,
             col=i % cols + 1,
@@ -237,10 +262,25 @@ def heatmap_figure(configs: pd.DataFrame, metric: str, title: str) -> go.Figure:
     fig.update_yaxes(title=py_, type="category")
     fig.update_layout(
         title=title,
-        coloraxis=dict(colorscale="Viridis", colorbar=dict(title=metric)),
+        coloraxis=dict(colorscale="Viridis", colorbar=dict(title=LABELS.get(metric, metric))),
         **{**LAYOUT, "height": 360 * nrows + 120},
     )
     return fig
+
+
+def _heatmap_custom(
+    group: pd.DataFrame, grid: pd.DataFrame, ids: pd.DataFrame, companion: str | None
+) -> np.ndarray:
+    """Per cell [run id, companion value as text], for the heatmap's hover."""
+    run_ids = ids.reindex_like(grid).to_numpy().astype(str)
+    if companion is None or companion not in group:
+        values = np.full(grid.shape, "-", dtype=object)
+    else:
+        pivot = group.pivot_table(
+            index=grid.index.name, columns=grid.columns.name, values=companion, aggfunc="mean"
+        )
+        values = np.vectorize(_fmt, otypes=[object])(pivot.reindex_like(grid).to_numpy())
+    return np.stack([run_ids.astype(object), values], axis=-1)
 
 
 # --- multiplicativity ---------------------------------------------------------------------------
@@ -377,7 +417,10 @@ def build_figures(
     }
     figs["tradeoff_fit"] = tradeoff_figure(table, results)
     figs["heatmap_ppl"] = heatmap_figure(
-        configs, schema.TEST_PPL, "Test perplexity over prune ratio x threshold"
+        configs,
+        BEST_VAL_PPL,
+        f"{VAL_LABEL.capitalize()} over prune ratio x threshold (test perplexity in the hover)",
+        companion=schema.TEST_PPL,
     )
     figs["heatmap_reduction"] = heatmap_figure(
         configs,

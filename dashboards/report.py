@@ -3,6 +3,9 @@
 plotly.js is inlined once in the page head (no network needed to open it, e.g. from the MLflow
 UI's artifact view); the results themselves are embedded as JSON too, so the numbers behind
 every plot travel with the report.
+
+Selection on validation, report on test: every table names the split of each perplexity;
+the choices (fronts, baselines, budgets, fits) are on validation, test is shown beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from duosparse.analysis import pareto
 from duosparse.analysis.fits import PARAMS
 from duosparse.analysis.runs import (
     ARCH,
+    BEST_VAL_PPL,
     OK,
     RUN_ID,
     STATUS,
@@ -33,6 +37,14 @@ from plotly.offline import get_plotlyjs
 from .figures import PARETO_NAMES, build_figures
 
 OWN_BASELINE = "each architecture unpruned, lowest threshold"
+VAL_PPL = "val ppl (selection)"
+TEST_PPL = "test ppl"
+SELECTION_NOTE = (
+    "Selection on validation, report on test: every front, baseline, budget and fit is "
+    "decided on the best validation perplexity of each run (epochs at the final sparsity, "
+    "the weights the run tested); test perplexity is shown beside it and chooses nothing, "
+    "so it is an unbiased estimate of the chosen configurations."
+)
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
@@ -106,10 +118,12 @@ def _fit_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 row[p] = _ci(fit["params"][p], fit["ci"][p])
             row.update(
                 {
-                    "R2 (log ppl)": fit["r2"],
-                    "RMSE (log ppl)": fit["rmse"],
+                    "R2 (log val ppl)": fit["r2"],
+                    "RMSE (log val ppl)": fit["rmse"],
                     "AIC": fit["aic"],
                     "AIC power law": fit["aic_powerlaw"],
+                    "test / val ppl": fit.get("test_ratio"),
+                    "RMSE (log test ppl)": fit.get("test_rmse"),
                 }
             )
         out.append(row)
@@ -154,9 +168,11 @@ def _iso_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             ARCH: e[ARCH],
             "budget": e["budget"],
             "compute reduction": e.get("reduction"),
-            "test ppl": e.get("ppl"),
-            "ppl limit": e.get("ppl_limit"),
-            "baseline ppl": e.get("baseline_ppl"),
+            VAL_PPL: e.get("val_ppl"),
+            TEST_PPL: e.get("test_ppl"),
+            "val ppl limit": e.get("val_ppl_limit"),
+            f"baseline {VAL_PPL}": e.get("baseline_val_ppl"),
+            f"baseline {TEST_PPL}": e.get("baseline_test_ppl"),
             "effective MACs": e.get("effective_macs"),
             "run": e.get("run_id") or e.get("note"),
         }
@@ -165,9 +181,16 @@ def _iso_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _baseline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dense baselines, with the split of each perplexity in its header."""
+    names = {BEST_VAL_PPL: VAL_PPL, schema.TEST_PPL: TEST_PPL}
+    return [{names.get(k, k): v for k, v in row.items()} for row in results.get("baselines", [])]
+
+
 def _run_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
     axes = [c for c in varying_config(table) if c in table]
     metrics = [
+        BEST_VAL_PPL,
         schema.TEST_PPL,
         schema.SPARSITY_WEIGHT,
         schema.SPARSITY_ACTIVITY,
@@ -206,36 +229,43 @@ def render_report(
         f"{html.escape(', '.join(results.get('axes', [])))}. Generated {when}"
         f"{' from ' + html.escape(source) if source else ''}. Means over seeds with "
         f"{results.get('confidence', 0.95):.0%} intervals; see docs/analysis.md.</p>",
+        f"<p class='note'><b>{html.escape(SELECTION_NOTE)}</b></p>",
         _section(
             "Pareto fronts",
-            "Test perplexity against cost per token, one staircase per "
-            "architecture (lower left is better). Hypervolume: the area each front dominates "
-            "in (log10 cost, perplexity) up to a shared reference point, divided by the box "
-            "from the ideal point to the reference (higher is better).",
+            "Validation perplexity (selection) against cost per token, one staircase per "
+            "architecture (lower left is better); each point's test perplexity is in its "
+            "hover and in results.json. Hypervolume: the area each front dominates "
+            "in (log10 cost, validation perplexity) up to a shared reference point, divided "
+            "by the box from the ideal point to the reference (higher is better).",
             _table(_hypervolume_rows(results)),
             *pareto_figs,
         ),
         _section(
             "Iso-perplexity",
             "The largest compute reduction (dense / effective MACs, "
-            "recurrent layers) of any configuration within each perplexity budget; relative "
-            "budgets are over the dense baseline of the same size "
-            f"({html.escape(results.get('reference_arch') or OWN_BASELINE)}).",
+            "recurrent layers) of any configuration whose validation perplexity is within "
+            "each budget; relative budgets are over the validation perplexity of the dense "
+            "baseline of the same size "
+            f"({html.escape(results.get('reference_arch') or OWN_BASELINE)}). The test "
+            "perplexity of the chosen configuration and of its baseline is reported beside.",
             _table(_iso_rows(results)),
             "<h3>Dense baselines</h3>",
-            _table(results.get("baselines", [])),
+            _table(_baseline_rows(results)),
         ),
         _section(
             "Trade-off fits",
             "ppl(R) = ppl0 (1 + a R^b) per architecture (and size), fitted "
-            "on log perplexity; parameters with bootstrap intervals; AIC against the "
-            "two-parameter power law log ppl = c + k log R (lower is better).",
+            "on log validation perplexity; parameters with bootstrap intervals; AIC against "
+            "the two-parameter power law log ppl = c + k log R (lower is better). Test "
+            "perplexity is not fitted: 'test / val ppl' is the runs' geometric-mean split gap "
+            "and 'RMSE (log test ppl)' the curve's error on their test perplexity.",
             _table(_fit_rows(results)),
             fig.get("tradeoff_fit", ""),
         ),
         _section(
             "Prune ratio x threshold",
-            "Seed-mean test perplexity and compute reduction of each configuration.",
+            "Seed-mean validation perplexity (selection; test perplexity in the hover) and "
+            "compute reduction of each configuration.",
             fig.get("heatmap_ppl", ""),
             fig.get("heatmap_reduction", ""),
         ),

@@ -105,7 +105,8 @@ def synthetic_runs(seed: int = 0, slope: float = 0.0, seeds=(0, 1)) -> list[tupl
 
 
 def table_of(items: list[tuple[RunConfig, dict]]) -> pd.DataFrame:
-    """A run table straight from synthetic runs (no MLflow), as runs_table would type it."""
+    """A run table straight from synthetic runs (no MLflow), as runs_table would type it; each
+    run logged one epoch, so its best validation perplexity is its val/ppl."""
     rows = [
         {
             runs.RUN_ID: f"run{i:03d}",
@@ -114,6 +115,7 @@ def table_of(items: list[tuple[RunConfig, dict]]) -> pd.DataFrame:
             runs.EARLY_STOPPED: False,
             runs.OK: True,
             **c.flat(),
+            runs.BEST_VAL_PPL: m[schema.VAL_PPL],
             **m,
         }
         for i, (c, m) in enumerate(items)
@@ -204,7 +206,9 @@ def test_pareto_front_per_architecture_and_hypervolume():
             "model.arch": ["a", "a", "a", "b", "b"],
             "ok": [True] * 5,
             "cost": [10.0, 100.0, 50.0, 10.0, 1000.0],
-            schema.TEST_PPL: [90.0, 80.0, 95.0, 85.0, 70.0],
+            runs.BEST_VAL_PPL: [90.0, 80.0, 95.0, 85.0, 70.0],
+            # test perplexity only rides along: this order would give another front
+            schema.TEST_PPL: [99.0, 99.0, 60.0, 85.0, 70.0],
         }
     )
     front = pareto.pareto_front(table, "cost")
@@ -294,16 +298,18 @@ def test_iso_perplexity_picks_the_largest_reduction_within_budget():
     budgets = [fits.parse_budget("5%"), fits.parse_budget("120"), fits.parse_budget("1")]
     rows = fits.iso_perplexity(configs, budgets)
     by = {(r["model.arch"], r["budget"]): r for r in rows}
+    val = runs.BEST_VAL_PPL
     for arch in ("lstm", "gru", "egru"):
         group = configs[configs["model.arch"] == arch]
         base = group[group["prune.target_sparsity"] == 0].sort_values("model.threshold").iloc[0]
-        within = group[group[schema.TEST_PPL] <= base[schema.TEST_PPL] * 1.05]
+        within = group[group[val] <= base[val] * 1.05]
         best = within.loc[within[schema.OPS_COMPUTE_REDUCTION].idxmax()]
         entry = by[(arch, "+5%")]
         assert entry["reduction"] == pytest.approx(best[schema.OPS_COMPUTE_REDUCTION])
         assert entry["run_id"] == best[runs.RUN_ID]
-        assert entry["baseline_ppl"] == pytest.approx(base[schema.TEST_PPL])
-        absolute = group[group[schema.TEST_PPL] <= 120]
+        assert entry["baseline_val_ppl"] == pytest.approx(base[val])
+        assert entry["test_ppl"] == pytest.approx(best[schema.TEST_PPL])
+        absolute = group[group[val] <= 120]
         if len(absolute):
             assert by[(arch, "ppl <= 120")]["reduction"] == pytest.approx(
                 absolute[schema.OPS_COMPUTE_REDUCTION].max()
@@ -313,9 +319,145 @@ def test_iso_perplexity_picks_the_largest_reduction_within_budget():
         fits.parse_budget("sixty")
     # against one reference architecture: the LSTM of the same size
     lstm = fits.iso_perplexity(configs, [fits.parse_budget("10%")], reference_arch="lstm")
-    assert {r["baseline_ppl"] for r in lstm if r.get("baseline_ppl")} == {
-        by[("lstm", "+5%")]["baseline_ppl"]
+    assert {r["baseline_val_ppl"] for r in lstm if r.get("baseline_val_ppl")} == {
+        by[("lstm", "+5%")]["baseline_val_ppl"]
     }
+
+
+# --- selection on validation, report on test ------------------------------------------------------
+
+
+def split_disagreement() -> pd.DataFrame:
+    """One architecture's seed-mean configurations where validation and test disagree: d2 is
+    the best dense model on test but not on validation, p2 the best pruned one on test.
+
+    Chosen on validation: baseline d1, front d1-p1-p2, +5% and ppl <= 106 -> p1.
+    Chosen on test (the old behaviour): baseline d2, front d2-p2, both budgets -> p2.
+    """
+    return pd.DataFrame(
+        {
+            runs.RUN_ID: ["d1", "d2", "p1", "p2"],
+            runs.OK: [True] * 4,
+            "model.arch": ["egru"] * 4,
+            "model.threshold": [0.0] * 4,
+            "train.lr": [1e-3, 2e-3, 1e-3, 1e-3],
+            "prune.target_sparsity": [0.0, 0.0, 0.5, 0.8],
+            runs.BEST_VAL_PPL: [100.0, 105.0, 104.0, 112.0],
+            schema.TEST_PPL: [110.0, 99.0, 120.0, 100.0],
+            schema.OPS_EFFECTIVE: [1000.0, 1000.0, 500.0, 200.0],
+            schema.OPS_COMPUTE_REDUCTION: [1.0, 1.0, 2.0, 5.0],
+        }
+    )
+
+
+def test_fronts_and_hypervolume_select_on_validation_and_report_test():
+    configs = split_disagreement()
+    front = pareto.pareto_front(configs, schema.OPS_EFFECTIVE)
+    assert front[runs.RUN_ID].tolist() == ["p2", "p1", "d1"]
+    summary = study.pareto_summary(configs, axes=["prune.target_sparsity"])
+    points = {p[runs.RUN_ID]: p for p in summary["pareto"][schema.OPS_EFFECTIVE]}
+    assert set(points) == {"d1", "p1", "p2"}
+    for run_id, point in points.items():  # each front point reports its own test figure
+        row = configs.set_index(runs.RUN_ID).loc[run_id]
+        assert point[schema.TEST_PPL] == row[schema.TEST_PPL]
+        assert point[runs.BEST_VAL_PPL] == row[runs.BEST_VAL_PPL]
+    hv = pareto.compare(configs, schema.OPS_EFFECTIVE, reference=(3.5, 120.0))
+    assert hv["objective"] == runs.BEST_VAL_PPL
+    val_points = np.c_[np.log10(configs[schema.OPS_EFFECTIVE]), configs[runs.BEST_VAL_PPL]]
+    expected = pareto.hypervolume_2d(val_points, (3.5, 120.0))
+    assert hv["groups"]["egru"]["hypervolume"] == pytest.approx(expected)
+
+
+def test_dense_baseline_and_iso_perplexity_select_on_validation_and_report_test():
+    configs = split_disagreement()
+    base = fits.baselines(configs)
+    assert base[runs.RUN_ID].tolist() == ["d1"]  # d2 is better on test only
+    assert base[schema.TEST_PPL].tolist() == [110.0]  # the chosen run's test figure
+    budgets = [fits.parse_budget("5%"), fits.parse_budget("106")]
+    by = {e["budget"]: e for e in fits.iso_perplexity(configs, budgets)}
+    for label in ("+5%", "ppl <= 106"):
+        entry = by[label]
+        assert entry["run_id"] == "p1" and entry["reduction"] == 2.0
+        assert (entry["val_ppl"], entry["test_ppl"]) == (104.0, 120.0)
+        assert entry["selected_on"] == runs.BEST_VAL_PPL
+    assert by["+5%"]["val_ppl_limit"] == pytest.approx(105.0)  # 1.05 x the baseline's val
+    assert (by["+5%"]["baseline_val_ppl"], by["+5%"]["baseline_test_ppl"]) == (100.0, 110.0)
+
+
+def test_tradeoff_fit_is_on_validation_and_compares_test():
+    table = table_of(synthetic_runs(seeds=(0,)))
+    rng = np.random.default_rng(3)
+    # test perplexity 10 % above validation with its own, larger noise: a fit on it differs
+    table[schema.TEST_PPL] = (
+        table[runs.BEST_VAL_PPL] * 1.1 * np.exp(rng.normal(0, 0.05, len(table)))
+    )
+    entries = {e["model.arch"]: e for e in fits.fit_groups(table, n_boot=50)}
+    for arch, entry in entries.items():
+        group = table[table["model.arch"] == arch]
+        r = group[schema.OPS_COMPUTE_REDUCTION]
+        on_val = fits.fit_tradeoff(r, group[runs.BEST_VAL_PPL], n_boot=50)
+        on_test = fits.fit_tradeoff(r, group[schema.TEST_PPL], n_boot=50)
+        assert entry["y"] == runs.BEST_VAL_PPL and entry["params"] == on_val.params
+        assert entry["params"]["ppl0"] != pytest.approx(on_test.params["ppl0"], rel=1e-3)
+        ratio = np.exp(np.mean(np.log(group[schema.TEST_PPL] / group[runs.BEST_VAL_PPL])))
+        assert entry["test_ratio"] == pytest.approx(ratio) and entry["test_n"] == len(group)
+        assert entry["test_rmse"] > entry["rmse"]  # the curve is fitted to the other split
+
+
+def test_best_validation_perplexity_is_the_best_epoch_at_final_sparsity(tmp_path):
+    """runs_table derives val/best_ppl from the val/ppl history: the lowest value among the
+    epochs at the final sparsity, not the last epoch's (MLflow's latest value)."""
+    from duosparse.pruning import Pruner
+
+    client = tracking.open_store(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = client.create_experiment("best", artifact_location=(tmp_path / "art").as_uri())
+    pruned = RunConfig.model_validate(
+        {
+            "prune": {"schedule": "gradual", "target_sparsity": 0.5, "end_epoch": 2},
+            "train": {"epochs": 4},
+        }
+    )
+    dense = RunConfig.model_validate({"train": {"epochs": 3}})
+    histories = {pruned.run_key: [50.0, 80.0, 70.0, 75.0], dense.run_key: [90.0, 60.0, 65.0]}
+    for config in (pruned, dense):
+        run_id = tracking.start_run(client, exp, config, kind="train")
+        reporter = tracking.MlflowReporter(client, run_id)
+        for epoch, ppl in enumerate(histories[config.run_key], start=1):
+            reporter.log_metrics({schema.VAL_PPL: ppl}, step=epoch)
+        reporter.log_metrics({schema.TEST_PPL: 99.0}, step=config.train.epochs)
+        tracking.finish_run(client, run_id)
+    table = runs.runs_table("best", client=client).set_index(runs.RUN_KEY)
+    # epoch 1 (50) is before pruning finished and does not count; the last epoch is 75
+    assert table.loc[pruned.run_key, schema.VAL_PPL] == 75.0
+    assert table.loc[pruned.run_key, runs.BEST_VAL_PPL] == 70.0
+    assert table.loc[dense.run_key, runs.BEST_VAL_PPL] == 60.0  # unpruned: every epoch
+
+    class NoTensors:  # the first epoch that counts depends on the schedule only
+        def prunable(self, include_embedding: bool) -> list:
+            return []
+
+    for prune in (
+        {},
+        {"schedule": "oneshot", "target_sparsity": 0.5, "start_epoch": 3},
+        {"schedule": "gradual", "target_sparsity": 0.5, "start_epoch": 2, "end_epoch": 4},
+        {"schedule": "iterative", "target_sparsity": 0.9, "end_epoch": 3},
+        {"schedule": "gradual", "target_sparsity": 0.0, "end_epoch": 3},
+    ):
+        config = RunConfig.model_validate({"prune": prune, "train": {"epochs": 5}})
+        flat = {k: "null" if v is None else str(v) for k, v in config.flat().items()}
+        params = {k: runs.parse_param(k, v) for k, v in flat.items()}  # as MLflow keeps them
+        pruner = Pruner(config.prune, NoTensors(), steps_per_epoch=10)
+        assert runs.final_sparsity_epoch(params) == pruner.final_epoch, prune
+
+
+def test_a_table_without_the_selection_figure_is_refused(tmp_path):
+    table = table_of(synthetic_runs(seeds=(0,))).drop(columns=runs.BEST_VAL_PPL)
+    path = tmp_path / "old.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(runs.RunTableError, match="older duosparse"):
+        runs.read_table(path)
+    with pytest.raises(ValueError, match="best validation perplexity"):
+        study.analyze(table, n_boot=50)
 
 
 # --- run table ------------------------------------------------------------------------------------
@@ -400,9 +542,12 @@ def test_analyze_command_writes_the_report_and_logs_it_to_the_newest_parent(
     assert html.count("<script type='text/javascript'>") == 1  # plotly.js inlined once
     assert "<script src=" not in html.replace(" ", "")  # nothing loaded from the network
     front = payload["results"]["pareto"][schema.OPS_EFFECTIVE]
-    for point in front:  # every front point: its run id and its figures are in the page
+    for point in front:  # every front point: its run id and both splits' figures are in the page
         assert point["run_id"] in html
+        assert json.dumps(point[runs.BEST_VAL_PPL]) in html
         assert json.dumps(point[schema.TEST_PPL]) in html
+    assert payload["results"]["selection"]["selected_on"] == runs.BEST_VAL_PPL
+    assert "validation perplexity (selection)" in html
     embedded = html.split("id='duosparse-results'>")[1].split("</script>")[0]
     assert json.loads(embedded.replace("<\\/", "</")) == payload["results"]
     assert {"ppl <= 130", "+5%"} == {e["budget"] for e in payload["results"]["iso_perplexity"]}
@@ -572,12 +717,15 @@ def test_run_table_round_trips_from_a_real_mlflow_store(smoke_sweep, tmp_path):
         table.dtypes["train.max_steps_per_epoch"] == "Int64"
         and (table["train.max_steps_per_epoch"] == 10).all()
     )
-    for name in (*schema.RUN_METRICS, schema.layer_activity(0), schema.layer_activity(1)):
+    metrics = (*schema.RUN_METRICS, runs.BEST_VAL_PPL)
+    for name in (*metrics, schema.layer_activity(0), schema.layer_activity(1)):
         assert table.dtypes[name] == "float64" and table[name].notna().all(), name
     client = MlflowClient(uri)
     for _, row in table.iterrows():
         run = client.get_run(row[runs.RUN_ID])
         assert run.data.metrics[schema.TEST_PPL] == row[schema.TEST_PPL]
+        history = [m.value for m in client.get_metric_history(row[runs.RUN_ID], schema.VAL_PPL)]
+        assert row[runs.BEST_VAL_PPL] in history and row[runs.BEST_VAL_PPL] <= row[schema.VAL_PPL]
         # the typed columns rebuild the very config the run was trained with
         tree: dict = {}
         for key in runs.config_columns(table):

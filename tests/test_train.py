@@ -126,3 +126,53 @@ def test_variable_bptt_and_cosine_schedule_train(tmp_path):
                                     "train.optimizer=adamw", "train.weight_decay=0.01", "train.epochs=2"])
     result = train(cfg, None, tmp_path, progress=False)
     assert math.isfinite(result[schema.TEST_LOSS])
+
+
+def _ntasgd(*extra: str):
+    # lr high enough that validation stalls within a few epochs, so the trigger fires
+    return load_config(None, TINY + ["model.arch=lstm", "train.optimizer=ntasgd", "train.nonmono=1",
+                                     "train.lr=20", "train.epochs=6", *extra])
+
+
+def test_ntasgd_switches_to_averaging_when_validation_stalls_and_validates_the_average(tmp_path):
+    cfg = _ntasgd()
+    recorder = Recorder()
+    train(cfg, recorder, tmp_path, progress=False)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    losses = ckpt["lr_state"]["val_losses"]
+    # AWD-LSTM's trigger, written out: the first epoch whose loss is worse than the best
+    # of all epochs before it but the last `nonmono` (1) switches to ASGD
+    switch = next((i for i in range(2, len(losses)) if losses[i] > min(losses[: i - 1])), None)
+    assert switch is not None, f"validation never stalled: {losses}"
+    assert ckpt["averaging"] is True
+    assert "ax" in next(iter(ckpt["optimizer"]["state"].values()))
+    # what was validated after the switch is the running average, not the iterate
+    model, _ = load_model(tmp_path / "model.pt")
+    iterate = ckpt["model"]
+    averaged = [s["ax"] for s in ckpt["optimizer"]["state"].values()]
+    assert not all(torch.equal(a, b) for a, b in zip(averaged, [v for k, v in iterate.items() if k in dict(model.named_parameters())]))
+
+
+def test_ntasgd_resumes_exactly_across_the_switch(tmp_path):
+    cfg = _ntasgd()
+    expected = train(cfg, None, tmp_path / "whole", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, Recorder(stop_after_epoch=5), tmp_path / "resumed", progress=False)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["averaging"] is True
+    result = train(cfg, None, tmp_path / "resumed", progress=False)
+    assert result[schema.TEST_LOSS] == pytest.approx(expected[schema.TEST_LOSS], rel=1e-9)
+
+
+def test_awd_activation_regularisers_are_the_published_formulas():
+    from duosparse.model import Trace
+    from duosparse.train import _activation_penalty
+
+    torch.manual_seed(0)
+    raw = torch.randn(7, 3, 5)
+    dropped = raw * (torch.rand(1, 3, 5) > 0.3) / 0.7
+    trace = Trace(outputs=[torch.randn(7, 3, 5), raw], decoder_input=dropped)
+    cfg = load_config(None, ["model.activation_regularizer.ar=2", "model.activation_regularizer.tar=1"])
+    ar = sum(float(v) ** 2 for v in dropped.flatten()) / dropped.numel()
+    tar = sum(float(v) ** 2 for v in (raw[1:] - raw[:-1]).flatten()) / (6 * 3 * 5)
+    assert _activation_penalty(cfg, trace).item() == pytest.approx(2 * ar + tar, rel=1e-5)
+    assert _activation_penalty(load_config(None, []), trace) is None

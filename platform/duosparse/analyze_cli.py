@@ -259,7 +259,7 @@ def _print_summary(results: dict[str, Any]) -> None:
         "cost axis",
         "hypervolume (normalised)",
         "front size",
-        title="Pareto fronts: test perplexity vs cost",
+        title="Pareto fronts: validation perplexity (selection) vs cost",
     )
     for cost, entry in results.get("hypervolume", {}).items():
         for arch, g in entry.get("groups", {}).items():
@@ -269,30 +269,39 @@ def _print_summary(results: dict[str, Any]) -> None:
         "architecture",
         "budget",
         "compute reduction",
+        "val ppl (selection)",
         "test ppl",
         "run",
-        title="Iso-perplexity: the largest compute reduction within each budget",
+        title="Iso-perplexity: the largest compute reduction within each validation budget",
     )
     for e in results.get("iso_perplexity", []):
         reduction = f"{e['reduction']:.3g}x" if e.get("reduction") else "-"
-        ppl = f"{e['ppl']:.4g}" if e.get("ppl") else "-"
+        val, test = (f"{e[k]:.4g}" if e.get(k) else "-" for k in ("val_ppl", "test_ppl"))
         iso.add_row(
-            e["model.arch"], e["budget"], reduction, ppl, e.get("run_id") or e.get("note", "")
+            e["model.arch"], e["budget"], reduction, val, test, e.get("run_id") or e.get("note", "")
         )
     out.print(iso)
     tf = Table(
-        "group", "runs", "ppl0", "a", "b", "R2", title="Trade-off fits: ppl = ppl0 (1 + a R^b)"
+        "group",
+        "runs",
+        "ppl0",
+        "a",
+        "b",
+        "R2",
+        "test / val",
+        title="Trade-off fits on validation perplexity: ppl = ppl0 (1 + a R^b)",
     )
     for f in results.get("fits", []):
         group = ", ".join(str(v) for k, v in f.items() if k.startswith(("model.", "data.")))
         if "skipped" in f:
-            tf.add_row(group, str(f["n"]), f"[dim]{f['skipped']}[/]", "", "", "")
+            tf.add_row(group, str(f["n"]), f"[dim]{f['skipped']}[/]", "", "", "", "")
             continue
         cells = [
             f"{f['params'][p]:.3g} [{f['ci'][p][0]:.3g}, {f['ci'][p][1]:.3g}]"
             for p in ("ppl0", "a", "b")
         ]
-        tf.add_row(group, str(f["n"]), *cells, f"{f['r2']:.3f}")
+        ratio = f"{f['test_ratio']:.3f}" if f.get("test_ratio") else "-"
+        tf.add_row(group, str(f["n"]), *cells, f"{f['r2']:.3f}", ratio)
     out.print(tf)
     mult = Table(
         "architecture",

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -46,6 +47,10 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _show_warning(message, category, *args, **kwargs) -> None:
+    console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def _jsonable(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
 
@@ -65,7 +70,7 @@ def train(
 ) -> None:
     """Train one model from CONFIG, logged as one MLflow run."""
     from . import tracking
-    from .train import TrainingDiverged
+    from .train import SilentStart, TrainingDiverged
     from .train import train as run_training
 
     overrides = list(set_ or [])
@@ -84,7 +89,12 @@ def train(
     reporter = tracking.MlflowReporter(client, run_id)
     workdir = workdir or Path("runs") / cfg.run_key[:12]
     try:
-        metrics = run_training(cfg, reporter, workdir, corpus=corpus, progress=not json_out and sys.stderr.isatty())
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            metrics = run_training(cfg, reporter, workdir, corpus=corpus, progress=not json_out and sys.stderr.isatty())
+    except SilentStart as e:
+        tracking.finish_run(client, run_id, "FAILED", str(e))
+        fail(str(e), code=1)
     except TrainingDiverged as e:
         tracking.finish_run(client, run_id, "FAILED", str(e))
         fail(f"the run diverged and is marked FAILED in MLflow: {e}", code=1)
@@ -189,11 +199,21 @@ def sweep_run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the trial table and stop")] = False,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, ./mlruns.db)")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
+    allow_silent_start: Annotated[bool, typer.Option("--allow-silent-start", help="Run EGRU trials even where a layer emits no event at init")] = False,
 ) -> None:
     """Run every trial of SPEC that has not FINISHED yet, on Ray Tune, logged to MLflow."""
     from . import tuning
 
     spec, uri, plan = _load_plan(spec_path, tracking_uri)
+    silent = tuning.silent_starts(plan.todo)
+    if silent:
+        first = next(iter(silent.values()))
+        console.print(f"[bold yellow]warning:[/] {len(silent)} EGRU trial(s) would start silent, for "
+                      f"example: {first}", highlight=False, soft_wrap=True)
+        if not dry_run and not allow_silent_start:
+            fail(f"refusing to start sweep {spec.name}: {len(silent)} trial(s) have an EGRU layer "
+                 "without events at initialisation (above). Fix the thresholds or the initialisation "
+                 "in the spec, or pass --allow-silent-start to run them anyway.")
     if dry_run:
         if json_out:
             print(json.dumps({"sweep": spec.name, "trials": plan.rows()}, indent=2))

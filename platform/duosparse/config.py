@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -46,10 +46,20 @@ class Dropout(_Section):
 
 
 class ActivityRegularizer(_Section):
-    """EGRU only: adds weight * (mean event rate - target)^2 to the training loss."""
+    """EGRU only. `squared`: adds weight * (mean event rate - target)^2 to the training loss;
+    `linear`: weight * mean event rate (EvNN's `--gamma`), which always pushes towards silence."""
 
+    kind: Literal["squared", "linear"] = "squared"
     weight: float = Field(0.0, ge=0)
-    target: float = Field(0.0, ge=0, le=1)
+    target: float = Field(0.0, ge=0, le=1)  # squared only
+
+
+class ActivationRegularizer(_Section):
+    """AWD-LSTM's AR and TAR on the last layer's output h (any architecture): adds
+    ar * mean(dropout(h)^2) + tar * mean((h_t - h_{t-1})^2) to the training loss."""
+
+    ar: float = Field(0.0, ge=0)  # AWD-LSTM --alpha (2)
+    tar: float = Field(0.0, ge=0)  # AWD-LSTM --beta (1)
 
 
 class ModelConfig(_Section):
@@ -58,10 +68,44 @@ class ModelConfig(_Section):
     hidden_size: int = Field(256, ge=1)
     num_layers: int = Field(2, ge=1)
     tie_weights: bool = True
-    threshold: float = Field(0.0, ge=0)  # EGRU initial threshold, the "activity threshold" axis
+    # EGRU thresholds. `threshold` is the "activity threshold" axis of a sweep: the value of
+    # every unit's threshold (`constant`) or the mean of their Beta(a, threshold_beta) draws
+    # (`beta`, EvNN: a = threshold_beta * mean / (1 - mean), one draw per unit).
+    threshold: float = Field(0.0, ge=0)
+    threshold_init: Literal["constant", "beta"] = "constant"
+    threshold_beta: float = Field(3.0, gt=0)
+    threshold_max: float | None = Field(None, gt=0)  # clamp to [0, max] after each step (EvNN: 1)
+    # Recurrent weights: `uniform` +-1/sqrt(H) as torch.nn.LSTM/GRU; `xavier_normal` (EvNN);
+    # `orthogonal`: xavier_normal input weights, an orthogonal block per gate in weight_hh.
+    weight_init: Literal["uniform", "xavier_normal", "orthogonal"] = "uniform"
+    # Recurrent and decoder biases: `uniform` as torch.nn; `zeros` (EvNN).
+    bias_init: Literal["uniform", "zeros"] = "uniform"
     pseudo_derivative: PseudoDerivative = PseudoDerivative()
     dropout: Dropout = Dropout()
     activity_regularizer: ActivityRegularizer = ActivityRegularizer()
+    activation_regularizer: ActivationRegularizer = ActivationRegularizer()
+
+    @field_validator("hidden_size", "embedding_size", "num_layers", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML `true` would otherwise pass as 1
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> ModelConfig:
+        if self.threshold_init == "beta" and not 0 < self.threshold < 1:
+            raise ValueError(
+                f"model.threshold ({self.threshold}) is the mean of a Beta distribution under "
+                "model.threshold_init: beta and must lie strictly between 0 and 1; use for example "
+                "0.01 (EvNN), or threshold_init: constant for a threshold of 0"
+            )
+        if self.threshold_max is not None and self.threshold > self.threshold_max:
+            raise ValueError(
+                f"model.threshold ({self.threshold}) is above model.threshold_max "
+                f"({self.threshold_max}); raise threshold_max or lower the threshold"
+            )
+        return self
 
     @model_validator(mode="after")
     def _hidden_size_matters(self) -> ModelConfig:
@@ -102,16 +146,70 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(10, ge=1)
     bptt: int = Field(35, ge=2)
     variable_bptt: bool = False  # AWD-LSTM's random sequence lengths
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(2e-3, gt=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    # ntasgd: AWD-LSTM's non-monotonically triggered averaged SGD: SGD until the validation loss
+    # is worse than the best of all epochs but the last `nonmono`, then averaged SGD (ASGD),
+    # whose running average of the weights is what is validated, kept and tested.
+    optimizer: Literal["adam", "adamw", "sgd", "ntasgd"] = "adam"
+    nonmono: int = Field(5, ge=1)  # ntasgd only
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam / AdamW (EvNN: 0, 0.999)
+    lr: float = Field(2e-3, gt=0, allow_inf_nan=False)
+    # The schedule, applied per step (docs/design-notes.md, "Schedules"):
+    #   constant; cosine: lr held until decay_start_epoch, then half a cosine to 0 at the end;
+    #   step: lr *= lr_decay_factor after each epoch in step_epochs;
+    #   plateau: lr *= lr_decay_factor after an epoch whose validation loss is not a new best
+    #   (plateau_patience such epochs in a row).
+    # Any of them after a linear warmup from 0 over warmup_epochs (may be a fraction).
+    lr_schedule: Literal["constant", "cosine", "step", "plateau"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0, allow_inf_nan=False)
+    decay_start_epoch: int = Field(1, ge=1)  # cosine only (EvNN's --scheduler_start + 1)
+    step_epochs: list[int] = Field(default_factory=list)  # step only
+    lr_decay_factor: float = Field(0.25, gt=0, lt=1)  # step and plateau
+    plateau_patience: int = Field(0, ge=0)  # plateau only
+    threshold_lr_factor: float = Field(1.0, ge=0)  # EGRU thresholds' lr = lr * this; 0 freezes them
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1)  # SGD only
-    clip: float = Field(0.25, ge=0)  # gradient-norm clipping; 0 disables it
+    clip: float = Field(0.25, ge=0)  # gradient-norm clipping over the model; 0 disables it
+    layer_clip: float = Field(0.0, ge=0)  # EvNN: each EGRU layer's gradient norm clipped first
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps_per_epoch: int | None = Field(None, ge=1)
     max_eval_batches: int | None = Field(None, ge=1)  # cap on evaluation chunks, for quick runs
+    test_batch_size: int | None = Field(None, ge=1)  # final test split; None: eval_batch_size
+    on_silent_start: Literal["warn", "error"] = "warn"  # an EGRU layer without events at init
+
+    @field_validator("epochs", "batch_size", "eval_batch_size", "bptt", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"each of train.betas must be in [0, 1), got {list(betas)}; EvNN uses [0, 0.999]")
+        return betas
+
+    @model_validator(mode="after")
+    def _schedule(self) -> TrainConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs ({self.warmup_epochs}) is not shorter than training "
+                f"(train.epochs = {self.epochs}); warm up for a fraction of the run"
+            )
+        if self.lr_schedule == "step":
+            if not self.step_epochs:
+                raise ValueError("train.step_epochs is empty under lr_schedule: step; list the epochs after which the lr drops, e.g. [4, 6]")
+            bad = [e for e in self.step_epochs if not 1 <= e < self.epochs]
+            if bad:
+                raise ValueError(f"train.step_epochs {bad} must lie in [1, train.epochs) = [1, {self.epochs})")
+        if self.lr_schedule == "cosine" and self.decay_start_epoch > self.epochs:
+            raise ValueError(
+                f"train.decay_start_epoch ({self.decay_start_epoch}) is after train.epochs "
+                f"({self.epochs}): the cosine would never start"
+            )
+        return self
 
 
 class RunConfig(_Section):

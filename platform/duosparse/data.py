@@ -47,6 +47,7 @@ __all__ = [
     "Dictionary",
     "batchify",
     "bptt_batches",
+    "epoch_batches",
     "candidate_roots",
     "clear_memory_cache",
     "data_report",
@@ -680,8 +681,10 @@ def bptt_batches(
     variable: bool = False,
     generator: torch.Generator | None = None,
     max_batches: int | None = None,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(inputs, targets)``, each (seq_len, B), walking ``source`` in order.
+    """Yield ``(inputs, targets)``, each (seq_len, B), walking ``source`` in order from row
+    ``start``.
 
     ``targets`` are ``inputs`` shifted one step ahead, so the chunks cover the stream
     without gaps or overlap. With ``variable=True`` the lengths follow AWD-LSTM and are
@@ -693,7 +696,7 @@ def bptt_batches(
     if bptt < 1:
         raise ValueError(f"bptt must be >= 1, got {bptt}")
     last = source.size(0) - 1  # the final token is only ever a target
-    i = 0
+    i = start
     count = 0
     while i < last:
         if max_batches is not None and count >= max_batches:
@@ -703,6 +706,33 @@ def bptt_batches(
         yield source[i : i + seq_len], source[i + 1 : i + 1 + seq_len]
         i += seq_len
         count += 1
+
+
+def epoch_batches(
+    source: torch.Tensor,
+    bptt: int,
+    steps: int,
+    start: int = 0,
+    variable: bool = False,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """``steps`` chunks from row ``start`` on, wrapping to row 0 at the end of the stream.
+
+    Yields ``(inputs, targets, next_start)``: a capped epoch hands ``next_start`` of its last
+    chunk to the next epoch, so capped epochs walk the whole corpus before any token comes
+    again (``next_start == 0`` marks a wrap: the stream restarts, and so should the state).
+    """
+    position, count = start, 0
+    while count < steps:
+        chunks = bptt_batches(source, bptt, variable, generator, steps - count, start=position)
+        for inputs, targets in chunks:
+            position += inputs.size(0)
+            if position >= source.size(0) - 1:
+                position = 0
+            count += 1
+            yield inputs, targets, position
+        if count == 0:
+            raise ValueError(f"a stream of {source.size(0)} rows has no chunk to train on")
 
 
 # --------------------------------------------------------------------------------------

@@ -83,8 +83,11 @@ class RecurrentLayer(nn.Module):
         self.bias_ih = nn.Parameter(torch.empty(gates * hidden_size))
         self.bias_hh = nn.Parameter(torch.empty(gates * hidden_size))
         self.weight_dropout = cfg.dropout.weight
+        self.weight_init, self.bias_init = cfg.weight_init, cfg.bias_init
         if arch == "egru":
-            self.threshold = nn.Parameter(torch.full((hidden_size,), float(cfg.threshold)))
+            # clamped from the start, as EvNN clamps before every use
+            self.threshold = nn.Parameter(initial_thresholds(cfg, hidden_size).clamp(0.0, cfg.threshold_max))
+            self.threshold_max = cfg.threshold_max
             self.height = cfg.pseudo_derivative.height
             self.width = cfg.pseudo_derivative.width
             self.fast = True  # False: step through egru_cell with autograd (the reference)
@@ -92,8 +95,20 @@ class RecurrentLayer(nn.Module):
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.hidden_size)  # as torch.nn.LSTM/GRU
-        for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh):
-            nn.init.uniform_(p, -bound, bound)
+        if self.weight_init == "uniform":
+            nn.init.uniform_(self.weight_ih, -bound, bound)
+            nn.init.uniform_(self.weight_hh, -bound, bound)
+        else:  # xavier_normal_ over the stacked gates, as EvNN does over its (I, 3H) kernel
+            nn.init.xavier_normal_(self.weight_ih)
+            nn.init.xavier_normal_(self.weight_hh)
+            if self.weight_init == "orthogonal":
+                for block in self.weight_hh.data.chunk(GATES[self.arch]):
+                    nn.init.orthogonal_(block)
+        for bias in (self.bias_ih, self.bias_hh):
+            if self.bias_init == "zeros":
+                nn.init.zeros_(bias)
+            else:
+                nn.init.uniform_(bias, -bound, bound)
 
     def initial_state(self, batch_size: int) -> State:
         zeros = self.bias_hh.new_zeros(batch_size, self.hidden_size)  # same device and dtype
@@ -134,7 +149,16 @@ class RecurrentLayer(nn.Module):
     @torch.no_grad()
     def clamp_threshold(self) -> None:
         if self.arch == "egru":
-            self.threshold.clamp_(min=0.0)  # thresholds are kept >= 0
+            self.threshold.clamp_(min=0.0, max=self.threshold_max)  # thresholds are kept >= 0
+
+
+def initial_thresholds(cfg: ModelConfig, hidden_size: int) -> Tensor:
+    """One threshold per unit: all equal to cfg.threshold, or Beta draws with that mean (EvNN)."""
+    if cfg.threshold_init == "beta":
+        beta = cfg.threshold_beta
+        alpha = beta * cfg.threshold / (1 - cfg.threshold)  # mean alpha / (alpha + beta)
+        return torch.distributions.Beta(torch.tensor(alpha), torch.tensor(beta)).sample((hidden_size,))
+    return torch.full((hidden_size,), float(cfg.threshold))
 
 
 @functools.cache
@@ -177,6 +201,7 @@ class Trace:
     outputs: list[Tensor] = field(default_factory=list)  # y_t of each layer (T, B, H)
     initial_outputs: list[Tensor] = field(default_factory=list)  # y_{-1} of each layer (B, H)
     events: list[Tensor] = field(default_factory=list)  # EGRU o_t of each layer (T, B, H)
+    decoder_input: Tensor | None = None  # the last layer's output after its dropout
 
 
 class LanguageModel(nn.Module):
@@ -192,6 +217,8 @@ class LanguageModel(nn.Module):
         )
         self.decoder = nn.Linear(sizes[-1], vocab_size)
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        if cfg.bias_init == "zeros":
+            nn.init.zeros_(self.decoder.bias)
         if cfg.tie_weights:
             self.decoder.weight = self.encoder.weight
 
@@ -222,6 +249,7 @@ class LanguageModel(nn.Module):
             new_state.append(s)
             last = i == len(self.layers) - 1
             x = locked_dropout(y, d.output if last else d.hidden, self.training)
+        trace.decoder_input = x
         return F.linear(x, self.decoder_weight(), self.decoder.bias), new_state, trace
 
     # Read weights through these two, never as attributes: pruning replaces a weight by

@@ -5,10 +5,12 @@
     grid:                                               # dotted RunConfig keys -> values
       model.arch: [lstm, gru, egru]
       prune.target_sparsity: [0.0, 0.5, 0.9]
-    conditional:                                        # more axes where `when` matches
+    conditional:                     # more axes where `when` matches (in order: a later
+                                     # `when` may test an axis an earlier entry added)
       - when: {model.arch: egru}
         grid: {model.threshold: [0.02, 0.1]}
     seeds: [0, 1]
+    recipe: ../configs/recipes/evnn_ptb.yaml            # optional: a RunConfig under `base`
 
 Every expanded trial is a validated RunConfig with its run_key; equal trials collapse.
 """
@@ -55,6 +57,7 @@ class EarlyStopping(_Strict):
 class SweepSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
+    recipe: str | None = None  # a RunConfig YAML (configs/recipes/) under `base`: base wins
     base: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     conditional: list[Conditional] = Field(default_factory=list)
@@ -97,9 +100,43 @@ def _check_key(key: str, where: str) -> None:
         raise SpecError(f"{where}: '{key}' is not a RunConfig key{hint}.")
 
 
-def parse_spec(tree: Any, source: str = "spec") -> SweepSpec:
+def deep_merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `under`, section by section (a recipe under a spec's base)."""
+    out = dict(under)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _with_recipe(tree: dict[str, Any], source: str, folder: Path) -> dict[str, Any]:
+    """The spec with its recipe merged under `base`; the path is relative to the spec's folder
+    or, failing that, to the current directory."""
+    recipe = tree.get("recipe")
+    if recipe is None:
+        return tree
+    if not isinstance(recipe, str):
+        raise SpecError(f"{source}: 'recipe' must be the path of a RunConfig YAML, e.g. ../configs/recipes/evnn_ptb.yaml.")
+    path = folder / recipe if (folder / recipe).is_file() else Path(recipe)
+    loaded = read_yaml(path, f"{source}: recipe", "a RunConfig YAML such as configs/recipes/evnn_ptb.yaml", SpecError)
+    if not isinstance(loaded, dict):
+        raise SpecError(f"{source}: recipe '{recipe}' must hold a mapping of sections (data, model, prune, train).")
+    try:
+        build_config(loaded, f"{source}: recipe '{recipe}'")
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
+    base = tree.get("base") or {}
+    if not isinstance(base, dict):
+        return tree  # parse_spec names the bad field
+    return {**tree, "base": deep_merge(loaded, base)}
+
+
+def parse_spec(tree: Any, source: str = "spec", folder: Path | None = None) -> SweepSpec:
     if not isinstance(tree, dict):
         raise SpecError(f"{source}: a sweep spec is a mapping with at least 'name' and 'grid'.")
+    tree = _with_recipe(tree, source, folder or Path.cwd())
     try:
         spec = SweepSpec.model_validate(tree)
     except ValidationError as e:
@@ -129,7 +166,7 @@ def parse_spec(tree: Any, source: str = "spec") -> SweepSpec:
 
 def load_spec(path: str | Path) -> SweepSpec:
     tree = read_yaml(Path(path), "Sweep spec", "a sweep spec such as sweeps/smoke.yaml", SpecError)
-    return parse_spec(tree, str(path))
+    return parse_spec(tree, str(path), Path(path).parent)
 
 
 def _product(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -145,10 +182,15 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
     for point in _product(spec.grid) or [{}]:
         values = {**base_flat, **point}
         extensions = [{}]
-        for i, cond in enumerate(spec.conditional):
-            if all(values.get(k) == v for k, v in cond.when.items()):
-                matched[i] = True
-                extensions = [{**e, **p} for e in extensions for p in _product(cond.grid)]
+        for i, cond in enumerate(spec.conditional):  # in order: a `when` sees earlier axes
+            grown = []
+            for e in extensions:
+                if all({**values, **e}.get(k) == v for k, v in cond.when.items()):
+                    matched[i] = True
+                    grown += [{**e, **p} for p in _product(cond.grid)]
+                else:
+                    grown.append(e)
+            extensions = grown
         for extension in extensions:
             for seed in spec.seeds:
                 tree = json.loads(json.dumps(spec.base))

@@ -8,10 +8,12 @@ run continue where it stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from . import data, schema
 from .accounting import Accountant
 from .config import RunConfig
-from .model import LanguageModel, detach_state
+from .model import LanguageModel, Trace, detach_state
 from .pruning import Pruner, restore_masks
 
 
@@ -56,7 +58,7 @@ class Evaluation:
         return math.exp(min(self.loss, 50.0))
 
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: data position and lr-schedule state
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -112,21 +114,103 @@ def evaluate(
     return Evaluation(total_loss / max(total_tokens, 1), accountant.metrics(), accountant.unit_event_rates())
 
 
-def _lr_at(config: RunConfig, global_step: int, total_steps: int) -> float:
+@dataclass
+class LrState:
+    """What the schedule carries between epochs (checkpointed: a resumed run continues it)."""
+
+    scale: float = 1.0  # step decays and plateau divisions applied so far
+    best_val: float = math.inf  # plateau: best validation loss so far
+    bad_epochs: int = 0  # plateau: epochs in a row without a new best
+    val_losses: list[float] = dataclasses.field(default_factory=list)  # ntasgd: every epoch's
+
+    def switch_to_averaging(self, config: RunConfig, val_loss: float) -> bool:
+        """AWD-LSTM's trigger, checked before this epoch's loss joins the history: the loss is
+        worse than the best of all epochs except the last `nonmono`."""
+        n = config.train.nonmono
+        return len(self.val_losses) > n and val_loss > min(self.val_losses[:-n])
+
+    def end_of_epoch(self, config: RunConfig, epoch: int, val_loss: float) -> None:
+        t = config.train
+        if t.lr_schedule == "step" and epoch in t.step_epochs:
+            self.scale *= t.lr_decay_factor
+        elif t.lr_schedule == "plateau":
+            if val_loss < self.best_val:
+                self.best_val, self.bad_epochs = val_loss, 0
+            else:
+                self.bad_epochs += 1
+                if self.bad_epochs > t.plateau_patience:
+                    self.scale *= t.lr_decay_factor
+                    self.bad_epochs = 0
+
+
+def lr_at(config: RunConfig, global_step: int, per_epoch: int, lr_state: LrState) -> float:
+    """The learning rate of step `global_step` (0-based), before AWD's seq_len/bptt factor."""
     t = config.train
+    lr = t.lr * lr_state.scale
+    warmup = t.warmup_epochs * per_epoch
+    if global_step < warmup:
+        lr *= min(1.0, (global_step + 1) / warmup)  # a fractional warmup never overshoots
     if t.lr_schedule == "cosine":
-        return 0.5 * t.lr * (1 + math.cos(math.pi * min(global_step / max(total_steps, 1), 1.0)))
-    return t.lr
+        start, total = (t.decay_start_epoch - 1) * per_epoch, t.epochs * per_epoch
+        progress = min(max(global_step - start, 0) / max(total - start, 1), 1.0)
+        lr *= 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
 
 
 def make_optimizer(config: RunConfig, model: LanguageModel) -> torch.optim.Optimizer:
+    """Thresholds in a group of their own: their lr is scaled by train.threshold_lr_factor
+    and they are not decayed (as EvNN)."""
     t = config.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    weights = [p for n, p in named if not n.endswith("threshold")]
+    thresholds = [p for n, p in named if n.endswith("threshold")]
+    groups = [{"params": weights, "lr_factor": 1.0}]
+    if thresholds:
+        groups.append({"params": thresholds, "lr_factor": t.threshold_lr_factor, "weight_decay": 0.0})
+    if t.optimizer in ("sgd", "ntasgd"):
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    adam = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return adam(groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+
+
+def averaging_optimizer(config: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.ASGD:
+    """NT-ASGD's second phase over the same parameter groups (AWD-LSTM: t0 = 0, lambd = 0)."""
+    groups = [{k: v for k, v in g.items() if k in ("params", "lr_factor", "weight_decay")}
+              for g in optimizer.param_groups]
+    return torch.optim.ASGD(groups, lr=config.train.lr, t0=0, lambd=0.0, weight_decay=config.train.weight_decay)
+
+
+class averaged_weights:
+    """Within the block the parameters hold ASGD's running averages (what NT-ASGD evaluates
+    and keeps); outside, the iterates that training continues from. No-op for others."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer, self.saved = optimizer, []
+
+    def __enter__(self) -> None:
+        if isinstance(self.optimizer, torch.optim.ASGD):
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if "ax" in self.optimizer.state[p]:
+                        self.saved.append((p, p.detach().clone()))
+                        p.data.copy_(self.optimizer.state[p]["ax"])
+
+    def __exit__(self, *exc: object) -> None:
+        for p, value in self.saved:
+            p.data.copy_(value)
+        self.saved = []
+
+
+def clip_gradients(config: RunConfig, model: LanguageModel) -> None:
+    """EvNN clips each EGRU layer's parameter gradients inside the layer's backward, then the
+    whole model's; the first is the same as clipping each layer's gradients after backward."""
+    t = config.train
+    if t.layer_clip > 0:
+        for layer in model.layers:
+            if layer.arch == "egru":
+                torch.nn.utils.clip_grad_norm_(layer.parameters(), t.layer_clip)
+    if t.clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
 
 
 def _activity_penalty(config: RunConfig, events: list[torch.Tensor]) -> torch.Tensor | None:
@@ -134,7 +218,63 @@ def _activity_penalty(config: RunConfig, events: list[torch.Tensor]) -> torch.Te
     if reg.weight == 0 or not events:
         return None
     rate = torch.cat([e.flatten() for e in events]).mean()  # unit-weighted event rate
+    if reg.kind == "linear":
+        return reg.weight * rate
     return reg.weight * (rate - reg.target) ** 2
+
+
+def _activation_penalty(config: RunConfig, trace: Trace) -> torch.Tensor | None:
+    """AWD-LSTM's AR (on the dropped output) and TAR (on the raw output's steps), last layer."""
+    reg = config.model.activation_regularizer
+    penalty = None
+    if reg.ar > 0:
+        penalty = reg.ar * trace.decoder_input.pow(2).mean()
+    if reg.tar > 0:
+        raw = trace.outputs[-1]
+        tar = reg.tar * (raw[1:] - raw[:-1]).pow(2).mean()
+        penalty = tar if penalty is None else penalty + tar
+    return penalty
+
+
+# --- a dead start ------------------------------------------------------------------------
+
+
+class SilentStart(RuntimeError):
+    """An EGRU layer emits no event at initialisation (train.on_silent_start: error)."""
+
+
+@torch.no_grad()
+def silent_start(model: LanguageModel, tokens: torch.Tensor) -> str | None:
+    """None, or why the EGRU is silent at init: the layers that emit no event on `tokens`
+    (T, B), with the scale of their internal state |c| (measured at threshold 0), so a long
+    run never starts with a layer through which no signal (and little gradient) passes."""
+    if model.cfg.arch != "egru":
+        return None
+    was_training = model.training
+    model.eval()
+    _, _, trace = model(tokens, model.initial_state(tokens.size(1)))
+    silent = [i for i, events in enumerate(trace.events) if not events.any()]
+    if not silent:
+        model.train(was_training)
+        return None
+    open_model = copy.deepcopy(model)
+    for layer in open_model.layers:
+        layer.threshold.zero_()  # at threshold 0, y = max(c, 0): the scale of c
+    _, _, open_trace = open_model(tokens, open_model.initial_state(tokens.size(1)))
+    model.train(was_training)
+    parts = []
+    for i in silent:
+        theta = model.layers[i].threshold
+        scale = open_trace.outputs[i].abs().flatten()[: 1 << 20].quantile(0.99).item()
+        parts.append(
+            f"layer {i + 1} is silent at init: its thresholds ({theta.min().item():.3g} to "
+            f"{theta.max().item():.3g}) are above |c| ~ {scale:.2g} (99th percentile)"
+        )
+    return (
+        "; ".join(parts) + ". No event passes a silent layer, so the logits do not depend on the input "
+        "and training starts dead; lower model.threshold, or use model.threshold_init: beta with a "
+        "small mean (EvNN: 0.01), or model.weight_init: xavier_normal."
+    )
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -191,20 +331,28 @@ def train(
     optimizer = make_optimizer(config, model)
     per_epoch = steps_per_epoch(config, train_data.size(0))
     pruner = Pruner(config.prune, model, per_epoch)
-    total_steps = per_epoch * t.epochs
     include_embedding = config.prune.include_embedding
+    # Capped epochs continue where the last one stopped (data.epoch_batches); whole epochs
+    # are one pass each, from the first token.
+    capped = per_epoch < max((train_data.size(0) - 1) // t.bptt, 1)
 
     start_epoch, global_step, best_val, best_state = 1, 0, math.inf, None
+    position, lr_state = 0, LrState()
     resume = workdir / "last.pt"
     if resume.exists():
         ckpt = load_checkpoint(resume)
         if ckpt.get("run_key") == config.run_key:
             restore_masks(model, ckpt["model"])
             model.load_state_dict(ckpt["model"])
+            if ckpt["averaging"]:
+                optimizer = averaging_optimizer(config, optimizer)
             optimizer.load_state_dict(ckpt["optimizer"])
             start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
             best_val, best_state = ckpt["best_val"], ckpt["best_model"]
+            position, lr_state = ckpt["position"], LrState(**ckpt["lr_state"])
             torch.set_rng_state(ckpt["rng"])
+    if start_epoch == 1:
+        _check_silent_start(config, model, train_data)
 
     generator = torch.Generator().manual_seed(t.seed)
     metrics: dict[str, float] = {}
@@ -213,13 +361,16 @@ def train(
         generator.manual_seed(t.seed * 1000 + epoch)  # batch lengths repeatable after resume
         state = model.initial_state(t.batch_size)
         loss_sum, token_count, epoch_start = 0.0, 0, time.perf_counter()
-        batches = data.bptt_batches(train_data, t.bptt, t.variable_bptt, generator, per_epoch)
+        if capped:
+            batches = data.epoch_batches(train_data, t.bptt, per_epoch, position, t.variable_bptt, generator)
+        else:
+            batches = ((x, y, 0) for x, y in data.bptt_batches(train_data, t.bptt, t.variable_bptt, generator))
         with _progress(progress, f"epoch {epoch}/{t.epochs}", per_epoch) as bar:
-            for step, (inputs, targets) in enumerate(batches):
+            for step, (inputs, targets, next_position) in enumerate(batches):
                 pruner.step((epoch - 1) * per_epoch + step)  # schedule in nominal steps
-                lr = _lr_at(config, global_step, total_steps) * inputs.size(0) / t.bptt
+                lr = lr_at(config, global_step, per_epoch, lr_state) * inputs.size(0) / t.bptt
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group["lr_factor"]
                 state = detach_state(state)
                 logits, state, trace = model(inputs, state)
                 loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -228,14 +379,19 @@ def train(
                         f"train/loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
                         f"lower train.lr (now {t.lr}) or set train.clip (now {t.clip})."
                     )
-                penalty = _activity_penalty(config, trace.events)
+                total = loss
+                for penalty in (_activity_penalty(config, trace.events), _activation_penalty(config, trace)):
+                    if penalty is not None:
+                        total = total + penalty
                 optimizer.zero_grad(set_to_none=True)
-                (loss if penalty is None else loss + penalty).backward()
-                if t.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+                total.backward()
+                clip_gradients(config, model)
                 optimizer.step()
                 model.clamp_thresholds()
                 global_step += 1
+                if next_position == 0 and capped:
+                    state = model.initial_state(t.batch_size)  # the stream starts again
+                position = next_position
                 loss_sum += loss.item() * targets.numel()
                 token_count += targets.numel()
                 bar.advance(loss.item())
@@ -243,7 +399,12 @@ def train(
         if epoch >= pruner.final_epoch:
             pruner.finish()  # the schedule's last update lands exactly on the target
 
-        val = evaluate(model, val_data, t.bptt, t.max_eval_batches, include_embedding)
+        with averaged_weights(optimizer):
+            val = evaluate(model, val_data, t.bptt, t.max_eval_batches, include_embedding)
+            # The best model is picked among those at the final sparsity: weights from before
+            # pruning finished are not the pruned model the config asks for.
+            if epoch >= pruner.final_epoch and val.loss < best_val:
+                best_val, best_state = val.loss, copy.deepcopy(model.state_dict())
         if not math.isfinite(val.loss):
             raise TrainingDiverged(f"val/loss became {val.loss} after epoch {epoch}; lower train.lr.")
         metrics = {
@@ -254,27 +415,57 @@ def train(
             schema.PERF_EPOCH_S: epoch_s,
             **val.accounting,
         }
-        # The best model is picked among those at the final sparsity: weights from before
-        # pruning finished are not the pruned model the config asks for.
-        if epoch >= pruner.final_epoch and val.loss < best_val:
-            best_val, best_state = val.loss, copy.deepcopy(model.state_dict())
+        if t.optimizer == "ntasgd" and not isinstance(optimizer, torch.optim.ASGD) \
+                and lr_state.switch_to_averaging(config, val.loss):
+            optimizer = averaging_optimizer(config, optimizer)
+        lr_state.val_losses.append(val.loss)
+        lr_state.end_of_epoch(config, epoch, val.loss)
         save_checkpoint(resume, {
             "version": CHECKPOINT_VERSION, "run_key": config.run_key,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch, "global_step": global_step, "best_val": best_val,
             "best_model": best_state, "rng": torch.get_rng_state(),
+            "position": position, "lr_state": dataclasses.asdict(lr_state),
+            "averaging": isinstance(optimizer, torch.optim.ASGD),
         })
         reporter.log_metrics(metrics, step=epoch)  # after the checkpoint: a resumed run has it
 
     # Final figures: the best-validation weights on the test split.
     restore_masks(model, best_state)
     model.load_state_dict(best_state)
+    if t.test_batch_size not in (None, t.eval_batch_size):
+        test_data = data.batchify(corpus.test, t.test_batch_size).to(device)
     test = evaluate(model, test_data, t.bptt, t.max_eval_batches, include_embedding)
     final = {schema.TEST_LOSS: test.loss, schema.TEST_PPL: test.ppl, **test.accounting}
     reporter.log_metrics(final, step=t.epochs)
     _write_artifacts(workdir, config, model, corpus, final, test, reporter)
     best = {schema.VAL_LOSS: best_val, schema.VAL_PPL: math.exp(min(best_val, 50.0))}
     return {**metrics, **best, **final}  # last epoch's train/perf figures, best val, final test
+
+
+def probe_silent_start(config: RunConfig, corpus: data.Corpus) -> str | None:
+    """`silent_start` for the model `train(config)` would build (same seed, same first chunk),
+    on the CPU: a sweep checks its trials with it before it launches any."""
+    if config.model.arch != "egru":
+        return None
+    seed_everything(config.train.seed)
+    model = build_model(config, corpus.vocab_size)
+    tokens = data.batchify(corpus.train, config.train.batch_size)[: config.train.bptt]
+    return silent_start(model, tokens)
+
+
+def _check_silent_start(config: RunConfig, model: LanguageModel, train_data: torch.Tensor) -> None:
+    """Probe the first training chunk at init; warn, or refuse under on_silent_start: error."""
+    reason = silent_start(model, train_data[: config.train.bptt])
+    if reason is None:
+        return
+    if config.train.on_silent_start == "error":
+        raise SilentStart(reason + " (train.on_silent_start: error; set it to warn to train anyway)")
+    warnings.warn(reason, SilentStartWarning, stacklevel=3)
+
+
+class SilentStartWarning(UserWarning):
+    """An EGRU layer emits no event at initialisation."""
 
 
 def _write_artifacts(

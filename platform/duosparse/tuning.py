@@ -12,6 +12,7 @@ in memory).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -231,6 +232,32 @@ def plan(spec: SweepSpec, uri: str, mark_orphans: bool = True) -> Plan:
         if run.data.tags.get(schema.TAG_EARLY_STOPPED) == "true":
             result.reasons[config.run_key] = "stopped early by ASHA"
     return result
+
+
+def silent_starts(configs: list[RunConfig]) -> dict[str, str]:
+    """run_key -> why that EGRU trial would start silent (train.probe_silent_start), for the
+    trials whose corpus can be read here; one probe per distinct model, seed and batch."""
+    from . import data
+    from .train import probe_silent_start
+
+    found: dict[str, str] = {}
+    probed: dict[str, str | None] = {}
+    for config in configs:
+        if config.model.arch != "egru":
+            continue
+        t = config.train
+        key = json.dumps([config.model.model_dump(mode="json"), config.data.model_dump(mode="json"),
+                          t.seed, t.batch_size, t.bptt], sort_keys=True)
+        if key not in probed:
+            try:
+                corpus = data.load_corpus(config.data.corpus, config.data.dir, seed=t.seed)
+            except (data.DataNotFoundError, data.DataIntegrityError):
+                probed[key] = None  # the trial itself will report the missing data
+            else:
+                probed[key] = probe_silent_start(config, corpus)
+        if probed[key]:
+            found[config.run_key] = probed[key]
+    return found
 
 
 def _check_cluster(address: str | None, uri: str) -> None:
