@@ -375,10 +375,11 @@ def test_capped_epochs_walk_the_whole_stream_before_repeating(variable):
     generator = torch.Generator().manual_seed(0)
     position, seen, wraps = 0, [], []
     for _ in range(8):  # 8 capped epochs of 3 chunks: more than one pass
-        for inputs, targets, position in data.epoch_batches(source, 7, 3, position, variable, generator):
+        for inputs, targets, next_position in data.epoch_batches(source, 7, 3, position, variable, generator):
             assert torch.equal(targets, source[inputs[0, 0] + 1 : inputs[0, 0] + 1 + inputs.size(0)])
             seen += inputs[:, 0].tolist()
-            wraps.append(position == 0)
+            wraps.append(next_position == 0)
+        position = next_position  # the next capped epoch starts where this one stopped
     assert len(seen) > rows - 1 and wraps.count(True) >= 1  # more than one pass was walked
     # rows 0..99 in order (the last row is only ever a target), then from row 0 again
     assert seen == [i % (rows - 1) for i in range(len(seen))]
@@ -593,10 +594,9 @@ def test_recipe_directory_is_not_empty():
 
 
 def test_sweep_run_warns_of_silent_trials_and_refuses_them_before_ray(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
     from duosparse import tuning
     from duosparse.cli import app
+    from typer.testing import CliRunner
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
