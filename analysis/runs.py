@@ -116,6 +116,8 @@ def _dtype(annotation: Any) -> str:
         return _dtype(args[0])
     if origin is typing.Literal:
         return _dtype(type(args[0]))
+    if origin in (list, tuple):
+        return "object"  # held as tuples: hashable, so tables can group and count them
     return {bool: "boolean", int: "Int64", float: "float64"}.get(annotation, "string")
 
 
@@ -132,10 +134,13 @@ def parse_param(key: str, text: str | None) -> Any:
     annotation = config_fields().get(key)
     if annotation is None:  # a key this code version does not know: keep the text
         return text
+    if isinstance(value, str) and value.startswith("("):  # a tuple written out by a CSV
+        value = yaml.safe_load("[" + value[1:-1] + "]")
     try:
-        return _adapter(annotation).validate_python(value)
+        value = _adapter(annotation).validate_python(value)
     except ValidationError:
         return None  # an old run with another type; missing rather than wrong
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def config_columns(table: pd.DataFrame) -> list[str]:
@@ -175,6 +180,9 @@ def apply_types(table: pd.DataFrame) -> pd.DataFrame:
             table[col] = table[col].astype("string").replace("", pd.NA)
         elif dtype == "boolean" and table[col].dtype == object:
             table[col] = table[col].map(_bool).astype("boolean")
+        elif dtype == "object":
+            table[col] = table[col].map(lambda v, c=col: parse_param(c, v) if isinstance(v, str) else
+                                        tuple(v) if isinstance(v, list | tuple) else v).astype(object)
         else:
             table[col] = table[col].astype(dtype)
     return table

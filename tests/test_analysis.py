@@ -732,7 +732,9 @@ def test_run_table_round_trips_from_a_real_mlflow_store(smoke_sweep, tmp_path):
             set_dotted(
                 tree,
                 key,
-                None
+                row[key]
+                if isinstance(row[key], tuple)  # list-valued keys (train.betas, step_epochs)
+                else None
                 if pd.isna(row[key])
                 else row[key].item()
                 if hasattr(row[key], "item")

@@ -97,3 +97,8 @@ def test_invalid_spec_on_the_command_line_fails_before_ray(tmp_path):
     assert result.returncode == 2
     assert "model.arch" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # Ray never started: no Tune state
+
+
+def test_a_seed_axis_is_refused_in_favour_of_seeds():
+    with pytest.raises(SpecError, match=r"grid: 'train.seed' is set by the spec's 'seeds'"):
+        spec(grid={"model.arch": ["lstm"], "train.seed": [0, 1]})

@@ -98,6 +98,9 @@ def _check_key(key: str, where: str) -> None:
         close = sorted(k for k in _CONFIG_KEYS if k.split(".")[-1] == key.split(".")[-1] or k.startswith(key.split(".")[0] + "."))
         hint = f" (keys in that section: {', '.join(close)})" if close else ""
         raise SpecError(f"{where}: '{key}' is not a RunConfig key{hint}.")
+    if key == "train.seed" and not where.endswith(".when"):
+        # `seeds` sets every trial's seed; an axis over it would be overridden without a word
+        raise SpecError(f"{where}: 'train.seed' is set by the spec's 'seeds' list; write seeds: [0, 1] instead of a grid axis.")
 
 
 def deep_merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
