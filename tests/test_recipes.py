@@ -31,6 +31,7 @@ from duosparse.train import (
     seed_everything,
     train,
 )
+from test_train import Recorder  # the reporter that records, and can simulate a kill
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,20 +49,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class Recorder:
-    def __init__(self, stop_after_epoch: int | None = None):
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-        self.stop_after_epoch = stop_after_epoch
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, dict(metrics)))
-        if self.stop_after_epoch is not None and step == self.stop_after_epoch:
-            raise KeyboardInterrupt("simulated kill after the epoch's checkpoint")
-
-    def log_artifact(self, path):
-        pass
 
 
 def no_timing(metrics):
