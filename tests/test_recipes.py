@@ -606,3 +606,29 @@ def test_sweep_run_warns_of_silent_trials_and_refuses_them_before_ray(tmp_path, 
     assert real.exit_code != 0
     assert "allow-silent-start" in real.stderr and "Traceback" not in real.output
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru", "egru"])
+def test_carry_gate_bias_shifts_only_the_gate_that_keeps_the_state(arch):
+    def layer(bias: float) -> RecurrentLayer:
+        torch.manual_seed(0)
+        cfg = ModelConfig(arch=arch, hidden_size=8, embedding_size=8, carry_gate_bias=bias)
+        return RecurrentLayer(arch, 8, 8, cfg)
+
+    plain, shifted = layer(0.0), layer(1.0)
+    delta = (shifted.bias_ih - plain.bias_ih).detach().view(GATES[arch], 8)
+    expected = torch.zeros_like(delta)
+    expected[1] = 1.0  # LSTM forget gate, GRU z, EGRU u: the second block in each layout
+    assert torch.allclose(delta, expected, atol=1e-6)
+    assert torch.equal(shifted.bias_hh, plain.bias_hh) and torch.equal(shifted.weight_hh, plain.weight_hh)
+    if arch == "lstm":
+        return  # torch.lstm's gate order is (i, f, g, o); c = f c + i g moves even when f = 1
+    # and it is the carry gate: with a large bias the state barely moves in one step
+    x, state = torch.randn(1, 2, 8), plain.initial_state(2)
+    state = tuple(torch.full_like(t, 0.5) for t in state)
+    far = layer(20.0)
+    _, (h, *rest), _ = far(x, state)
+    kept = h
+    if arch == "egru":  # c' = c - o * theta, and c ~ c_prev when u ~ 1
+        kept = rest[0] + (h != 0) * far.threshold
+    assert torch.allclose(kept, torch.full_like(kept, 0.5), atol=1e-3)

@@ -80,6 +80,9 @@ class ModelConfig(_Section):
     weight_init: Literal["uniform", "xavier_normal", "orthogonal"] = "uniform"
     # Recurrent and decoder biases: `uniform` as torch.nn; `zeros` (EvNN).
     bias_init: Literal["uniform", "zeros"] = "uniform"
+    # Added to the bias of the gate that keeps the state (LSTM forget gate, GRU and EGRU update
+    # gate) after init: deep stacks remember from the start (Jozefowicz et al. 2015: 1).
+    carry_gate_bias: float = Field(0.0, allow_inf_nan=False)
     pseudo_derivative: PseudoDerivative = PseudoDerivative()
     dropout: Dropout = Dropout()
     activity_regularizer: ActivityRegularizer = ActivityRegularizer()

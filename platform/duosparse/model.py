@@ -84,6 +84,7 @@ class RecurrentLayer(nn.Module):
         self.bias_hh = nn.Parameter(torch.empty(gates * hidden_size))
         self.weight_dropout = cfg.dropout.weight
         self.weight_init, self.bias_init = cfg.weight_init, cfg.bias_init
+        self.carry_gate_bias = cfg.carry_gate_bias
         if arch == "egru":
             # clamped from the start, as EvNN clamps before every use
             self.threshold = nn.Parameter(initial_thresholds(cfg, hidden_size).clamp(0.0, cfg.threshold_max))
@@ -109,6 +110,11 @@ class RecurrentLayer(nn.Module):
                 nn.init.zeros_(bias)
             else:
                 nn.init.uniform_(bias, -bound, bound)
+        if self.carry_gate_bias:
+            # the second gate block keeps the state in all three: LSTM (i, f, g, o), torch GRU
+            # (r, z, n) with h = (1 - z) n + z h, EGRU (r, u, z) with c = u c' + (1 - u) z
+            with torch.no_grad():
+                self.bias_ih.chunk(GATES[self.arch])[1].add_(self.carry_gate_bias)
 
     def initial_state(self, batch_size: int) -> State:
         zeros = self.bias_hh.new_zeros(batch_size, self.hidden_size)  # same device and dtype
