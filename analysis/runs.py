@@ -181,7 +181,9 @@ def apply_types(table: pd.DataFrame) -> pd.DataFrame:
         elif dtype == "boolean" and table[col].dtype == object:
             table[col] = table[col].map(_bool).astype("boolean")
         elif dtype == "object":
+            # parquet gives arrays back, CSV strings: both become the tuples MLflow's params gave
             table[col] = table[col].map(lambda v, c=col: parse_param(c, v) if isinstance(v, str) else
+                                        tuple(v.tolist()) if isinstance(v, np.ndarray) else
                                         tuple(v) if isinstance(v, list | tuple) else v).astype(object)
         else:
             table[col] = table[col].astype(dtype)
