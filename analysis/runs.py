@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from duosparse import schema
-from duosparse.config import RunConfig
+from duosparse import pruning, schema
+from duosparse.config import PruneConfig, RunConfig
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from scipy import stats
 
@@ -201,19 +201,11 @@ def _bool(value: Any) -> Any:
 
 def final_sparsity_epoch(params: dict[str, Any]) -> int:
     """The first epoch whose validation counts for the best model: the epoch after which
-    the masks are final (0: no pruning, every epoch counts).
-
-    Mirrors `duosparse.pruning.Pruner.final_epoch` (the training loop keeps the best
-    validation epoch `>= final_epoch`) on the run's typed config values; a test checks
-    the two agree.
-    """
-    schedule = params.get("prune.schedule") or "none"
-    target = params.get("prune.target_sparsity") or 0.0
-    if schedule == "none" or not target > 0:
-        return 0
-    key = "prune.start_epoch" if schedule == "oneshot" else "prune.end_epoch"
-    value = params.get(key)
-    return int(value) if value is not None and not pd.isna(value) else 1  # RunConfig's default
+    the masks are final (0: no pruning, every epoch counts), by `pruning.final_epoch` on the
+    run's typed prune values (a missing one takes RunConfig's default)."""
+    given = {name: params[f"prune.{name}"] for name in PruneConfig.model_fields
+             if params.get(f"prune.{name}") is not None and not pd.isna(params[f"prune.{name}"])}
+    return int(pruning.final_epoch(PruneConfig.model_construct(**given)))
 
 
 def best_val_ppl(history: list[tuple[int, float]], first_epoch: int) -> float:

@@ -105,6 +105,14 @@ def restore_masks(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
             prune.custom_from_mask(module, name, mask.to(device))
 
 
+def final_epoch(cfg: PruneConfig) -> int:
+    """The epoch after which the masks are final (0: no pruning); the best-validation model
+    is chosen among epochs from this one on (train.py, and the analysis's run table)."""
+    if cfg.schedule == "none" or not cfg.target_sparsity > 0:
+        return 0
+    return cfg.start_epoch if cfg.schedule == "oneshot" else cfg.end_epoch
+
+
 class Pruner:
     """Applies the configured schedule as training goes; the train loop calls `step`."""
 
@@ -114,8 +122,7 @@ class Pruner:
         self.tensors = model.prunable(cfg.include_embedding)
         self.active = cfg.schedule != "none" and cfg.target_sparsity > 0
         end_epoch = cfg.start_epoch if cfg.schedule == "oneshot" else cfg.end_epoch
-        # the epoch after which the masks are final (0: no pruning)
-        self.final_epoch = end_epoch if self.active else 0
+        self.final_epoch = final_epoch(cfg)
         # in global steps; the target is reached at the span's end
         spe = self.steps_per_epoch
         self.span = ((cfg.start_epoch - 1) * spe, end_epoch * spe)

@@ -90,8 +90,13 @@ def build_model(config: RunConfig, vocab_size: int) -> LanguageModel:
     return LanguageModel(config.model, vocab_size)
 
 
+def full_pass_steps(config: RunConfig, train_stream_len: int) -> int:
+    """Chunks of train.bptt in one whole pass over the (batchified) training stream."""
+    return max((train_stream_len - 1) // config.train.bptt, 1)
+
+
 def steps_per_epoch(config: RunConfig, train_stream_len: int) -> int:
-    steps = max((train_stream_len - 1) // config.train.bptt, 1)
+    steps = full_pass_steps(config, train_stream_len)
     cap = config.train.max_steps_per_epoch
     return min(steps, cap) if cap else steps
 
@@ -334,7 +339,7 @@ def train(
     include_embedding = config.prune.include_embedding
     # Capped epochs continue where the last one stopped (data.epoch_batches); whole epochs
     # are one pass each, from the first token.
-    capped = per_epoch < max((train_data.size(0) - 1) // t.bptt, 1)
+    capped = per_epoch < full_pass_steps(config, train_data.size(0))
 
     start_epoch, global_step, best_val, best_state = 1, 0, math.inf, None
     position, lr_state = 0, LrState()
