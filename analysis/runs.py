@@ -4,8 +4,9 @@ One row per training run. Columns, all typed:
 
 - identity and state: `run_id`, `run_name`, `run_key`, `sweep`, `kind`, `parent_run_id`,
   `status` (MLflow's FINISHED / FAILED / KILLED / RUNNING), `failure` (the reason),
-  `early_stopped` (ASHA stopped it), `ok` (finished, not stopped early, has test/ppl: the
-  runs every analysis uses), `start_time`, `end_time`;
+  `early_stopped` (ASHA stopped it), `ok` (finished, not stopped early, has a test/ppl and
+  no perplexity at the cap exp(50), which only a diverged model reaches: the runs every
+  analysis uses), `start_time`, `end_time`;
 - the flattened RunConfig under its dotted keys (`model.arch`, `prune.target_sparsity`, ...),
   typed from the RunConfig field types (MLflow keeps params as strings);
 - every metric under its schema name (`test/ppl`, `ops/effective_macs_per_token`,
@@ -34,6 +35,7 @@ import pandas as pd
 import yaml
 from duosparse import pruning, schema
 from duosparse.config import PruneConfig, RunConfig
+from duosparse.train import LOSS_CAP
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from scipy import stats
 
@@ -47,6 +49,7 @@ PARENT_RUN_ID = "parent_run_id"
 STATUS = "status"
 FAILURE = "failure"
 EARLY_STOPPED = "early_stopped"
+STAGE = "stage"
 OK = "ok"
 START_TIME = "start_time"
 END_TIME = "end_time"
@@ -65,6 +68,7 @@ META_TYPES: dict[str, str] = {
     STATUS: "string",
     FAILURE: "string",
     EARLY_STOPPED: "boolean",
+    STAGE: "string",
     OK: "boolean",
     START_TIME: "datetime64[ns, UTC]",
     END_TIME: "datetime64[ns, UTC]",
@@ -78,8 +82,13 @@ AGG_TYPES: dict[str, str] = {N_SEEDS: "int64", SEEDS: "string", RUN_IDS: "string
 # the run table derives it from the metric history (`best_val_ppl`).
 BEST_VAL_PPL = "val/best_ppl"
 
+# Perplexities are logged as exp(min(loss, LOSS_CAP)): a run at the cap diverged, whatever
+# its status says (runs logged before the divergence rule may be FINISHED), and is never used.
+PPL_CAP = math.exp(LOSS_CAP)
+
 ARCH = "model.arch"
 SEED = "train.seed"
+WARM_START = "init.from_run_key"  # lineage, like the seed: not a configuration choice
 # A model's size: runs of different sizes have different dense baselines.
 SIZE_KEYS = ("data.corpus", "model.embedding_size", "model.hidden_size", "model.num_layers")
 
@@ -158,8 +167,9 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
 
 
 def varying_config(table: pd.DataFrame) -> list[str]:
-    """Config columns with more than one value: the sweep's axes (seed included)."""
-    return [c for c in config_columns(table) if table[c].nunique(dropna=False) > 1]
+    """Config columns with more than one value: the sweep's axes (seed included, the
+    warm-start lineage not)."""
+    return [c for c in config_columns(table) if c != WARM_START and table[c].nunique(dropna=False) > 1]
 
 
 def apply_types(table: pd.DataFrame) -> pd.DataFrame:
@@ -215,6 +225,11 @@ def best_val_ppl(history: list[tuple[int, float]], first_epoch: int) -> float:
     return min(values) if values else math.nan
 
 
+def at_cap(ppl: Any) -> Any:
+    """Whether a perplexity (a number or a column) is at the cap a diverged run reaches."""
+    return np.asarray(ppl, dtype=float) >= PPL_CAP * (1 - 1e-9)
+
+
 def _val_history(client: Any, run: Any) -> list[tuple[int, float]]:
     if client is None or schema.VAL_PPL not in run.data.metrics:
         return []
@@ -236,7 +251,8 @@ def _row(run: Any, val_history: list[tuple[int, float]]) -> dict[str, Any]:
         STATUS: status,
         FAILURE: tags.get(schema.TAG_FAILURE) or None,
         EARLY_STOPPED: early,
-        OK: status == "FINISHED" and not early and math.isfinite(test_ppl),
+        STAGE: tags.get(schema.TAG_STAGE),
+        OK: False,  # below, once the best validation perplexity is known
         START_TIME: pd.to_datetime(info.start_time, unit="ms", utc=True),
         END_TIME: pd.to_datetime(info.end_time, unit="ms", utc=True) if info.end_time else pd.NaT,
     }
@@ -244,6 +260,8 @@ def _row(run: Any, val_history: list[tuple[int, float]]) -> dict[str, Any]:
     row.update(params)
     row.update(run.data.metrics)
     row[BEST_VAL_PPL] = best_val_ppl(val_history, final_sparsity_epoch(params))
+    row[OK] = bool(status == "FINISHED" and not early and math.isfinite(test_ppl)
+                   and not at_cap(test_ppl) and not at_cap(row[BEST_VAL_PPL]))
     return row
 
 
@@ -361,7 +379,7 @@ def aggregate_seeds(
     """
     ok = table[table[OK].fillna(False).astype(bool)] if OK in table else table
     metrics = metrics or metric_columns(table)
-    keys = [c for c in config_columns(table) if c != SEED]
+    keys = [c for c in config_columns(table) if c not in (SEED, WARM_START)]
     rows = []
     if keys and len(ok):
         groups = ok.groupby(keys, dropna=False, sort=True)
@@ -442,6 +460,14 @@ def read_table(path: str | Path) -> pd.DataFrame:
         )
     attrs = dict(table.attrs)
     table = apply_types(table)
+    if OK in table:  # a FAILED or capped run is never used, whatever the exporting version said
+        unusable = np.zeros(len(table), dtype=bool)
+        if STATUS in table:
+            unusable |= (table[STATUS] != "FINISHED").fillna(True).to_numpy(dtype=bool)
+        for column in (schema.TEST_PPL, BEST_VAL_PPL):
+            if column in table:
+                unusable |= at_cap(table[column].to_numpy(dtype=float, na_value=math.nan))
+        table[OK] = (table[OK].fillna(False).astype(bool) & ~unusable).astype("boolean")
     table.attrs.update(attrs)
     if "sweep" not in table.attrs:
         sweeps = table[SWEEP].dropna().unique() if SWEEP in table else []

@@ -153,6 +153,31 @@ def test_smoke_sweep_through_ray_job_submit_lands_in_postgres(ray_cluster, mlflo
     assert any(artifacts.rglob(schema.ARTIFACT_CHECKPOINT))
 
 
+def test_staged_sweep_warm_starts_through_the_tracking_servers_artifacts(ray_cluster, mlflow_server):
+    gcs, dashboard = ray_cluster
+    tracking_uri, _ = mlflow_server
+    deadline = time.monotonic() + 180
+    while True:
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
+             sys.executable, "-m", "duosparse.cli", "sweep", "run", "sweeps/smoke_staged.yaml",
+             "--tracking-uri", tracking_uri],
+            capture_output=True, text=True, timeout=600, env=RAY_ENV,
+        )
+        if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("smoke_staged")
+    trials = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(schema.TAG_KIND) == "trial"]
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+    dense = {r.data.tags[schema.TAG_RUN_KEY] for r in trials if r.data.tags[schema.TAG_STAGE] == "dense"}
+    pruned = [r for r in trials if r.data.tags[schema.TAG_STAGE] == "prune"]
+    assert len(dense) == 2 and {r.data.params["init.from_run_key"] for r in pruned} == dense
+    assert all(r.data.metrics[schema.SPARSITY_WEIGHT] > 0.4 for r in pruned)
+
+
 def test_remote_cluster_with_a_sqlite_store_is_refused(ray_cluster, tmp_path):
     gcs, _ = ray_cluster
     result = subprocess.run(

@@ -140,9 +140,12 @@ def test_raising_and_diverging_trials_fail_with_reasons_while_others_finish(tmp_
 
 
 def test_killed_driver_resumes_without_duplicates(tmp_path):
+    # Long enough trials that the kill lands mid-trial even on a loaded machine: with 3 epochs
+    # the second trial could finish between the poll that saw its first epoch and the kill.
+    EPOCHS = 12
     spec = write_spec(
         tmp_path, "killed", max_concurrent=1,
-        base={**SMOKE["base"], "train": {**SMOKE["base"]["train"], "epochs": 3, "max_steps_per_epoch": 25}},
+        base={**SMOKE["base"], "train": {**SMOKE["base"]["train"], "epochs": EPOCHS, "max_steps_per_epoch": 25}},
     )
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     driver = subprocess.Popen([DUOSPARSE, "sweep", "run", str(spec)], cwd=tmp_path, env=env,
@@ -178,4 +181,67 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
     assert all(r.info.status != "RUNNING" for r in parents)
     resumed = [r for r in trials if r.info.run_id == started[0].info.run_id][0]
     steps = {m.step for m in client.get_metric_history(resumed.info.run_id, schema.VAL_LOSS)}
-    assert steps == {1, 2, 3}
+    assert steps == set(range(1, EPOCHS + 1))
+
+
+def test_stages_warm_start_skip_orphans_and_rerun_nothing_finished(tmp_path):
+    base = {**SMOKE["base"], "prune": {"schedule": "gradual", "start_epoch": 1, "end_epoch": 1, "update_every": 2}}
+    spec = write_spec(
+        tmp_path, "staged", grid={}, conditional=[], max_concurrent=2, retries=0,
+        base={k: v for k, v in base.items() if k != "prune"},
+        stages=[
+            {"name": "dense", "grid": {"model.arch": ["lstm", "egru"]},
+             # the EGRU diverges, so its prune-stage trials must be skipped, not run cold
+             "conditional": [{"when": {"model.arch": "egru"},
+                              "grid": {"train.optimizer": ["sgd"], "train.lr": [1e36], "train.clip": [0.0]}}]},
+            {"name": "prune", "from": "dense", "base": {"prune": base["prune"], "train": {"epochs": 1}},
+             "grid": {"prune.target_sparsity": [0.0, 0.5]}},
+        ],
+    )
+    result = sweep("run", str(spec), cwd=tmp_path)
+    assert result.returncode == 1  # not everything finished
+    assert "Traceback" not in result.stderr
+    assert "left" in result.stderr  # the overall ETA, one line per ended trial without a terminal
+    client = store(tmp_path)
+    trials, parents = trial_runs(client, "staged")
+    assert len(parents) == 1 and len(trials) == 4  # two dense, two pruned; skipped ones never start
+    assert {r.data.tags[schema.TAG_PARENT_RUN_ID] for r in trials} == {parents[0].info.run_id}
+    stage = {r.data.tags[schema.TAG_RUN_KEY]: r.data.tags.get(schema.TAG_STAGE) for r in trials}
+    dense = {r.data.params["model.arch"]: r for r in trials if r.data.tags[schema.TAG_STAGE] == "dense"}
+    pruned = [r for r in trials if r.data.tags[schema.TAG_STAGE] == "prune"]
+    assert sorted(stage.values()) == ["dense", "dense", "prune", "prune"]
+    assert dense["egru"].info.status == "FAILED" and dense["lstm"].info.status == "FINISHED"
+    lstm_key = dense["lstm"].data.tags[schema.TAG_RUN_KEY]
+    assert all(r.data.params["init.from_run_key"] == lstm_key and r.info.status == "FINISHED" for r in pruned)
+    assert {r.data.params["prune.target_sparsity"] for r in pruned} == {"0.0", "0.5"}
+    status = json.loads(sweep("status", str(spec), "--json", cwd=tmp_path).stdout)
+    assert status["counts"] == {"FINISHED": 3, "FAILED": 1, "SKIPPED": 2}
+    skipped = [t for t in status["trials"] if t["status"] == "SKIPPED"]
+    egru_key = dense["egru"].data.tags[schema.TAG_RUN_KEY]
+    assert all(t["stage"] == "prune" and egru_key[:12] in t["reason"] and "FAILED" in t["reason"]
+               and "stage 'dense'" in t["reason"] for t in skipped)
+    # the run table knows each run's stage, and pairs each pruned run with its dense parent
+    from duosparse.analysis import paired, runs
+
+    table = runs.runs_table("staged", client=client)
+    assert set(table[runs.STAGE]) == {"dense", "prune"}
+    ((base, top),) = paired.lineages(table)
+    assert base[runs.RUN_KEY] == lstm_key and top["prune.target_sparsity"] == 0.5
+    # a plain re-run starts nothing that FINISHED (the failed dense EGRU is tried again)
+    finished = {r.info.run_id for r in trials if r.info.status == "FINISHED"}
+    again = sweep("run", str(spec), "--json", cwd=tmp_path)
+    assert again.returncode == 1
+    after, _ = trial_runs(client, "staged")
+    assert {r.info.run_id for r in after if r.info.status == "FINISHED"} == finished
+    assert len(after) == 4
+
+
+def test_a_warm_start_from_outside_the_spec_is_checked_before_anything_starts(tmp_path):
+    base = {**SMOKE["base"], "init": {"from_run_key": "e" * 64}}
+    spec = write_spec(tmp_path, "outside", base=base)
+    result = sweep("run", str(spec), cwd=tmp_path)
+    text = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "Traceback" not in text
+    assert "the spec's base" in text and "init.from_run_key eeeeeeeeeeee" in text and "no FINISHED run" in text
+    exp = store(tmp_path).get_experiment_by_name("outside")
+    assert exp is None or not store(tmp_path).search_runs([exp.experiment_id])

@@ -72,13 +72,21 @@ def test_shipped_specs_are_valid(path):
     assert trials
 
 
-def test_quick_study_covers_the_required_grid():
-    trials = expand(load_spec(ROOT / "sweeps" / "ptb_quick.yaml"))
-    assert {t.model.arch for t in trials} == {"lstm", "gru", "egru"}
-    levels = {t.prune.target_sparsity for t in trials}
-    assert len(levels) >= 4 and {0.0, 0.9} <= levels
-    assert len({t.model.threshold for t in trials if t.model.arch == "egru"}) >= 2
-    assert len({t.model.hidden_size for t in trials}) >= 2
+def test_quick_study_is_dense_then_pruned_from_the_dense_weights():
+    from duosparse.sweep import expand_stages
+
+    (dense_name, dense), (prune_name, pruned) = expand_stages(load_spec(ROOT / "sweeps" / "ptb_quick.yaml"))
+    assert (dense_name, prune_name) == ("dense", "prune")
+    assert {t.model.arch for t in dense} == {"lstm", "gru", "egru"}
+    assert len({t.model.threshold for t in dense if t.model.arch == "egru"}) >= 2
+    levels = {t.prune.target_sparsity for t in pruned}
+    assert {0.9, 0.95} <= levels and max(levels) >= 0.95 and len(levels) >= 5
+    assert all(t.prune.target_sparsity == 0 for t in dense)  # the dense baselines
+    parents = {t.run_key for t in dense}
+    assert all(t.init.from_run_key in parents for t in pruned)
+    assert len(pruned) == len(dense) * len(levels)
+    # full splits: nothing caps the evaluation
+    assert all(t.train.max_eval_batches is None for t in dense + pruned)
 
 
 def test_paper_studies_have_paper_sizes():

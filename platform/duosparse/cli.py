@@ -9,8 +9,11 @@ import contextlib
 import json
 import math
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -69,7 +72,7 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON on stdout")] = False,
 ) -> None:
     """Train one model from CONFIG, logged as one MLflow run."""
-    from . import tracking
+    from . import tracking, warmstart
     from .train import SilentStart, TrainingDiverged
     from .train import train as run_training
 
@@ -80,30 +83,54 @@ def train(
         cfg = load_config(config, overrides)
         corpus = data_module.load_corpus(cfg.data.corpus, cfg.data.dir, seed=cfg.train.seed)
         client = tracking.open_store(tracking_uri)
-    except (ConfigError, data_module.DataNotFoundError, data_module.DataIntegrityError, tracking.TrackingError) as e:
+        source = warmstart.resolve(client, cfg)  # a warm start is checked before anything starts
+        workdir = workdir or Path("runs") / cfg.run_key[:12]
+        _check_writable(workdir)
+        init = warmstart.fetch_checkpoint(client, source, workdir / "init") if source else None
+    except (ConfigError, data_module.DataNotFoundError, data_module.DataIntegrityError, tracking.TrackingError,
+            warmstart.WarmStartError) as e:
         fail(str(e))
     experiment_id = tracking.ensure_experiment(client, experiment)
-    run_name = f"{cfg.model.arch}-h{cfg.model.hidden_size}-p{cfg.prune.target_sparsity:g}-t{cfg.model.threshold:g}"
-    run_id = tracking.start_run(client, experiment_id, cfg, kind="train", run_name=run_name)
-    console.print(f"MLflow run {run_id} in experiment '{experiment}' ({client.tracking_uri})")
+    checkpoint = workdir / "last.pt"
+    killed = tracking.resumable_train_run(client, experiment_id, cfg.run_key) if checkpoint.is_file() else None
+    if killed is not None:  # the same config was interrupted: continue its run, epochs and all
+        run_id = killed.info.run_id
+        tracking.reopen_run(client, run_id)
+        console.print(f"MLflow run {run_id} in experiment '{experiment}' ({client.tracking_uri}), "
+                      f"continued from {checkpoint}")
+    else:
+        run_name = f"{cfg.model.arch}-h{cfg.model.hidden_size}-p{cfg.prune.target_sparsity:g}-t{cfg.model.threshold:g}"
+        run_id = tracking.start_run(client, experiment_id, cfg, kind="train", run_name=run_name,
+                                    tags={schema.TAG_DRIVER: tracking.process_id()})
+        console.print(f"MLflow run {run_id} in experiment '{experiment}' ({client.tracking_uri})")
     reporter = tracking.MlflowReporter(client, run_id)
-    workdir = workdir or Path("runs") / cfg.run_key[:12]
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            metrics = run_training(cfg, reporter, workdir, corpus=corpus, progress=not json_out and sys.stderr.isatty())
+            metrics = run_training(cfg, reporter, workdir, corpus=corpus, progress=not json_out and sys.stderr.isatty(),
+                                   init_checkpoint=init)
     except SilentStart as e:
         tracking.finish_run(client, run_id, "FAILED", str(e))
         fail(str(e), code=1)
     except TrainingDiverged as e:
         tracking.finish_run(client, run_id, "FAILED", str(e))
         fail(f"the run diverged and is marked FAILED in MLflow: {e}", code=1)
-    except KeyboardInterrupt:
-        tracking.finish_run(client, run_id, "KILLED", "interrupted")
-        fail("interrupted; the run is marked KILLED in MLflow.", code=130)
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        tracking.finish_run(client, run_id, "KILLED", f"interrupted by {name}")
+        fail(_resume_line(name, checkpoint), code=128 + signal.Signals[name].value)
+    except OSError as e:
+        tracking.finish_run(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
+        if e.filename is None:  # not a file: a network or system error, shown as it is
+            raise
+        fail(f"could not write '{e.filename}' ({e.strerror}); the run is marked FAILED in MLflow. "
+             "Free some space or pass --workdir a writable folder.", code=1)
     except Exception as e:
         tracking.finish_run(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     tracking.finish_run(client, run_id, "FINISHED")
     if json_out:
         print(json.dumps({"run_id": run_id, "run_key": cfg.run_key, "metrics": _jsonable(metrics)}, indent=2))
@@ -115,6 +142,37 @@ def train(
         table.add_row(key, f"{metrics[key]:,.4g}")
     Console().print(table)
     console.print("Browse it with: make ui  (or: duosparse ui)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a batch scheduler), raised where the process is, so `train`
+    closes its run KILLED and keeps its checkpoint exactly as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def _resume_line(signal_name: str, checkpoint: Path) -> str:
+    command = shlex.join(["duosparse", *sys.argv[1:]])
+    if checkpoint.is_file():
+        return (f"interrupted by {signal_name}; the run is marked KILLED in MLflow and its last "
+                f"checkpoint is kept in {checkpoint}. Resume it with the same command: {command}")
+    return (f"interrupted by {signal_name} before its first epoch ended; the run is marked KILLED in "
+            f"MLflow. Start it again with: {command}")
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse before any run is created when the run's folder cannot be written."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot write the run's folder '{folder}' ({e.strerror or e}: '{e.filename}'); run "
+             "from a writable folder or pass --workdir DIR.")
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -267,15 +325,82 @@ def ui(
     uri = tracking_uri or tracking.default_tracking_uri()
     if not tracking.is_local_uri(uri):
         fail(f"the tracking store is a server ({uri}); open it in a browser directly.")
-    tracking.open_store(uri)
-    artifacts = Path.cwd() / tracking.DEFAULT_ARTIFACTS
+    try:
+        tracking.open_store(uri)
+    except tracking.TrackingError as e:
+        fail(str(e))
+    artifacts = tracking.artifacts_root(uri)
     console.print(f"MLflow UI on http://{host}:{port} over {uri} (Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", artifacts.as_uri(), "--host", host, "--port", str(port)]
+    # The server and its workers get a process group of their own, stopped as one whatever
+    # ends this process (Ctrl-C, SIGTERM, SIGHUP, an error): nothing is left on the port.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_terminated_ui)
+    server: subprocess.Popen | None = None
     try:
-        raise typer.Exit(subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}))
+        server = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
+        code = server.wait()
     except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+        code = 0
+    finally:
+        if server is not None:
+            _stop_process_tree(server)
+    raise typer.Exit(code)
+
+
+def _raise_terminated_ui(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a requested stop, like Ctrl-C
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (Linux; elsewhere only the group is stopped)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not Path("/proc").is_dir()  # with /proc, a pid without a stat file is gone
+
+
+def _stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to the group `process` leads and to each of its descendants (some, such as
+    MLflow's job runners, start sessions of their own), then SIGKILL to what outlives
+    `grace_s`."""
+    members = [process.pid, *_descendants(process.pid)]
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signum)
+        for pid in members:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + grace_s
+        while any(_alive(pid) for pid in members) and time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.2)
+        if not any(_alive(pid) for pid in members):
+            break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)  # reap the leader
 
 
 def main() -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .schema import TAG_RUN_KEY
 
 
 class ConfigError(ValueError):
@@ -215,11 +218,35 @@ class TrainConfig(_Section):
         return self
 
 
+# The keys a warm start must share with the run it starts from: they fix the parameters'
+# shapes and the vocabulary. Everything else (training, pruning, dropout) may change.
+WARM_START_KEYS = ("data.corpus", "model.arch", "model.embedding_size", "model.hidden_size",
+                   "model.num_layers", "model.tie_weights")
+
+
+class InitConfig(_Section):
+    # Warm start: begin from the final weights (EGRU thresholds and any masks included) of the
+    # FINISHED run with this run_key, found in the same MLflow store; the optimizer starts
+    # fresh. Part of the run_key, so a fine-tune of another model is another run.
+    from_run_key: str | None = None
+
+    @field_validator("from_run_key")
+    @classmethod
+    def _full_key(cls, key: str | None) -> str | None:
+        if key is not None and not re.fullmatch(r"[0-9a-f]{64}", key):
+            raise ValueError(
+                f"init.from_run_key must be a whole run_key (64 hex digits, the run's "
+                f"'{TAG_RUN_KEY}' tag in MLflow), got {key!r}"
+            )
+        return key
+
+
 class RunConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     prune: PruneConfig = PruneConfig()
     train: TrainConfig = TrainConfig()
+    init: InitConfig = InitConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -16,7 +16,8 @@ TAG_GIT_SHA = "duosparse.git_sha"
 TAG_FAILURE = "duosparse.failure"
 TAG_KIND = "duosparse.kind"  # "train" (one run), "trial" (a sweep's child run), "sweep" (parent)
 TAG_EARLY_STOPPED = "duosparse.early_stopped"
-TAG_DRIVER = "duosparse.driver"  # host:pid of the process that launched a sweep
+TAG_DRIVER = "duosparse.driver"  # host:pid of the process that launched a sweep or runs a `train`
+TAG_STAGE = "duosparse.stage"  # the sweep stage of a trial (specs with stages only)
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag for nesting runs in the UI
 TAG_RUN_NAME = "mlflow.runName"
 

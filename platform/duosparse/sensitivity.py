@@ -203,16 +203,37 @@ def resolve_source(source: str, tracking_uri: str | None, tmpdir: Path) -> tuple
     return Path(local), source, client
 
 
-def load(path: Path) -> tuple[LanguageModel, Any]:
+def checkpoint_problem(error: Exception) -> str:
+    """Why a file did not load as a model.pt, in one complete clause (torch's own messages run
+    to several sentences about weights_only that do not apply here)."""
+    import pickle
+
+    from pydantic import ValidationError
+
+    text = str(error)
+    if "zip archive" in text or "PytorchStreamReader" in text or isinstance(error, EOFError):
+        return "it is truncated or corrupted (not a complete PyTorch archive)"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it is not a PyTorch checkpoint of tensors (the file holds something else)"
+    if isinstance(error, KeyError):
+        return f"it has no {error} entry, so it is not a final model.pt (last.pt is resume state)"
+    if isinstance(error, ValidationError):
+        return "its config does not validate with this version of duosparse"
+    sentence = text.strip().splitlines()[0].split(". ")[0].rstrip(".") if text.strip() else ""
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
+
+
+def load(path: Path, label: str | None = None) -> tuple[LanguageModel, Any]:
+    """The model and config of a model.pt; `label` names it in messages (default: the path)."""
     from .train import load_model
 
     try:
         return load_model(path)
     except Exception as e:  # noqa: BLE001 - any failure means "not a usable checkpoint"
-        first = str(e).splitlines()[0][:200] if str(e) else ""
         raise SensitivityError(
-            f"'{path}' is not a duosparse model checkpoint ({type(e).__name__}: {first}); pass "
-            "the model.pt a finished `duosparse train` wrote (not last.pt)."
+            f"{label or repr(str(path))} cannot be loaded as a duosparse model: "
+            f"{checkpoint_problem(e)}. Pass the model.pt a finished `duosparse train` wrote, or "
+            "train the run again."
         ) from None
 
 
@@ -270,7 +291,9 @@ def sensitivity_command(
     with tempfile.TemporaryDirectory(prefix="duosparse-sensitivity-") as tmp:
         try:
             checkpoint, run_id, client = resolve_source(source, tracking_uri, Path(tmp))
-            model, config = load(checkpoint)
+            # a downloaded artifact is named by its run, not by the temporary folder it is in
+            label = f"the {schema.ARTIFACT_CHECKPOINT} artifact of MLflow run {run_id}" if run_id else None
+            model, config = load(checkpoint, label)
             corpus = data.load_corpus(config.data.corpus, data_dir or config.data.dir,
                                       seed=config.train.seed)
         except (SensitivityError, tracking.TrackingError, data.DataNotFoundError,

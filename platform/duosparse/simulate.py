@@ -98,6 +98,7 @@ def _log_refusal(client: Any, run_id: str, chips_needed: int, step: int) -> None
 
 def _load_run(client: Any, run_id: str, s2: Any) -> tuple[Any, int]:
     """The run's network (masked weights + measured event rates) and its final epoch."""
+    from .sensitivity import checkpoint_problem
     from .train import load_model
 
     try:
@@ -122,8 +123,22 @@ def _load_run(client: Any, run_id: str, s2: Any) -> tuple[Any, int]:
                     f"run {run_id} has no artifact '{name}'; it was not written by `duosparse "
                     "train` (or the artifact store is not reachable from here)."
                 ) from None
-        model, config = load_model(paths[schema.ARTIFACT_CHECKPOINT])
-        activity = json.loads(paths[schema.ARTIFACT_ACTIVITY].read_text())
+        try:
+            model, config = load_model(paths[schema.ARTIFACT_CHECKPOINT])
+        except Exception as e:  # noqa: BLE001 - any failure means "not a usable checkpoint"
+            raise s2.SimulationError(
+                f"the {schema.ARTIFACT_CHECKPOINT} artifact of run {run_id} cannot be loaded as a "
+                f"duosparse model: {checkpoint_problem(e)}. Train the run again (or restore the "
+                "artifact) before simulating it."
+            ) from None
+        try:
+            activity = json.loads(paths[schema.ARTIFACT_ACTIVITY].read_text())
+        except (OSError, ValueError) as e:
+            raise s2.SimulationError(
+                f"the {schema.ARTIFACT_ACTIVITY} artifact of run {run_id} is not readable JSON "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); train the run "
+                "again (or restore the artifact) before simulating it."
+            ) from None
     return s2.network_from_model(model, activity, source=f"run {run_id}"), config.train.epochs
 
 

@@ -13,6 +13,20 @@
     recipe: ../configs/recipes/evnn_ptb.yaml            # optional: a RunConfig under `base`
 
 Every expanded trial is a validated RunConfig with its run_key; equal trials collapse.
+
+A spec may instead declare `stages` (then the grid and conditionals live in the stages):
+
+    stages:
+      - name: dense                     # base x grid x conditionals x seeds, as above
+        grid: {model.arch: [lstm, gru, egru]}
+      - name: prune
+        from: dense                     # one trial per run of `dense` (x this stage's grid),
+        when: {model.arch: egru}        # optionally only those matching `when`,
+        base: {train: {epochs: 1}}      # each with that run's config under this base and
+        grid: {prune.target_sparsity: [0.9, 0.95]}   # init.from_run_key set to its run_key
+
+A later stage warm-starts every trial from the earlier stage's run of the same model, so it
+may not change what fixes the weights' shapes (config.WARM_START_KEYS) or the seed.
 """
 
 from __future__ import annotations
@@ -25,7 +39,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import ConfigError, RunConfig, build_config, flatten, read_yaml, set_dotted
+from .config import (
+    WARM_START_KEYS,
+    ConfigError,
+    RunConfig,
+    build_config,
+    flatten,
+    read_yaml,
+    set_dotted,
+)
 
 
 class _Strict(BaseModel):
@@ -54,6 +76,17 @@ class EarlyStopping(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+class Stage(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    from_stage: str | None = Field(None, alias="from")  # an earlier stage to warm-start from
+    when: dict[str, Any] = Field(default_factory=dict)  # which of its runs (with `from` only)
+    base: dict[str, Any] = Field(default_factory=dict)  # over the spec's base (or the run's config)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    conditional: list[Conditional] = Field(default_factory=list)
+
+
 class SweepSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -68,6 +101,7 @@ class SweepSpec(_Strict):
     tracking: Tracking = Tracking()
     storage_path: str | None = None  # Ray Tune state; default ./runs/tune (shared on a cluster)
     early_stopping: EarlyStopping | None = None
+    stages: list[Stage] = Field(default_factory=list)
 
     @field_validator("grid")
     @classmethod
@@ -84,6 +118,11 @@ class SweepSpec(_Strict):
     def spec_hash(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def stage_names(self) -> list[str | None]:
+        """The stages in order; a spec without stages is one unnamed stage."""
+        return [s.name for s in self.stages] or [None]
 
 
 class SpecError(ValueError):
@@ -164,7 +203,58 @@ def parse_spec(tree: Any, source: str = "spec", folder: Path | None = None) -> S
         build_config(spec.base, f"{source}: base")
     except ConfigError as e:
         raise SpecError(str(e)) from None
+    _check_stages(spec, source)
     return spec
+
+
+def _check_stages(spec: SweepSpec, source: str) -> None:
+    """Stage names, order and keys; what a later stage may change about the model."""
+    if not spec.stages:
+        return
+    if spec.grid or spec.conditional:
+        raise SpecError(
+            f"{source}: a spec with 'stages' declares its axes in the stages; move the top-level "
+            "'grid' and 'conditional' into the first stage."
+        )
+    seen: list[str] = []
+    for i, stage in enumerate(spec.stages):
+        where = f"{source}: stages[{i}] ('{stage.name}')"
+        if stage.name in seen:
+            raise SpecError(f"{where}: another stage has this name; give each stage its own name.")
+        if i == 0 and stage.from_stage is not None:
+            raise SpecError(f"{where}: the first stage cannot start 'from' another; remove 'from: {stage.from_stage}'.")
+        if stage.from_stage is not None and stage.from_stage not in seen:
+            earlier = ", ".join(seen) or "none"
+            raise SpecError(
+                f"{where}: 'from: {stage.from_stage}' names no earlier stage (earlier stages: "
+                f"{earlier}); a stage warm-starts from a stage declared before it."
+            )
+        if stage.when and stage.from_stage is None:
+            raise SpecError(f"{where}: 'when' selects runs of the stage named in 'from'; add 'from' or remove 'when'.")
+        for key in stage.grid:
+            _check_key(key, f"{where}.grid")
+        for j, cond in enumerate(stage.conditional):
+            for key in cond.when:
+                _check_key(key, f"{where}.conditional[{j}].when")
+            for key in cond.grid:
+                _check_key(key, f"{where}.conditional[{j}].grid")
+        for key in stage.when:
+            _check_key(key, f"{where}.when")
+        if stage.from_stage is not None:
+            changed = set(stage.grid) | {k for c in stage.conditional for k in c.grid} | set(flatten(stage.base))
+            fixed = sorted(changed & {*WARM_START_KEYS, "train.seed", "init.from_run_key"})
+            if fixed:
+                raise SpecError(
+                    f"{where}: {', '.join(fixed)} cannot change in a stage that warm-starts from "
+                    f"'{stage.from_stage}' (its trials continue that stage's models and seeds); vary "
+                    f"{'it' if len(fixed) == 1 else 'them'} in the first stage."
+                )
+        elif i > 0 and stage.base:
+            try:
+                build_config(deep_merge(spec.base, stage.base), f"{where}: base")
+            except ConfigError as e:
+                raise SpecError(str(e)) from None
+        seen.append(stage.name)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -179,36 +269,81 @@ def _product(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def expand(spec: SweepSpec) -> list[RunConfig]:
     """All trials of the spec, in a stable order, each validated; duplicates collapse."""
-    base_flat = flatten(RunConfig.model_validate(spec.base).model_dump(mode="json"))
     trials: dict[str, RunConfig] = {}
-    matched = [False] * len(spec.conditional)
-    for point in _product(spec.grid) or [{}]:
-        values = {**base_flat, **point}
-        extensions = [{}]
-        for i, cond in enumerate(spec.conditional):  # in order: a `when` sees earlier axes
-            grown = []
-            for e in extensions:
-                if all({**values, **e}.get(k) == v for k, v in cond.when.items()):
-                    matched[i] = True
-                    grown += [{**e, **p} for p in _product(cond.grid)]
-                else:
-                    grown.append(e)
-            extensions = grown
-        for extension in extensions:
-            for seed in spec.seeds:
-                tree = json.loads(json.dumps(spec.base))
-                for key, value in {**point, **extension, "train.seed": seed}.items():
-                    set_dotted(tree, key, value)
-                label = ", ".join(f"{k}={v}" for k, v in {**point, **extension}.items())
-                try:
-                    config = build_config(tree, f"trial ({label}, seed {seed})")
-                except ConfigError as e:
-                    raise SpecError(f"In sweep '{spec.name}': {e} Fix the axis values or the base.") from None
-                trials.setdefault(config.run_key, config)
+    for _, configs in expand_stages(spec):
+        for config in configs:
+            trials.setdefault(config.run_key, config)
+    return list(trials.values())
+
+
+def expand_stages(spec: SweepSpec) -> list[tuple[str | None, list[RunConfig]]]:
+    """The trials of each stage in order (one unnamed stage for a spec without stages)."""
+    if not spec.stages:
+        return [(None, _grow(spec.name, "", [(spec.base, spec.seeds)], spec.grid, spec.conditional))]
+    out: list[tuple[str | None, list[RunConfig]]] = []
+    done: dict[str, list[RunConfig]] = {}
+    for stage in spec.stages:
+        where = f"stage '{stage.name}': "
+        if stage.from_stage is None:
+            bases = [(deep_merge(spec.base, stage.base), spec.seeds)]
+        else:
+            parents = [c for c in done[stage.from_stage]
+                       if all(c.flat().get(k) == v for k, v in stage.when.items())]
+            if not parents:
+                raise SpecError(
+                    f"Sweep '{spec.name}', {where}'when' {stage.when} matches no run of stage "
+                    f"'{stage.from_stage}', so this stage would have nothing to start from; fix its values."
+                )
+            bases = []
+            for parent in parents:
+                tree = deep_merge(parent.model_dump(mode="json"), stage.base)
+                tree["init"] = {**tree.get("init", {}), "from_run_key": parent.run_key}
+                bases.append((tree, None))  # the parent's seed
+        done[stage.name] = _grow(spec.name, where, bases, stage.grid, stage.conditional)
+        out.append((stage.name, done[stage.name]))
+    return out
+
+
+def _grow(
+    name: str, where: str, bases: list[tuple[dict[str, Any], list[int] | None]],
+    grid: dict[str, list[Any]], conditional: list[Conditional],
+) -> list[RunConfig]:
+    """Each base tree x the grid x the conditionals (in order: a `when` sees earlier axes) x
+    its seeds (None: keep the tree's seed); validated, equal trials collapsed."""
+    trials: dict[str, RunConfig] = {}
+    matched = [False] * len(conditional)
+    for base, seeds in bases:
+        try:
+            base_flat = flatten(build_config(base, f"{where}base").model_dump(mode="json"))
+        except ConfigError as e:
+            raise SpecError(f"In sweep '{name}': {e}") from None
+        for point in _product(grid) or [{}]:
+            values = {**base_flat, **point}
+            extensions = [{}]
+            for i, cond in enumerate(conditional):
+                grown = []
+                for e in extensions:
+                    if all({**values, **e}.get(k) == v for k, v in cond.when.items()):
+                        matched[i] = True
+                        grown += [{**e, **p} for p in _product(cond.grid)]
+                    else:
+                        grown.append(e)
+                extensions = grown
+            for extension in extensions:
+                for seed in seeds if seeds is not None else [base_flat["train.seed"]]:
+                    tree = json.loads(json.dumps(base))
+                    for key, value in {**point, **extension, "train.seed": seed}.items():
+                        set_dotted(tree, key, value)
+                    label = ", ".join(f"{k}={v}" for k, v in {**point, **extension}.items())
+                    try:
+                        config = build_config(tree, f"{where}trial ({label}, seed {seed})")
+                    except ConfigError as e:
+                        raise SpecError(f"In sweep '{name}': {e} Fix the axis values or the base.") from None
+                    trials.setdefault(config.run_key, config)
     for i, hit in enumerate(matched):
         if not hit:
             raise SpecError(
-                f"Sweep '{spec.name}': conditional[{i}].when {spec.conditional[i].when} matches no "
+                f"Sweep '{name}': {where}conditional[{i}].when {conditional[i].when} matches no "
                 "trial of the grid, so its axes would never run; fix the condition's values."
             )
     return list(trials.values())
@@ -216,6 +351,9 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
 
 def describe(config: RunConfig, spec: SweepSpec) -> dict[str, Any]:
     """The values of the swept keys for one trial (for tables and run names)."""
-    keys = list(spec.grid) + [k for c in spec.conditional for k in c.grid] + ["train.seed"]
+    keys = list(spec.grid) + [k for c in spec.conditional for k in c.grid]
+    for stage in spec.stages:
+        keys += list(stage.grid) + [k for c in stage.conditional for k in c.grid]
+    keys.append("train.seed")
     flat = config.flat()
     return {k: flat[k] for k in dict.fromkeys(keys)}

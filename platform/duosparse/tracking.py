@@ -4,12 +4,21 @@ Embedded default (DESIGN section 6): a SQLite file `./mlruns.db` and artifacts u
 `./mlartifacts/`; `MLFLOW_TRACKING_URI` (e.g. an http(s) tracking server) overrides it.
 Uses `MlflowClient` with explicit run ids, never MLflow's global "active run", so several
 runs can report from one process.
+
+Every command opens the store through `open_store`: it creates a fresh SQLite schema under an
+inter-process file lock (MLflow's own creation races), and closes the plain `train` runs that
+a dead process left RUNNING.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
 import subprocess
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,29 +42,162 @@ def is_local_uri(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative or absolute), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def artifacts_root(uri: str) -> Path:
+    """Local artifacts live beside the SQLite file (./mlartifacts for the embedded store)."""
+    db = sqlite_path(uri)
+    return (db.parent if db is not None else Path.cwd()).resolve() / DEFAULT_ARTIFACTS
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
-def open_store(uri: str | None = None):
+@contextlib.contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """An exclusive flock on `<db>.lock` beside a SQLite store, held while MLflow creates or
+    upgrades the schema: two processes creating it at once lose one of them (`table ...
+    already exists`, alembic's `expected to match one row`). A no-op for servers."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    lock = db.with_name(db.name + ".lock")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        if db.is_file():  # an existing store in a read-only place can still be read
+            yield
+            return
+        raise TrackingError(
+            f"The MLflow store '{uri}' cannot be created: {e.strerror or e} ('{e.filename}'). "
+            "Point --tracking-uri (or MLFLOW_TRACKING_URI) at a file in a writable folder, or run "
+            "from a writable folder (the default store is ./mlruns.db)."
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when closed, or when the process dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_store(uri: str | None = None, reconcile: bool = True):
     """An MlflowClient on `uri`, with the store's schema created once, here, by the caller.
 
-    Parallel trials racing to create a fresh SQLite schema fail, so the driver calls this
-    before any trial starts. An unreachable server is reported before any work starts.
+    Every command opens the store through this (trial workers excepted: their driver has
+    opened it first). The schema is created under `_schema_lock`, so any number of processes
+    may start at once on a fresh folder. An unreachable server or unusable file is reported
+    before any work starts. With `reconcile`, plain `train` runs whose process has died are
+    marked KILLED (`mark_dead_train_runs_killed`).
     """
     uri = uri or default_tracking_uri()
-    client = _client(uri)
     try:
-        client.search_experiments(max_results=1)  # creates the SQLite schema / checks the server
+        with _schema_lock(uri):
+            client = _client(uri)  # a SQLite store creates or upgrades its schema here
+            client.search_experiments(max_results=1)  # checks a server
+    except TrackingError:
+        raise
     except Exception as e:  # noqa: BLE001 - MLflow raises many types; all mean "cannot use it"
+        first = str(e).splitlines()[0] if str(e) else ""
+        if len(first) > 300:  # a server may answer with a whole page: say where it was shortened
+            first = first[:300].rsplit(" ", 1)[0] + " [...]"
+        if is_local_uri(uri):
+            fix = ("Check that its folder exists and is writable (or point --tracking-uri / "
+                   "MLFLOW_TRACKING_URI at one), and that the file is an MLflow store.")
+        else:
+            fix = ("Check that the server is running and reachable, or unset MLFLOW_TRACKING_URI "
+                   "to use the embedded SQLite store in this folder.")
         raise TrackingError(
-            f"The MLflow tracking store '{uri}' cannot be used ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). Check that the server is running and reachable, "
-            "or unset MLFLOW_TRACKING_URI to use the embedded SQLite store in this folder."
+            f"The MLflow tracking store '{uri}' cannot be used ({type(e).__name__}: {first}). {fix}"
         ) from None
+    if reconcile:
+        try:
+            mark_dead_train_runs_killed(client)
+        except Exception as e:  # noqa: BLE001 - a store that can only be read is still useful
+            warnings.warn(f"could not mark the train runs of dead processes KILLED in {uri} "
+                          f"({type(e).__name__}: {e})", stacklevel=2)
     return client
+
+
+# --- who runs a run, and runs whose process died ----------------------------------------
+
+
+def process_id() -> str:
+    """host:pid of this process, recorded on the runs it drives (schema.TAG_DRIVER)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_alive(owner: str | None) -> bool | None:
+    """Whether the process `owner` (host:pid) still runs; None when it cannot be told from
+    here (another host, or no owner recorded)."""
+    if not owner or ":" not in owner:
+        return None
+    host, pid = owner.rsplit(":", 1)
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    with contextlib.suppress(OSError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False  # exited, not yet reaped by its parent
+    return True
+
+
+def mark_dead_train_runs_killed(client: Any) -> int:
+    """Plain `train` runs left RUNNING by a process that is gone become KILLED; how many.
+
+    Sweeps reconcile their own trials (tuning.mark_orphans_killed). Runs without a recorded
+    process, or from another host, are left alone: nothing here can tell they are dead.
+    """
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return 0
+    running = client.search_runs(
+        experiments, f"attributes.status = 'RUNNING' and tags.`{schema.TAG_KIND}` = 'train'",
+        max_results=50_000,
+    )
+    count = 0
+    for run in running:
+        owner = run.data.tags.get(schema.TAG_DRIVER)
+        # This process opens the store before it starts its own run, so a run recorded under
+        # its host:pid is a dead one's whose pid came round again (a restarted container).
+        if owner == process_id() or process_alive(owner) is False:
+            finish_run(client, run.info.run_id, "KILLED",
+                       f"the process that ran it ({owner}) ended without closing the run")
+            count += 1
+    return count
+
+
+def resumable_train_run(client: Any, experiment_id: str, run_key: str) -> Any | None:
+    """The newest KILLED plain `train` run of `run_key`: re-running its config continues it
+    (from its workdir's last.pt) instead of opening a second run with half the epochs."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.`{schema.TAG_RUN_KEY}` = '{run_key}' and tags.`{schema.TAG_KIND}` = 'train'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return found[0] if found and found[0].info.status == "KILLED" else None
+
+
+def reopen_run(client: Any, run_id: str) -> None:
+    """Mark a KILLED run RUNNING again, driven by this process, its old failure cleared."""
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, schema.TAG_DRIVER, process_id())
+    client.set_tag(run_id, schema.TAG_FAILURE, "")
 
 
 def ensure_experiment(client: Any, name: str) -> str:
@@ -65,7 +207,7 @@ def ensure_experiment(client: Any, name: str) -> str:
         return existing.experiment_id
     artifact_location = None
     if is_local_uri(client.tracking_uri):
-        artifact_location = (Path.cwd() / DEFAULT_ARTIFACTS).as_uri()
+        artifact_location = artifacts_root(client.tracking_uri).as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # created meanwhile by another process

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import data, schema
 from .accounting import Accountant
-from .config import RunConfig
+from .config import WARM_START_KEYS, RunConfig
 from .model import LanguageModel, Trace, detach_state
 from .pruning import Pruner, restore_masks
 
@@ -241,6 +241,39 @@ def _activation_penalty(config: RunConfig, trace: Trace) -> torch.Tensor | None:
     return penalty
 
 
+# --- a finite blow-up ----------------------------------------------------------------------
+
+LOSS_CAP = 50.0  # nats: perplexities are reported as exp(min(loss, LOSS_CAP))
+DIVERGENCE_MARGIN = 1.0  # nats above the uniform guess log(vocab) that count as diverged
+
+
+def check_divergence(config: RunConfig, val_loss: float, vocab_size: int, epoch: int) -> None:
+    """Raise TrainingDiverged when an epoch's validation loss is finite but blown up.
+
+    The rule: val/loss >= LOSS_CAP (the perplexity is at its cap), or val/loss > log(vocab) +
+    DIVERGENCE_MARGIN. A model that has learned nothing predicts the uniform distribution,
+    loss log(vocab), and the unigram model its first steps learn is below that (its entropy on
+    the training split is at most log(vocab)). A loss more than one nat above log(vocab) is
+    e times more perplexed than knowing nothing: the weights have been thrown away from any
+    solution, which is what a too-high learning rate does (clipping or not). It is checked
+    against the uniform guess, not the unigram loss, so a short or slow first epoch that has
+    not yet learned the unigram statistics is not mistaken for divergence.
+    """
+    uniform = math.log(vocab_size)
+    if val_loss >= LOSS_CAP:
+        why = f"at the perplexity cap (val/ppl = exp({LOSS_CAP:g}))"
+    elif val_loss > uniform + DIVERGENCE_MARGIN:
+        why = (f"more than {DIVERGENCE_MARGIN:g} nat above a uniform guess over the "
+               f"{vocab_size} words (log {vocab_size} = {uniform:.3f})")
+    else:
+        return
+    t = config.train
+    raise TrainingDiverged(
+        f"val/loss is {val_loss:.4g} after epoch {epoch}, {why}: training diverged although the "
+        f"loss stayed finite; lower train.lr (now {t.lr:g}) or set train.clip (now {t.clip:g})."
+    )
+
+
 # --- a dead start ------------------------------------------------------------------------
 
 
@@ -305,6 +338,28 @@ def load_model(path: str | Path) -> tuple[LanguageModel, RunConfig]:
     return model, config
 
 
+def warm_start(model: LanguageModel, config: RunConfig, checkpoint: str | Path | None, vocab_size: int) -> None:
+    """Load the final weights of the run config.init.from_run_key names (masks, thresholds
+    and all) into `model`; the new run's own pruning schedule then starts from them."""
+    key = config.init.from_run_key
+    if checkpoint is None or not Path(checkpoint).is_file():
+        raise ValueError(f"init.from_run_key is {key[:12]}... but no checkpoint of that run was given to train()")
+    payload = load_checkpoint(checkpoint)
+    # The checkpoint's own config, re-validated by this code version, may hash to another
+    # run_key (keys added since): compare what fixes the weights' shapes instead.
+    source, this = RunConfig.model_validate(payload["config"]).flat(), config.flat()
+    differ = [k for k in WARM_START_KEYS if source[k] != this[k]]
+    if differ:
+        raise ValueError(f"init.from_run_key {key[:12]}: the checkpoint's {', '.join(differ)} differ from this run's")
+    if payload["vocab_size"] != vocab_size:
+        raise ValueError(
+            f"init.from_run_key {key[:12]}: that run's vocabulary has {payload['vocab_size']} words, "
+            f"this run's corpus {vocab_size}; warm-start from a run on the same corpus"
+        )
+    restore_masks(model, payload["model"])
+    model.load_state_dict(payload["model"])
+
+
 # --- the run ------------------------------------------------------------------------------
 
 
@@ -314,11 +369,14 @@ def train(
     workdir: str | Path = "runs/latest",
     corpus: data.Corpus | None = None,
     progress: bool = True,
+    init_checkpoint: str | Path | None = None,
 ) -> dict[str, float]:
     """Train, validate every epoch, test the best-validation weights; returns final metrics.
 
     `workdir` holds `last.pt` (resume state, rewritten every epoch) and the final artifacts.
-    If `last.pt` exists there for the same config, training continues from it.
+    If `last.pt` exists there for the same config, training continues from it. A config with
+    `init.from_run_key` starts from `init_checkpoint`, that run's final model.pt
+    (warmstart.fetch_checkpoint finds it in MLflow).
     """
     reporter = reporter or NullReporter()
     workdir = Path(workdir)
@@ -356,7 +414,9 @@ def train(
             best_val, best_state = ckpt["best_val"], ckpt["best_model"]
             position, lr_state = ckpt["position"], LrState(**ckpt["lr_state"])
             torch.set_rng_state(ckpt["rng"])
-    if start_epoch == 1:
+    if start_epoch == 1 and config.init.from_run_key:
+        warm_start(model, config, init_checkpoint, corpus.vocab_size)
+    elif start_epoch == 1:
         _check_silent_start(config, model, train_data)
 
     generator = torch.Generator().manual_seed(t.seed)
@@ -412,6 +472,7 @@ def train(
                 best_val, best_state = val.loss, copy.deepcopy(model.state_dict())
         if not math.isfinite(val.loss):
             raise TrainingDiverged(f"val/loss became {val.loss} after epoch {epoch}; lower train.lr.")
+        check_divergence(config, val.loss, corpus.vocab_size, epoch)
         metrics = {
             schema.TRAIN_LOSS: loss_sum / max(token_count, 1),
             schema.VAL_LOSS: val.loss,

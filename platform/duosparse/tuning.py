@@ -8,6 +8,9 @@ in memory).
   trial finds its run by run_key and continues it, and its training state from the Ray
   checkpoint written every epoch.
 - Runs left RUNNING by a driver that died are marked KILLED at the next launch or status.
+- A spec with stages runs them in order, one Tune experiment each (`<name>.<stage>`); a trial
+  of a later stage warm-starts from its parent run's final checkpoint, fetched through MLflow,
+  and is SKIPPED (with the reason) when that parent FAILED.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, schema, tracking
+from . import __version__, schema, tracking, warmstart
 from .config import RunConfig
-from .sweep import SweepSpec, describe, expand
+from .eta import SweepEta
+from .sweep import SweepSpec, describe, expand_stages
 
 TUNE_METRIC = "val_loss"  # Tune's view of val/loss, for ASHA
 
@@ -142,8 +147,10 @@ def run_trial(params: dict[str, Any]) -> None:
             shutil.copy(Path(directory) / "last.pt", workdir / "last.pt")
     reporter = TuneReporter(client, run_id, workdir)
     try:
-        train(config, reporter, workdir, progress=False)
-    except TrainingDiverged as e:
+        source = warmstart.resolve(client, config)
+        init = warmstart.fetch_checkpoint(client, source, workdir / "init") if source else None
+        train(config, reporter, workdir, progress=False, init_checkpoint=init)
+    except (TrainingDiverged, warmstart.WarmStartError) as e:
         # deterministic: retrying would diverge again, so the trial ends here, FAILED
         tracking.finish_run(client, run_id, "FAILED", str(e))
         reporter.done(failed=True)
@@ -162,7 +169,8 @@ def _trial_run(client: Any, params: dict[str, Any], config: RunConfig, existing:
     if existing is None:
         run_id = tracking.start_run(
             client, params["experiment_id"], config, kind="trial", run_name=params["run_name"],
-            parent_run_id=params["parent_run_id"], tags={schema.TAG_SWEEP: params["sweep"]},
+            parent_run_id=params["parent_run_id"],
+            tags={schema.TAG_SWEEP: params["sweep"], **({schema.TAG_STAGE: params["stage"]} if params.get("stage") else {})},
         )
         # A worker that outlived a killed driver may have created one at the same moment:
         # every process keeps the oldest run of the key and deletes its own newer one.
@@ -185,22 +193,30 @@ def _trial_run(client: Any, params: dict[str, Any], config: RunConfig, existing:
 # --- the driver ---------------------------------------------------------------------------
 
 
+SKIPPED = "SKIPPED"  # not an MLflow status: a trial whose warm-start parent FAILED never runs
+
+
 @dataclass
 class Plan:
     spec: SweepSpec
     trials: list[RunConfig]
-    status: dict[str, str] = field(default_factory=dict)  # run_key -> MLflow status or PENDING
+    status: dict[str, str] = field(default_factory=dict)  # run_key -> MLflow status, PENDING or SKIPPED
     reasons: dict[str, str] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, str | None] = field(default_factory=dict)  # run_key -> its stage
 
     @property
     def todo(self) -> list[RunConfig]:
-        return [c for c in self.trials if self.status.get(c.run_key) != "FINISHED"]
+        return [c for c in self.trials if self.status.get(c.run_key) not in ("FINISHED", SKIPPED)]
+
+    def stage_todo(self, stage: str | None) -> list[RunConfig]:
+        return [c for c in self.todo if self.stages.get(c.run_key) == stage]
 
     def rows(self) -> list[dict[str, Any]]:
+        staged = bool(self.spec.stages)
         return [
-            {"run_key": c.run_key[:12], **describe(c, self.spec),
-             "status": self.status.get(c.run_key, "PENDING"),
+            {"run_key": c.run_key[:12], **({"stage": self.stages.get(c.run_key)} if staged else {}),
+             **describe(c, self.spec), "status": self.status.get(c.run_key, "PENDING"),
              "reason": self.reasons.get(c.run_key, ""), "run_id": self.run_ids.get(c.run_key, "")}
             for c in self.trials
         ]
@@ -212,8 +228,13 @@ def tracking_uri_for(spec: SweepSpec, override: str | None = None) -> str:
 
 def plan(spec: SweepSpec, uri: str, mark_orphans: bool = True) -> Plan:
     """Expand the spec and look up each trial's state in MLflow."""
-    trials = expand(spec)
-    result = Plan(spec, trials)
+    stages: dict[str, str | None] = {}
+    trials: dict[str, RunConfig] = {}
+    for stage, configs in expand_stages(spec):
+        for config in configs:
+            trials.setdefault(config.run_key, config)
+            stages.setdefault(config.run_key, stage)
+    result = Plan(spec, list(trials.values()), stages=stages)
     client = tracking.open_store(uri)
     experiment = client.get_experiment_by_name(spec.experiment)
     if experiment is None:
@@ -221,7 +242,7 @@ def plan(spec: SweepSpec, uri: str, mark_orphans: bool = True) -> Plan:
     if mark_orphans:
         mark_orphans_killed(client, experiment.experiment_id)
     found = runs_by_key(client, experiment.experiment_id)
-    for config in trials:
+    for config in result.trials:
         run = found.get(config.run_key)
         if run is None:
             continue
@@ -231,7 +252,22 @@ def plan(spec: SweepSpec, uri: str, mark_orphans: bool = True) -> Plan:
             result.reasons[config.run_key] = run.data.tags[schema.TAG_FAILURE]
         if run.data.tags.get(schema.TAG_EARLY_STOPPED) == "true":
             result.reasons[config.run_key] = "stopped early by ASHA"
+    _skip_orphaned(result)
     return result
+
+
+def _skip_orphaned(result: Plan) -> None:
+    """Trials not yet run whose warm-start parent (a trial of this plan) FAILED or was SKIPPED."""
+    for config in result.trials:  # in stage order: a SKIPPED parent skips its children too
+        parent = config.init.from_run_key
+        if config.run_key in result.run_ids or parent not in result.stages:
+            continue
+        if result.status.get(parent) in ("FAILED", SKIPPED):
+            result.status[config.run_key] = SKIPPED
+            result.reasons[config.run_key] = (
+                f"its warm start, run {parent[:12]} of stage '{result.stages[parent]}', "
+                f"{result.status[parent]}: {result.reasons.get(parent, 'no reason recorded')}"
+            )[:2000]
 
 
 def silent_starts(configs: list[RunConfig]) -> dict[str, str]:
@@ -243,7 +279,7 @@ def silent_starts(configs: list[RunConfig]) -> dict[str, str]:
     found: dict[str, str] = {}
     probed: dict[str, str | None] = {}
     for config in configs:
-        if config.model.arch != "egru":
+        if config.model.arch != "egru" or config.init.from_run_key:  # warm starts begin trained
             continue
         t = config.train
         key = json.dumps([config.model.model_dump(mode="json"), config.data.model_dump(mode="json"),
@@ -283,38 +319,56 @@ def _storage_path(spec: SweepSpec) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def _progress_callback(uri: str, total: int, show: bool):
-    """A Ray Tune callback: a rich progress bar on the driver, and MLflow bookkeeping for
-    trials that end without their trainable's help (ASHA stops, dead workers). Picklable,
-    since Tune saves it with the experiment for `Tuner.restore`."""
+_ETA: SweepEta | None = None  # the launch's estimate, shared by the stages' callbacks (driver only)
+
+
+def _progress_callback(uri: str, show: bool, stage: str | None):
+    """A Ray Tune callback: progress with the sweep's overall ETA on the driver (a rich bar on
+    a terminal, else a line per finished trial), and MLflow bookkeeping for trials that end
+    without their trainable's help (ASHA stops, dead workers). Picklable, since Tune saves it
+    with the experiment for `Tuner.restore`."""
     from ray.tune import Callback
 
     class SweepProgress(Callback):
         def __init__(self):
-            self.uri, self.total, self.show = uri, total, show
+            self.uri, self.show, self.stage = uri, show, stage
             self._bar = self._client = None
 
         def __getstate__(self):
-            return {"uri": self.uri, "total": self.total, "show": self.show, "_bar": None, "_client": None}
+            return {"uri": self.uri, "show": self.show, "stage": self.stage, "_bar": None, "_client": None}
 
         def setup(self, **info):
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             self._client = tracking._client(self.uri)
-            self._bar = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), disable=not self.show)
-            self._task = self._bar.add_task("trials", total=self.total, note="")
+            self._console = Console(stderr=True)
+            self._live = self.show and self._console.is_terminal
+            eta = _ETA
+            label = f"sweep {self.stage}" if self.stage else "sweep"
+            self._bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[note]}"), console=self._console, disable=not self._live)
+            self._task = self._bar.add_task("trials", total=eta.trials_total if eta else None,
+                                            completed=eta.trials_done if eta else 0, note="")
             self._bar.start()
 
+        def _key(self, trial) -> str | None:
+            return ((trial.config or {}).get("trial") or {}).get("run_key")
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if self._bar and result.get("epoch"):
-                self._bar.update(self._task, note=f"{trial.trial_id}: epoch {result['epoch']}")
+            if _ETA and result.get("epoch") and not result.get("duosparse_done"):
+                _ETA.epoch(self._key(trial) or "", int(result["epoch"]))
+            if self._bar and result.get("epoch") and _ETA:
+                self._bar.update(self._task, note=f"epoch {result['epoch']} of a trial; {_ETA.summary()}")
+
+        def _ended(self, trial) -> None:
+            if _ETA:
+                _ETA.trial_ended(self._key(trial) or "")
+                if self._live:
+                    self._bar.update(self._task, completed=_ETA.trials_done, note=_ETA.summary())
+                elif self.show:
+                    self._console.print(f"sweep{' ' + self.stage if self.stage else ''}: {_ETA.summary()}",
+                                        highlight=False, soft_wrap=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
@@ -322,15 +376,13 @@ def _progress_callback(uri: str, total: int, show: bool):
             if run_id and not last.get("duosparse_done"):  # stopped by the scheduler
                 self._client.set_tag(run_id, schema.TAG_EARLY_STOPPED, "true")
                 tracking.finish_run(self._client, run_id, "FINISHED")
-            if self._bar:
-                self._bar.advance(self._task)
+            self._ended(trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             run_id = (trial.last_result or {}).get("mlflow_run_id")
             if run_id and self._client.get_run(run_id).info.status == "RUNNING":
                 tracking.finish_run(self._client, run_id, "FAILED", "the trial's worker died")
-            if self._bar:
-                self._bar.advance(self._task)
+            self._ended(trial)
 
         def on_experiment_end(self, trials, **info):
             if self._bar:
@@ -339,13 +391,38 @@ def _progress_callback(uri: str, total: int, show: bool):
     return SweepProgress()
 
 
+def _corpus_sizes() -> Callable[[RunConfig], tuple[int, int, int] | None]:
+    """(train, valid, test) token counts per corpus, read once each here on the driver; None
+    where the driver cannot read it (the trials on the cluster may)."""
+    from . import data
+
+    cache: dict[tuple, tuple[int, int, int] | None] = {}
+
+    def sizes(config: RunConfig) -> tuple[int, int, int] | None:
+        key = (config.data.corpus, config.data.dir, config.train.seed if config.data.corpus == "synthetic" else 0)
+        if key not in cache:
+            try:
+                corpus = data.load_corpus(config.data.corpus, config.data.dir, seed=config.train.seed)
+                cache[key] = (len(corpus.train), len(corpus.valid), len(corpus.test))
+            except (data.DataNotFoundError, data.DataIntegrityError):
+                cache[key] = None
+        return cache[key]
+
+    return sizes
+
+
+def _restore_path(storage: str, spec: SweepSpec, stage: str | None) -> str:
+    return f"{storage.rstrip('/')}/{spec.name}" + (f".{stage}" if stage else "")
+
+
 def run_sweep(
     spec: SweepSpec, address: str | None = None, resume: bool = False,
     tracking_uri: str | None = None, show_progress: bool = True,
 ) -> Plan:
-    """Launch (or resume) the sweep; returns the plan with each trial's final status."""
+    """Launch (or resume) the sweep, stage after stage; returns the plan with each trial's
+    final status."""
+    global _ETA
     import ray
-    from ray import tune
 
     address = address or os.environ.get("RAY_ADDRESS")
     # one checkpoint per epoch is the design; Tune's warning about frequent snapshots is noise
@@ -358,10 +435,9 @@ def run_sweep(
     experiment_id = tracking.ensure_experiment(client, spec.experiment)
     current = plan(spec, uri)
     storage = _storage_path(spec)
-    restore_path = f"{storage.rstrip('/')}/{spec.name}"
-    restoring = resume and tune.Tuner.can_restore(restore_path)
-    if not current.todo and not restoring:
+    if not current.todo:
         return current
+    _check_warm_starts(client, current)
 
     parent = client.create_run(experiment_id, run_name=f"{spec.name} launch", tags={
         schema.TAG_KIND: "sweep", schema.TAG_SWEEP: spec.name, schema.TAG_SPEC_HASH: spec.spec_hash(),
@@ -372,31 +448,64 @@ def run_sweep(
         # "local" starts a fresh Ray here rather than joining one a `ray start` left behind
         ray.init(address=address or "local", runtime_env={"env_vars": env_vars} if env_vars else None,
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
-    callback = _progress_callback(uri, len(current.todo), show_progress)
+    _ETA = SweepEta(current.todo, _corpus_sizes())
     try:
-        trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-        if restoring:
-            tuner = tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            shutil.rmtree(restore_path, ignore_errors=True) if "://" not in restore_path else None
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"trial": tune.grid_search([
-                    _trial_params(c, spec, uri, experiment_id, parent) for c in current.todo
-                ])},
-                tune_config=tune.TuneConfig(
-                    max_concurrent_trials=spec.max_concurrent, scheduler=_scheduler(spec),
-                ),
-                run_config=tune.RunConfig(
-                    name=spec.name, storage_path=storage, verbose=0, callbacks=[callback],
-                    failure_config=tune.FailureConfig(max_failures=spec.retries),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                ),
-            )
-        _fit_in(storage, tuner)
+        for stage in spec.stage_names:
+            todo = current.stage_todo(stage)
+            for config in current.trials:  # skipped ones: their work is not coming
+                if current.stages.get(config.run_key) == stage and current.status.get(config.run_key) == SKIPPED:
+                    _ETA.trial_ended(config.run_key)
+            if todo:
+                path = _restore_path(storage, spec, stage)
+                tuner = _tuner(spec, stage, todo, uri, experiment_id, parent, path, resume, show_progress)
+                _fit_in(storage, tuner)
+            current = plan(spec, uri, mark_orphans=False)  # the next stage sees this one's failures
     finally:
         tracking.finish_run(client, parent, "FINISHED")
-    return plan(spec, uri)
+        _ETA = None
+    return current
+
+
+def _tuner(spec: SweepSpec, stage: str | None, todo: list[RunConfig], uri: str, experiment_id: str,
+           parent: str, path: str, resume: bool, show_progress: bool) -> Any:
+    """A new Tuner for one stage's unfinished trials, or the interrupted one with --resume."""
+    from ray import tune
+
+    trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    if resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    if "://" not in path:
+        shutil.rmtree(path, ignore_errors=True)
+    storage, name = path.rsplit("/", 1)
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([
+            _trial_params(c, spec, uri, experiment_id, parent, stage) for c in todo
+        ])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, scheduler=_scheduler(spec, todo)),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, verbose=0, callbacks=[_progress_callback(uri, show_progress, stage)],
+            failure_config=tune.FailureConfig(max_failures=spec.retries),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+def _check_warm_starts(client: Any, current: Plan) -> None:
+    """Warm starts from runs outside the spec (init.from_run_key in a base) must be usable
+    before anything starts; the spec's own stages produce theirs as they run."""
+    checked: set[str] = set()
+    for config in current.todo:
+        key = config.init.from_run_key
+        if key is None or key in current.stages or key in checked:
+            continue
+        stage = current.stages.get(config.run_key)
+        try:
+            warmstart.resolve(client, config)
+        except warmstart.WarmStartError as e:
+            where = f"stage '{stage}'" if stage else "the spec's base"
+            raise SweepError(f"Sweep '{current.spec.name}', {where}: {e}") from None
+        checked.add(key)
 
 
 def _fit_in(storage: str, tuner: Any) -> None:
@@ -421,20 +530,22 @@ def _fit_in(storage: str, tuner: Any) -> None:
             pass
 
 
-def _trial_params(config: RunConfig, spec: SweepSpec, uri: str, experiment_id: str, parent: str) -> dict:
+def _trial_params(config: RunConfig, spec: SweepSpec, uri: str, experiment_id: str, parent: str,
+                  stage: str | None = None) -> dict:
     label = "-".join(f"{k.split('.')[-1]}={v}" for k, v in describe(config, spec).items())
     return {
         "config": config.model_dump(mode="json"), "tracking_uri": uri, "experiment_id": experiment_id,
-        "parent_run_id": parent, "sweep": spec.name, "run_name": f"{spec.name}:{label}",
+        "parent_run_id": parent, "sweep": spec.name, "stage": stage, "run_key": config.run_key,
+        "run_name": f"{spec.name}:{stage + ':' if stage else ''}{label}",
     }
 
 
-def _scheduler(spec: SweepSpec):
+def _scheduler(spec: SweepSpec, trials: list[RunConfig]):
     if spec.early_stopping is None:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    epochs = max(int(RunConfig.model_validate(spec.base).train.epochs), 1)
+    epochs = max(max(c.train.epochs for c in trials), 1)
     return ASHAScheduler(
         metric=TUNE_METRIC, mode="min", time_attr="epoch", max_t=max(epochs, spec.early_stopping.grace_period),
         grace_period=spec.early_stopping.grace_period, reduction_factor=spec.early_stopping.reduction_factor,
