@@ -13,7 +13,7 @@ import pytest
 import torch
 from duosparse import schema
 from duosparse.config import WARM_START_KEYS, ConfigError, build_config
-from duosparse.eta import SweepEta, epoch_work
+from duosparse.eta import TRIAL_OVERHEAD, SweepEta, epoch_work
 from duosparse.sweep import SpecError, describe, expand, expand_stages, parse_spec
 from mlflow.tracking import MlflowClient
 
@@ -208,15 +208,21 @@ def test_eta_extrapolates_the_rate_of_work_done():
     eta = SweepEta(configs, lambda c: None, clock)
     assert eta.remaining() is None
     a, b, c, d = (x.run_key for x in configs)
+    epoch, trial = eta.work[a][0], eta.work[a][0] * 2 + TRIAL_OVERHEAD
+    assert eta.total == pytest.approx(4 * trial)
     clock.now = 10.0
     eta.epoch(a, 1)
     eta.epoch(a, 2)
     eta.trial_ended(a)  # one of four equal trials in 10 s: 30 s to go
     assert eta.remaining() == pytest.approx(30.0)
+    eta.trial_ended(a)  # reported twice (an error after completion): counted once
+    assert eta.done == pytest.approx(trial) and eta.trials_done == 1
     eta.epoch(b, 2)  # resumed at its last epoch: its first epoch is not this launch's work
     clock.now = 15.0
     assert eta.remaining() == pytest.approx((eta.total - eta.done) / (eta.done / 15.0))
-    assert eta.total == pytest.approx(eta.work[a][0] * 7)
-    eta.trial_ended(c)  # failed before any epoch: its work leaves the total
-    assert eta.total == pytest.approx(eta.work[a][0] * 5)
-    assert "2/4 trials done" in eta.summary() and "left" in eta.summary()
+    assert eta.total == pytest.approx(4 * trial - epoch)
+    eta.trial_ended(c)  # failed before any epoch: only its start-up was work
+    assert eta.total == pytest.approx(3 * trial - epoch + TRIAL_OVERHEAD)
+    eta.trial_ended(d, started=False)  # skipped: nothing of it was work
+    assert eta.total == pytest.approx(2 * trial - epoch + TRIAL_OVERHEAD)
+    assert "3/4 trials done" in eta.summary() and "left" in eta.summary()

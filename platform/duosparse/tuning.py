@@ -454,7 +454,7 @@ def run_sweep(
             todo = current.stage_todo(stage)
             for config in current.trials:  # skipped ones: their work is not coming
                 if current.stages.get(config.run_key) == stage and current.status.get(config.run_key) == SKIPPED:
-                    _ETA.trial_ended(config.run_key)
+                    _ETA.trial_ended(config.run_key, started=False)
             if todo:
                 path = _restore_path(storage, spec, stage)
                 tuner = _tuner(spec, stage, todo, uri, experiment_id, parent, path, resume, show_progress)
