@@ -5,22 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cli_helpers import DUOSPARSE, TINY, cli_env, free_port, run, wait_for_ui
 from duosparse import schema
-
-DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
-TINY = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
-        "--set", "train.batch_size=8", "--set", "train.eval_batch_size=8", "--set", "train.max_steps_per_epoch=10",
-        "--set", "train.max_eval_batches=4", "--set", "train.epochs=2", "--set", "model.threshold=0.05"]
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([DUOSPARSE, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env=env, stdin=subprocess.DEVNULL)
 
 
 def test_bad_config_key_exits_nonzero_naming_the_key_without_traceback(tmp_path):
@@ -109,28 +97,16 @@ def test_help_for_every_command(tmp_path):
 
 
 def test_ui_serves_the_embedded_store_on_loopback_only(tmp_path):
-    import socket
-    import time
     import urllib.request
 
     import psutil
 
     assert run("train", *TINY, "--json", cwd=tmp_path).returncode == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    ui = subprocess.Popen([DUOSPARSE, "ui", "--port", str(port)], cwd=tmp_path, env=env,
+    port = free_port()
+    ui = subprocess.Popen([DUOSPARSE, "ui", "--port", str(port)], cwd=tmp_path, env=cli_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the MLflow UI did not come up"
-                time.sleep(0.5)
+        wait_for_ui(port, ui)
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=duosparse"
         body = json.loads(urllib.request.urlopen(url, timeout=10).read())
         assert body["experiment"]["name"] == "duosparse"  # the same store `train` wrote

@@ -116,6 +116,22 @@ def ray_cluster(tmp_path_factory):
         stop_cluster(gcs)  # this cluster only; `ray stop` would end every Ray here
 
 
+def submit_sweep(dashboard: str, spec: str, tracking_uri: str) -> subprocess.CompletedProcess:
+    """`ray job submit` of `duosparse sweep run SPEC`, as a cluster user runs it."""
+    deadline = time.monotonic() + 180
+    while True:
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
+             sys.executable, "-m", "duosparse.cli", "sweep", "run", spec, "--tracking-uri", tracking_uri],
+            capture_output=True, text=True, timeout=600, env=RAY_ENV,
+        )
+        # On a loaded machine the head's job agent registers some time after the dashboard
+        # answers; Ray then refuses the job before starting anything and says to try again.
+        if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
+            return submit
+        time.sleep(2)
+
+
 def test_smoke_sweep_through_ray_job_submit_lands_in_postgres(ray_cluster, mlflow_server):
     gcs, dashboard = ray_cluster
     tracking_uri, artifacts = mlflow_server
@@ -125,19 +141,7 @@ def test_smoke_sweep_through_ray_job_submit_lands_in_postgres(ray_cluster, mlflo
         capture_output=True, text=True, timeout=120, env=RAY_ENV,
     )
     assert nodes.stdout.strip().splitlines()[-1] == "2"  # a head and a second node
-    deadline = time.monotonic() + 180
-    while True:
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
-             sys.executable, "-m", "duosparse.cli", "sweep", "run", "sweeps/smoke.yaml",
-             "--tracking-uri", tracking_uri],
-            capture_output=True, text=True, timeout=600, env=RAY_ENV,
-        )
-        # On a loaded machine the head's job agent registers some time after the dashboard
-        # answers; Ray then refuses the job before starting anything and says to try again.
-        if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    submit = submit_sweep(dashboard, "sweeps/smoke.yaml", tracking_uri)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout.lower()
     client = MlflowClient(tracking_uri)
@@ -156,17 +160,7 @@ def test_smoke_sweep_through_ray_job_submit_lands_in_postgres(ray_cluster, mlflo
 def test_staged_sweep_warm_starts_through_the_tracking_servers_artifacts(ray_cluster, mlflow_server):
     gcs, dashboard = ray_cluster
     tracking_uri, _ = mlflow_server
-    deadline = time.monotonic() + 180
-    while True:
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(ROOT), "--",
-             sys.executable, "-m", "duosparse.cli", "sweep", "run", "sweeps/smoke_staged.yaml",
-             "--tracking-uri", tracking_uri],
-            capture_output=True, text=True, timeout=600, env=RAY_ENV,
-        )
-        if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    submit = submit_sweep(dashboard, "sweeps/smoke_staged.yaml", tracking_uri)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name("smoke_staged")

@@ -4,29 +4,22 @@ or one whose perplexity is at the cap exp(50)."""
 from __future__ import annotations
 
 import math
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import TINY
+from cli_helpers import run as cli_run
 from duosparse import schema, tracking
 from duosparse.analysis import runs
 from duosparse.config import RunConfig, load_config
 from duosparse.train import LOSS_CAP, TrainingDiverged, check_divergence
 from mlflow.tracking import MlflowClient
 
-DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
-TINY = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
-        "--set", "train.batch_size=8", "--set", "train.eval_batch_size=8", "--set", "train.max_steps_per_epoch=10",
-        "--set", "train.max_eval_batches=4", "--set", "train.epochs=2", "--set", "model.threshold=0.05"]
-
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([DUOSPARSE, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env=env, stdin=subprocess.DEVNULL)
+    return cli_run(*args, cwd=cwd, timeout=600)
 
 
 @pytest.mark.parametrize("overrides", [

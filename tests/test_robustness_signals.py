@@ -13,11 +13,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import yaml
+from cli_helpers import wait_for_ui
 from duosparse import schema, tracking
 
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
@@ -160,15 +160,7 @@ def test_sigterm_to_ui_stops_the_whole_server_tree(tmp_path):
                           text=True, start_new_session=True)
     tree: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert ui.poll() is None, ui.communicate()[1][-3000:]
-                assert time.monotonic() < deadline, "the MLflow UI did not come up"
-                time.sleep(0.5)
+        wait_for_ui(port, ui)
         tree = psutil.Process(ui.pid).children(recursive=True)
         assert tree  # the server and its workers
         ui.send_signal(signal.SIGTERM)  # to `duosparse ui` alone, as `kill PID` does

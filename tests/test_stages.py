@@ -4,20 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import TINY, run
 from duosparse import schema
 from duosparse.config import WARM_START_KEYS, ConfigError, build_config
 from duosparse.eta import TRIAL_OVERHEAD, SweepEta, epoch_work
 from duosparse.sweep import SpecError, describe, expand, expand_stages, parse_spec
 from mlflow.tracking import MlflowClient
 
-DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
 BASE = {"data": {"corpus": "synthetic"}, "model": {"embedding_size": 16, "hidden_size": 24},
         "train": {"epochs": 2, "batch_size": 8, "eval_batch_size": 8, "max_steps_per_epoch": 10,
                   "max_eval_batches": 4}}
@@ -97,17 +93,6 @@ def test_a_when_that_matches_no_earlier_run_is_refused():
 
 
 # --- warm starts through `duosparse train` -------------------------------------------------
-
-
-TINY = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
-        "--set", "train.batch_size=8", "--set", "train.eval_batch_size=8", "--set", "train.max_steps_per_epoch=10",
-        "--set", "train.max_eval_batches=4", "--set", "train.epochs=2", "--set", "model.threshold=0.05"]
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([DUOSPARSE, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env=env, stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
