@@ -368,24 +368,12 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not Path("/proc").is_dir()  # with /proc, a pid without a stat file is gone
-
-
 def _stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None:
     """SIGTERM to the group `process` leads and to each of its descendants (some, such as
     MLflow's job runners, start sessions of their own), then SIGKILL to what outlives
     `grace_s`."""
+    from . import tracking
+
     members = [process.pid, *_descendants(process.pid)]
     for signum in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(OSError):
@@ -394,10 +382,10 @@ def _stop_process_tree(process: subprocess.Popen, grace_s: float = 10.0) -> None
             with contextlib.suppress(OSError):
                 os.kill(pid, signum)
         deadline = time.monotonic() + grace_s
-        while any(_alive(pid) for pid in members) and time.monotonic() < deadline:
+        while any(tracking.pid_alive(pid) for pid in members) and time.monotonic() < deadline:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=0.2)
-        if not any(_alive(pid) for pid in members):
+        if not any(tracking.pid_alive(pid) for pid in members):
             break
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_s)  # reap the leader

@@ -137,6 +137,21 @@ def process_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` on this host still runs (a zombie, exited but not yet reaped by
+    its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    with contextlib.suppress(OSError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
 def process_alive(owner: str | None) -> bool | None:
     """Whether the process `owner` (host:pid) still runs; None when it cannot be told from
     here (another host, or no owner recorded)."""
@@ -145,16 +160,7 @@ def process_alive(owner: str | None) -> bool | None:
     host, pid = owner.rsplit(":", 1)
     if host != socket.gethostname() or not pid.isdigit():
         return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    with contextlib.suppress(OSError, IndexError):
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False  # exited, not yet reaped by its parent
-    return True
+    return pid_alive(int(pid))
 
 
 def mark_dead_train_runs_killed(client: Any) -> int:

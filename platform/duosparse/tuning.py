@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,24 +40,12 @@ class SweepError(RuntimeError):
 # --- MLflow identity --------------------------------------------------------------------
 
 
-def _driver_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def _driver_alive(driver: str | None) -> bool:
-    """Whether the process that launched a sweep still runs (known only on its own host)."""
+    """Whether the process that launched a sweep still runs (known only on its own host:
+    from another one it is taken as alive and left alone)."""
     if not driver or ":" not in driver:
         return False
-    host, pid = driver.rsplit(":", 1)
-    if host != socket.gethostname():
-        return True  # cannot tell from here: leave it alone
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    return tracking.process_alive(driver) is not False
 
 
 def sweep_runs(client: Any, experiment_id: str) -> list[Any]:
@@ -441,7 +428,7 @@ def run_sweep(
 
     parent = client.create_run(experiment_id, run_name=f"{spec.name} launch", tags={
         schema.TAG_KIND: "sweep", schema.TAG_SWEEP: spec.name, schema.TAG_SPEC_HASH: spec.spec_hash(),
-        schema.TAG_CODE_VERSION: __version__, schema.TAG_DRIVER: _driver_id(),
+        schema.TAG_CODE_VERSION: __version__, schema.TAG_DRIVER: tracking.process_id(),
     }).info.run_id
     env_vars = {k: os.environ[k] for k in ("DUOSPARSE_DATA_DIR",) if k in os.environ}
     if not ray.is_initialized():
