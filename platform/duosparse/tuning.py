@@ -5,8 +5,11 @@ in memory).
 - The driver opens the store once (creating a fresh SQLite schema before any trial races to),
   creates the experiment and the parent run, and drops trials whose run_key is FINISHED.
 - Each trial logs from inside its trainable into its own child run; a retried or resumed
-  trial finds its run by run_key and continues it, and its training state from the Ray
-  checkpoint written every epoch.
+  trial finds its run by run_key and continues it, and its training state from the resume
+  file written every epoch (`<storage>/<name>.resume/<run_key>.pt`, dropped when the trial
+  ends). That file is ours, not a Tune checkpoint: Tune deletes its older checkpoints before
+  its experiment state on storage names the newer one, so a driver killed in between left a
+  state that Tune itself could not restore ("checkpoint does not exist on storage anymore").
 - Runs left RUNNING by a driver that died are marked KILLED at the next launch or status.
 - A spec with stages runs them in order, one Tune experiment each (`<name>.<stage>`); a trial
   of a later stage warm-starts from its parent run's final checkpoint, fetched through MLflow,
@@ -83,11 +86,11 @@ def runs_by_key(client: Any, experiment_id: str) -> dict[str, Any]:
 
 
 class TuneReporter:
-    """Reports each epoch to MLflow, and to Tune with the epoch's resume checkpoint."""
+    """Reports each epoch to MLflow, saves the epoch's resume state, then reports to Tune."""
 
-    def __init__(self, client: Any, run_id: str, workdir: Path):
+    def __init__(self, client: Any, run_id: str, workdir: Path, resume_uri: str | None):
         self.mlflow = tracking.MlflowReporter(client, run_id)
-        self.run_id, self.workdir = run_id, workdir
+        self.run_id, self.workdir, self.resume_uri = run_id, workdir, resume_uri
         # Tune (and ASHA) want the same keys in every result
         self.result: dict[str, Any] = {"epoch": 0, TUNE_METRIC: float("inf"), "mlflow_run_id": run_id}
 
@@ -98,9 +101,9 @@ class TuneReporter:
         if schema.VAL_LOSS not in metrics:  # the final test figures: no new epoch for Tune
             return
         self.result.update({"epoch": step, TUNE_METRIC: metrics[schema.VAL_LOSS]})
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(self.workdir / "last.pt", Path(tmp) / "last.pt")
-            tune.report(dict(self.result), checkpoint=tune.Checkpoint.from_directory(tmp))
+        # after MLflow has the epoch: a kill in between repeats an epoch, never loses one
+        save_resume_state(self.workdir / "last.pt", self.resume_uri)
+        tune.report(dict(self.result))
 
     def done(self, failed: bool = False) -> None:
         from ray import tune
@@ -121,18 +124,18 @@ def run_trial(params: dict[str, Any]) -> None:
     config = RunConfig.model_validate(params["config"])
     client = tracking._client(params["tracking_uri"])
     existing = runs_by_key(client, params["experiment_id"]).get(config.run_key)
+    resume_uri = params.get("resume_uri")  # None in a Tune state saved by an older duosparse
     if existing is not None and existing.info.status == "FINISHED":
         # finished before a killed driver could record it in Tune: nothing left to run
+        drop_resume_state(resume_uri)
         tune.report({"epoch": config.train.epochs, TUNE_METRIC: float("inf"),
                      "mlflow_run_id": existing.info.run_id, "duosparse_done": True, "failed": False})
         return
     run_id = _trial_run(client, params, config, existing)
     workdir = Path(tempfile.mkdtemp(prefix=f"duosparse-{config.run_key[:12]}-"))
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # a retry or a resumed sweep: continue from the last epoch
-        with checkpoint.as_directory() as directory:
-            shutil.copy(Path(directory) / "last.pt", workdir / "last.pt")
-    reporter = TuneReporter(client, run_id, workdir)
+    # a retry or a resumed sweep continues from the last epoch (train checks the run_key)
+    load_resume_state(resume_uri, workdir / "last.pt")
+    reporter = TuneReporter(client, run_id, workdir, resume_uri)
     try:
         source = warmstart.resolve(client, config)
         init = warmstart.fetch_checkpoint(client, source, workdir / "init") if source else None
@@ -140,6 +143,7 @@ def run_trial(params: dict[str, Any]) -> None:
     except (TrainingDiverged, warmstart.WarmStartError) as e:
         # deterministic: retrying would diverge again, so the trial ends here, FAILED
         tracking.finish_run(client, run_id, "FAILED", str(e))
+        drop_resume_state(resume_uri)  # a rerun starts afresh rather than diverge again
         reporter.done(failed=True)
         return
     except Exception as e:
@@ -148,7 +152,57 @@ def run_trial(params: dict[str, Any]) -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     tracking.finish_run(client, run_id, "FINISHED")
+    drop_resume_state(resume_uri)
     reporter.done()
+
+
+# --- resume state: one file per unfinished trial, on Tune's storage (a path or a URI) ---------
+
+
+def resume_uri(storage: str, sweep_name: str, run_key: str) -> str:
+    return f"{storage.rstrip('/')}/{sweep_name}.resume/{run_key}.pt"
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(uri)
+
+
+def save_resume_state(local: Path, uri: str | None) -> None:
+    """Copy `local` to `uri`, replacing the previous epoch's file only once the copy is whole."""
+    if uri is None:
+        return
+    filesystem, path = _filesystem(uri)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    partial = path + ".partial"
+    with open(local, "rb") as source, filesystem.open_output_stream(partial, compression=None) as target:
+        shutil.copyfileobj(source, target, 1 << 20)
+    filesystem.move(partial, path)
+
+
+def load_resume_state(uri: str | None, local: Path) -> bool:
+    """Copy the trial's resume file to `local`; False when there is none."""
+    from pyarrow import fs
+
+    if uri is None:
+        return False
+    filesystem, path = _filesystem(uri)
+    if filesystem.get_file_info(path).type != fs.FileType.File:
+        return False
+    with filesystem.open_input_stream(path, compression=None) as source, open(local, "wb") as target:
+        shutil.copyfileobj(source, target, 1 << 20)
+    return True
+
+
+def drop_resume_state(uri: str | None) -> None:
+    from pyarrow import fs
+
+    if uri is None:
+        return
+    filesystem, path = _filesystem(uri)
+    if filesystem.get_file_info(path).type == fs.FileType.File:
+        filesystem.delete_file(path)
 
 
 def _trial_run(client: Any, params: dict[str, Any], config: RunConfig, existing: Any) -> str:
@@ -412,8 +466,6 @@ def run_sweep(
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    # one checkpoint per epoch is the design; Tune's warning about frequent snapshots is noise
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Ray starts workers at niceness 15; trials are the work here, so give them full priority
     os.environ.setdefault("RAY_worker_niceness", "0")
     uri = tracking_uri_for(spec, tracking_uri)
@@ -467,13 +519,13 @@ def _tuner(spec: SweepSpec, stage: str | None, todo: list[RunConfig], uri: str, 
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([
-            _trial_params(c, spec, uri, experiment_id, parent, stage) for c in todo
+            _trial_params(c, spec, uri, experiment_id, parent, stage, resume_uri(storage, spec.name, c.run_key))
+            for c in todo
         ])},
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, scheduler=_scheduler(spec, todo)),
         run_config=tune.RunConfig(
             name=name, storage_path=storage, verbose=0, callbacks=[_progress_callback(uri, show_progress, stage)],
             failure_config=tune.FailureConfig(max_failures=spec.retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
 
@@ -518,11 +570,12 @@ def _fit_in(storage: str, tuner: Any) -> None:
 
 
 def _trial_params(config: RunConfig, spec: SweepSpec, uri: str, experiment_id: str, parent: str,
-                  stage: str | None = None) -> dict:
+                  stage: str | None, resume: str) -> dict:
     label = "-".join(f"{k.split('.')[-1]}={v}" for k, v in describe(config, spec).items())
     return {
         "config": config.model_dump(mode="json"), "tracking_uri": uri, "experiment_id": experiment_id,
         "parent_run_id": parent, "sweep": spec.name, "stage": stage, "run_key": config.run_key,
+        "resume_uri": resume,
         "run_name": f"{spec.name}:{stage + ':' if stage else ''}{label}",
     }
 
