@@ -111,6 +111,19 @@ def test_same_spec_again_runs_nothing_and_a_new_value_runs_only_its_trials(smoke
     assert json.loads(status.stdout)["counts"] == {"FINISHED": 6}
 
 
+def test_specs_sharing_an_experiment_share_finished_trials_and_other_experiments_do_not(smoke_folder):
+    # what the README says the run_key deduplicates, and what it does not
+    folder, _, first = smoke_folder
+    assert first.returncode == 0
+    shared = write_spec(folder, "same-experiment", tracking={"experiment": "smoke"})
+    own = write_spec(folder, "own-experiment")
+    for spec, expected in ((shared, {"FINISHED"}), (own, {"PENDING"})):
+        dry = sweep("run", str(spec), "--dry-run", "--json", cwd=folder)
+        assert dry.returncode == 0, dry.stderr[-2000:]
+        trials = json.loads(dry.stdout)["trials"]
+        assert len(trials) == 4 and {t["status"] for t in trials} == expected, (spec.name, trials)
+
+
 def test_raising_and_diverging_trials_fail_with_reasons_while_others_finish(tmp_path):
     if torch.cuda.is_available():
         pytest.fail("this test makes a trial raise by asking for CUDA on a CPU-only machine")
@@ -139,34 +152,69 @@ def test_raising_and_diverging_trials_fail_with_reasons_while_others_finish(tmp_
     assert "train/loss became nan" in reasons["egru"]
 
 
-def test_killed_driver_resumes_without_duplicates(tmp_path):
-    # Long enough trials that the kill lands mid-trial even on a loaded machine: with 3 epochs
-    # the second trial could finish between the poll that saw its first epoch and the kill.
-    EPOCHS = 12
-    spec = write_spec(
-        tmp_path, "killed", max_concurrent=1,
-        base={**SMOKE["base"], "train": {**SMOKE["base"]["train"], "epochs": EPOCHS, "max_steps_per_epoch": 25}},
+LONG_EPOCHS = 12
+
+
+def long_spec(folder: Path, name: str) -> Path:
+    # Long enough trials that a signal lands mid-trial even on a loaded machine: with 3 epochs
+    # the second trial could finish between the poll that saw its first epoch and the signal.
+    return write_spec(
+        folder, name, max_concurrent=1,
+        base={**SMOKE["base"], "train": {**SMOKE["base"]["train"], "epochs": LONG_EPOCHS, "max_steps_per_epoch": 25}},
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    driver = subprocess.Popen([DUOSPARSE, "sweep", "run", str(spec)], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    client = store(tmp_path)
-    deadline = time.monotonic() + 240
-    # wait until one trial has finished and the next has reported an epoch (so it has a checkpoint)
+
+
+def wait_for_second_trial_midway(client: MlflowClient, name: str, driver: subprocess.Popen):
+    """(finished, started) once one trial has FINISHED and the next has logged two epochs:
+    a resume that restarted it from scratch would then log 12 + 2 epochs."""
+    deadline = time.monotonic() + 300  # a generous deadline, not a timing
     while time.monotonic() < deadline:
+        assert driver.poll() is None, "the sweep ended before its second trial was midway"
         try:
-            trials, _ = trial_runs(client, "killed")
+            trials, _ = trial_runs(client, name)
         except Exception:  # the store or experiment is not there yet
             trials = []
         finished = [r for r in trials if r.info.status == "FINISHED"]
         started = [r for r in trials if r.info.status == "RUNNING" and schema.VAL_LOSS in r.data.metrics]
-        # two epochs in: a resume that restarted from scratch would log 12 + 2 epochs
         if finished and started and len(client.get_metric_history(started[0].info.run_id, schema.VAL_LOSS)) >= 2:
-            break
+            return finished[0], started[0]
         time.sleep(0.5)
-    else:
-        driver.kill()
-        pytest.fail("the sweep never reached the middle of its second trial")
+    driver.kill()
+    pytest.fail("the sweep never reached the middle of its second trial")
+
+
+def assert_resumed_once(client: MlflowClient, folder: Path, name: str, finished, started) -> None:
+    """Every trial FINISHED exactly once, under the launch that finished them; the one that was
+    interrupted continued from its resume file; the one finished before was not touched."""
+    trials, parents = trial_runs(client, name)
+    keys = [r.data.tags[schema.TAG_RUN_KEY] for r in trials]
+    assert len(keys) == 4 and len(set(keys)) == 4
+    assert all(r.info.status == "FINISHED" for r in trials)
+    assert all(r.info.status != "RUNNING" for r in parents)
+    last = max(parents, key=lambda r: r.info.start_time)
+    assert last.info.status == "FINISHED"
+    # each run hangs under the launch that finished it: the interrupted one's children moved
+    parent_of = {r.info.run_id: r.data.tags[schema.TAG_PARENT_RUN_ID] for r in trials}
+    assert parent_of.pop(finished.info.run_id) == finished.data.tags[schema.TAG_PARENT_RUN_ID] != last.info.run_id
+    assert set(parent_of.values()) == {last.info.run_id}
+    before = [m.step for m in client.get_metric_history(finished.info.run_id, schema.VAL_LOSS)]
+    assert before == list(range(1, LONG_EPOCHS + 1))  # not re-run
+    assert client.get_run(finished.info.run_id).info.end_time == finished.info.end_time
+    history = client.get_metric_history(started.info.run_id, schema.VAL_LOSS)
+    assert {m.step for m in history} == set(range(1, LONG_EPOCHS + 1))
+    # it continued from its resume file: at most the epoch in flight at the stop is repeated
+    assert len(history) <= LONG_EPOCHS + 1, sorted(m.step for m in history)
+    resume_files = folder / "runs" / "tune" / f"{name}.resume"
+    assert resume_files.is_dir() and not list(resume_files.glob("*.pt"))  # each dropped when its trial ended
+
+
+def test_killed_driver_resumes_without_duplicates(tmp_path):
+    spec = long_spec(tmp_path, "killed")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    driver = subprocess.Popen([DUOSPARSE, "sweep", "run", str(spec)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = store(tmp_path)
+    finished, started = wait_for_second_trial_midway(client, "killed", driver)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     time.sleep(2)
@@ -175,18 +223,37 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
     assert status["counts"].get("KILLED", 0) >= 1
     result = sweep("run", str(spec), "--resume", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    trials, parents = trial_runs(client, "killed")
-    keys = [r.data.tags[schema.TAG_RUN_KEY] for r in trials]
-    assert len(keys) == 4 and len(set(keys)) == 4
-    assert all(r.info.status == "FINISHED" for r in trials)
-    assert all(r.info.status != "RUNNING" for r in parents)
-    resumed = [r for r in trials if r.info.run_id == started[0].info.run_id][0]
-    history = client.get_metric_history(resumed.info.run_id, schema.VAL_LOSS)
-    assert {m.step for m in history} == set(range(1, EPOCHS + 1))
-    # it continued from its resume file: at most the epoch in flight at the kill is repeated
-    assert len(history) <= EPOCHS + 1, sorted(m.step for m in history)
-    resume_files = tmp_path / "runs" / "tune" / "killed.resume"
-    assert resume_files.is_dir() and not list(resume_files.glob("*.pt"))  # each dropped when its trial ended
+    assert_resumed_once(client, tmp_path, "killed", finished, started)
+
+
+def test_sigint_ends_the_launch_killed_and_its_resume_line_finishes_every_trial_once(tmp_path):
+    spec = long_spec(tmp_path, "stopped")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    driver = subprocess.Popen([DUOSPARSE, "sweep", "run", str(spec)], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    client = store(tmp_path)
+    finished, started = wait_for_second_trial_midway(client, "stopped", driver)
+    driver.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = driver.communicate(timeout=300)
+
+    text = " ".join(err.split())
+    assert driver.returncode == 128 + signal.SIGINT, text[-3000:]
+    assert "Traceback" not in err and "Tuner.restore" not in err, err[-3000:]
+    assert "interrupted by SIGINT" in text
+    line = f"Resume it with: duosparse sweep run {spec} --resume"
+    assert line in text
+    trials, parents = trial_runs(client, "stopped")
+    (launch,) = parents
+    assert launch.info.status == "KILLED" and "SIGINT" in launch.data.tags[schema.TAG_FAILURE]
+    status = {r.info.run_id: r.info.status for r in trials}
+    assert status[finished.info.run_id] == "FINISHED" and status[started.info.run_id] == "KILLED"
+    assert "RUNNING" not in status.values()
+
+    words = line.split(": ", 1)[1].split()  # the printed line, run as printed
+    result = subprocess.run([DUOSPARSE, *words[1:]], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_resumed_once(client, tmp_path, "stopped", finished, started)
 
 
 def test_stages_warm_start_skip_orphans_and_rerun_nothing_finished(tmp_path):

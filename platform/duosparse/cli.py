@@ -285,6 +285,15 @@ def sweep_run(
                                      show_progress=not json_out)
     except tuning.SweepError as e:
         fail(str(e))
+    except tuning.SweepInterrupted as e:
+        words = ["duosparse", "sweep", "run", str(spec_path), "--resume"]
+        words += [*(["--address", address] if address else []), *(["--tracking-uri", tracking_uri] if tracking_uri else []),
+                  *(["--allow-silent-start"] if allow_silent_start else [])]
+        command = shlex.join(words)
+        fail(f"sweep {spec.name} was interrupted by {e.signal_name}: the launch and its {e.killed} trial(s) in "
+             "progress are marked KILLED in MLflow, finished trials are kept, and each unfinished trial "
+             f"continues from its last epoch. Resume it with: {command}",
+             code=128 + signal.Signals[e.signal_name].value)
     counts = _counts(final)
     if json_out:
         print(json.dumps({"sweep": spec.name, "counts": counts, "trials": final.rows()}, indent=2))

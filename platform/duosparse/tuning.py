@@ -18,7 +18,9 @@ in memory).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +40,14 @@ TUNE_METRIC = "val_loss"  # Tune's view of val/loss, for ASHA
 
 class SweepError(RuntimeError):
     """A sweep that cannot start; the message names the cause and the fix."""
+
+
+class SweepInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the launch; it and its unfinished trials are KILLED."""
+
+    def __init__(self, signal_name: str, killed: int):
+        super().__init__(f"interrupted by {signal_name}")
+        self.signal_name, self.killed = signal_name, killed
 
 
 # --- MLflow identity --------------------------------------------------------------------
@@ -488,21 +498,111 @@ def run_sweep(
         ray.init(address=address or "local", runtime_env={"env_vars": env_vars} if env_vars else None,
                  include_dashboard=False, log_to_driver=False, configure_logging=False)
     _ETA = SweepEta(current.todo, _corpus_sizes())
+    keys = [c.run_key for c in current.todo]
+    adopt_trial_runs(client, experiment_id, keys, parent)  # the runs this launch continues
+    stop = _StopOnSignal()
     try:
-        for stage in spec.stage_names:
-            todo = current.stage_todo(stage)
-            for config in current.trials:  # skipped ones: their work is not coming
-                if current.stages.get(config.run_key) == stage and current.status.get(config.run_key) == SKIPPED:
-                    _ETA.trial_ended(config.run_key, started=False)
-            if todo:
-                path = _restore_path(storage, spec, stage)
-                tuner = _tuner(spec, stage, todo, uri, experiment_id, parent, path, resume, show_progress)
-                _fit_in(storage, tuner)
-            current = plan(spec, uri, mark_orphans=False)  # the next stage sees this one's failures
+        with stop:
+            for stage in spec.stage_names:
+                todo = current.stage_todo(stage)
+                for config in current.trials:  # skipped ones: their work is not coming
+                    if current.stages.get(config.run_key) == stage and current.status.get(config.run_key) == SKIPPED:
+                        _ETA.trial_ended(config.run_key, started=False)
+                if todo:
+                    path = _restore_path(storage, spec, stage)
+                    tuner = _tuner(spec, stage, todo, uri, experiment_id, parent, path, resume, show_progress)
+                    with stop.tune_stops_gracefully():
+                        _fit_in(storage, tuner)
+                if stop.signal_name:
+                    break
+                current = plan(spec, uri, mark_orphans=False)  # the next stage sees this one's failures
+    except KeyboardInterrupt:  # a second signal, or one outside Tune: stopped at once
+        stop.signal_name = stop.signal_name or "SIGINT"
     finally:
-        tracking.finish_run(client, parent, "FINISHED")
         _ETA = None
+        adopt_trial_runs(client, experiment_id, keys, parent)  # trials a restored Tuner started
+        if stop.signal_name:
+            reason = f"interrupted by {stop.signal_name}"
+            killed = _kill_running_trials(client, experiment_id, keys, reason)
+            tracking.finish_run(client, parent, "KILLED", reason)
+        else:
+            tracking.finish_run(client, parent, "FINISHED")
+    if stop.signal_name:
+        raise SweepInterrupted(stop.signal_name, killed)
     return current
+
+
+def adopt_trial_runs(client: Any, experiment_id: str, run_keys: list[str], parent: str) -> None:
+    """Hang the trial runs of `run_keys` under the launch `parent`: a run continued by a later
+    launch belongs to the launch that finished it, not to the interrupted one that began it."""
+    wanted = set(run_keys)
+    for key, run in runs_by_key(client, experiment_id).items():
+        if key in wanted and run.data.tags.get(schema.TAG_PARENT_RUN_ID) != parent:
+            client.set_tag(run.info.run_id, schema.TAG_PARENT_RUN_ID, parent)
+
+
+def _kill_running_trials(client: Any, experiment_id: str, run_keys: list[str], reason: str) -> int:
+    wanted, count = set(run_keys), 0
+    for key, run in runs_by_key(client, experiment_id).items():
+        if key in wanted and run.info.status == "RUNNING":
+            tracking.finish_run(client, run.info.run_id, "KILLED", reason)
+            count += 1
+    return count
+
+
+def _no_restore_hint(record: logging.LogRecord) -> bool:
+    """Tune's lines about its interruption: ours replace them (the resume line is `duosparse
+    sweep run SPEC --resume`, not `Tuner.restore(...)`)."""
+    text = record.getMessage()
+    return not any(s in text for s in ("Tuner.restore", "Stop signal received", "Trials did not complete"))
+
+
+class _StopOnSignal:
+    """SIGINT and SIGTERM stop the launch: inside Tune's loop the first one asks Tune to stop
+    gracefully (SIGUSR1, which Tune always handles: it saves its state and stops the trials), so
+    that `--resume` finds everything; a second one, or one outside Tune's loop, stops at once.
+    Tune's own SIGINT handler is off: it would print a `Tuner.restore(...)` hint, not ours."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._in_tune = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        logging.getLogger("ray.tune.tune").addFilter(_no_restore_hint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        logging.getLogger("ray.tune.tune").removeFilter(_no_restore_hint)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        import signal
+
+        first = self.signal_name is None
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+        if first and self._in_tune:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def tune_stops_gracefully(self):
+        self._in_tune = True
+        try:
+            yield
+        finally:
+            self._in_tune = False
 
 
 def _tuner(spec: SweepSpec, stage: str | None, todo: list[RunConfig], uri: str, experiment_id: str,
