@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from duosparse import schema
+from duosparse.config import read_yaml
 from duosparse.model import GATES
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
@@ -157,10 +157,7 @@ def load_profile(path: str | Path | None = None, gpu: bool = False) -> Profile:
         raise ProfileError(
             f"Hardware profile '{path}' does not exist; the defaults are in {PROFILE_DIR}."
         )
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ProfileError(f"Hardware profile '{path}' is not valid YAML: {e}") from None
+    tree = read_yaml(path, "Hardware profile", f"a profile such as {DEFAULT_PROFILE}", ProfileError)
     if not isinstance(tree, dict) or not isinstance(tree.get("constants"), dict):
         raise ProfileError(
             f"Hardware profile '{path}' must be a mapping with a `constants` section."

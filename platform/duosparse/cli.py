@@ -73,14 +73,17 @@ def train(
 ) -> None:
     """Train one model from CONFIG, logged as one MLflow run."""
     from . import tracking, warmstart
-    from .train import SilentStart, TrainingDiverged
+    from .train import DeviceUnavailable, SilentStart, TrainingDiverged, resolve_device
     from .train import train as run_training
 
+    if not experiment.strip():
+        fail("--experiment is empty; give the MLflow experiment a name (the default is 'duosparse').")
     overrides = list(set_ or [])
     if data_dir is not None:
         overrides.append(f"data.dir={data_dir}")
     try:
         cfg = load_config(config, overrides)
+        resolve_device(cfg.train.device)  # before any run exists: a missing GPU is bad input
         corpus = data_module.load_corpus(cfg.data.corpus, cfg.data.dir, seed=cfg.train.seed)
         client = tracking.open_store(tracking_uri)
         source = warmstart.resolve(client, cfg)  # a warm start is checked before anything starts
@@ -88,7 +91,7 @@ def train(
         _check_writable(workdir)
         init = warmstart.fetch_checkpoint(client, source, workdir / "init") if source else None
     except (ConfigError, data_module.DataNotFoundError, data_module.DataIntegrityError, tracking.TrackingError,
-            warmstart.WarmStartError) as e:
+            warmstart.WarmStartError, DeviceUnavailable) as e:
         fail(str(e))
     experiment_id = tracking.ensure_experiment(client, experiment)
     checkpoint = workdir / "last.pt"
@@ -324,7 +327,7 @@ def sweep_status(
 
 @app.command()
 def ui(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1")] = 5000,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1", min=1, max=65535)] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean it)")] = "127.0.0.1",
     tracking_uri: Annotated[str | None, typer.Option(help="Store to browse (default: as `train`)")] = None,
 ) -> None:

@@ -341,6 +341,10 @@ def _describe(error: ValidationError) -> str:
         elif e["type"] == "value_error":
             message = e["msg"].removeprefix("Value error, ")
             lines.append(message if message.startswith(field) else f"'{field}': {message}")
+        elif e["type"] == "model_type":  # a value where a section belongs
+            keys = ", ".join(_section_keys((*e["loc"], "")))
+            lines.append(f"'{field}' is a section, not a value (got {e.get('input')!r}); set one of its keys "
+                         f"instead: {keys}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -356,12 +360,34 @@ def build_config(tree: dict[str, Any] | None, source: str = "config") -> RunConf
         raise ConfigError(f"Invalid {source}: {_describe(e)}.") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last one
+    without a word, silently dropping the first section)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in the same mapping; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path, what: str, example: str, error: type[Exception]) -> Any:
     """safe_load a YAML file, raising `error` with a one-line fix when it is missing or bad."""
     if not path.is_file():
         raise error(f"{what} '{path}' does not exist; pass the path of {example}.")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} '{path}' is not a text file (not UTF-8: byte {e.start}); pass the path of "
+                    f"{example}.") from None
+    except OSError as e:
+        raise error(f"{what} '{path}' cannot be read ({e.strerror}); check its permissions.") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise error(f"{what} '{path}' is not valid YAML: {e}") from None
 

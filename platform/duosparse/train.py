@@ -70,11 +70,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class DeviceUnavailable(ValueError):
+    """train.device names a device this machine does not have."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'.")
+        raise DeviceUnavailable("train.device is 'cuda' but no CUDA device is visible here; set "
+                                "train.device to 'auto' or 'cpu', or run on a machine with a GPU.")
     else:
         device = torch.device(name)
     if device.type == "cuda":
