@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Tests and CI read the corpora from ../shared/data unless told otherwise.
 export DUOSPARSE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup train sweep ui test bench lint clean
+.PHONY: setup train sweep ui test test-under-load bench lint clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,12 @@ test: setup  ## the whole test suite
 	bash .ci/system-packages.sh
 	@export DUOSPARSE_TEST_POSTGRES_URI="$${DUOSPARSE_TEST_POSTGRES_URI:-$$(bash .ci/postgres.sh)}"; \
 	$(PY) -m pytest -q
+
+ROUNDS ?= 10
+test-under-load: setup  ## the cluster and deployment tests ROUNDS times while every core is kept busy
+	bash .ci/system-packages.sh
+	@export DUOSPARSE_TEST_POSTGRES_URI="$${DUOSPARSE_TEST_POSTGRES_URI:-$$(bash .ci/postgres.sh)}"; \
+	$(PY) tests/under_load.py --rounds $(ROUNDS)
 
 bench: setup  ## speed figures as ratios to baselines measured in the same run (bench.json)
 	$(PY) benchmarks/run.py

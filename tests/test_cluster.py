@@ -95,11 +95,16 @@ def ray_cluster(tmp_path_factory):
     ray = str(BIN / "ray")
     subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                    "--num-cpus", "1", "--include-dashboard", "true", "--disable-usage-stats"],
+                    "--num-cpus", "1", "--include-dashboard", "true", "--disable-usage-stats",
+                    # Ray's fixed default (52365) is taken by any other Ray on this machine (another
+                    # node of this cluster, a sweep's local Ray): the head's agent then cannot
+                    # serve, and every job is refused with "No available agent to submit job"
+                    "--dashboard-agent-listen-port", str(free_port())],
                    check=True, env=env, capture_output=True, timeout=180)
     try:
         subprocess.run([ray, "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
-                        "--num-cpus", "1", "--disable-usage-stats"], check=True, env=env,
+                        "--num-cpus", "1", "--disable-usage-stats", "--dashboard-agent-listen-port", str(free_port())],
+                       check=True, env=env,
                        capture_output=True, timeout=180)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # up, and refusing requests without the token
@@ -125,8 +130,8 @@ def submit_sweep(dashboard: str, spec: str, tracking_uri: str) -> subprocess.Com
              sys.executable, "-m", "duosparse.cli", "sweep", "run", spec, "--tracking-uri", tracking_uri],
             capture_output=True, text=True, timeout=600, env=RAY_ENV,
         )
-        # On a loaded machine the head's job agent registers some time after the dashboard
-        # answers; Ray then refuses the job before starting anything and says to try again.
+        # The head's job agent registers some time after the dashboard answers (later still on
+        # a loaded machine); Ray refuses a job before then and says to try again.
         if "No available agent to submit job" not in submit.stderr or time.monotonic() > deadline:
             return submit
         time.sleep(2)
