@@ -260,9 +260,19 @@ def _row(run: Any, val_history: list[tuple[int, float]]) -> dict[str, Any]:
     row.update(params)
     row.update(run.data.metrics)
     row[BEST_VAL_PPL] = best_val_ppl(val_history, final_sparsity_epoch(params))
-    row[OK] = bool(status == "FINISHED" and not early and math.isfinite(test_ppl)
+    # every figure an analysis reads: a run without its compute counts (stopped between its
+    # test and its accounting, or logged by something else) cannot be placed on a front
+    complete = all(m in run.data.metrics for m in schema.RUN_METRICS)
+    row[OK] = bool(status == "FINISHED" and not early and complete and math.isfinite(test_ppl)
                    and not at_cap(test_ppl) and not at_cap(row[BEST_VAL_PPL]))
     return row
+
+
+def _with_run_metrics(table: pd.DataFrame) -> pd.DataFrame:
+    """Every schema metric as a column (NaN where a run lacks it), so that analyses can select
+    on any of them whatever subset of runs a table holds."""
+    missing = [m for m in schema.RUN_METRICS if m not in table.columns]
+    return table.assign(**{m: np.nan for m in missing}) if missing else table
 
 
 def table_from_runs(runs: list[Any], client: Any) -> pd.DataFrame:
@@ -281,7 +291,7 @@ def table_from_runs(runs: list[Any], client: Any) -> pd.DataFrame:
     table = table.sort_values(["_finished", START_TIME], ascending=False)
     keyed = table[RUN_KEY].notna()
     table = pd.concat([table[keyed].drop_duplicates(RUN_KEY), table[~keyed]])
-    table = table.drop(columns="_finished")
+    table = _with_run_metrics(table.drop(columns="_finished"))
     return apply_types(_ordered(table).sort_values(START_TIME).reset_index(drop=True))
 
 
@@ -461,6 +471,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     attrs = dict(table.attrs)
     table = apply_types(table)
     if OK in table:  # a FAILED or capped run is never used, whatever the exporting version said
+        table = _with_run_metrics(table)
         unusable = np.zeros(len(table), dtype=bool)
         if STATUS in table:
             unusable |= (table[STATUS] != "FINISHED").fillna(True).to_numpy(dtype=bool)

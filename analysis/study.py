@@ -56,8 +56,10 @@ def analyze(
     ok = table[table[OK].fillna(False).astype(bool)] if OK in table else table
     if not len(ok):
         raise ValueError(
-            f"none of the {len(table)} runs finished with a test perplexity, so there is "
-            "nothing to analyse; check `duosparse sweep status` for failures."
+            f"none of the {len(table)} runs is usable (FINISHED, not stopped early, with a test "
+            "perplexity below the divergence cap and every metric of a finished run, compute "
+            "counts included), so there is nothing to analyse; check `duosparse sweep status` "
+            "for failures."
         )
     _require_selection(ok)
     configs = aggregate_seeds(table, confidence=confidence)

@@ -576,6 +576,28 @@ def test_analyze_command_writes_the_report_and_logs_it_to_the_newest_parent(
     assert costs and all("skipped" in e and "difference" not in e for e in costs)
 
 
+def test_a_finished_run_without_compute_counts_is_listed_and_left_out(tmp_path):
+    """A FINISHED run that lacks the ops/* figures (stopped between its test and its
+    accounting, or logged by another tool) is in the table but in no analysis."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = tracking.open_store(uri)
+    exp = client.create_experiment("partial", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    items = synthetic_runs(seeds=(0,))
+    bare_config = RunConfig.model_validate({"model": {"arch": "gru", "hidden_size": 96}})
+    for config, metrics in [*items, (bare_config, {schema.VAL_PPL: 90.0, schema.TEST_PPL: 91.0})]:
+        run_id = tracking.start_run(client, exp, config, kind="trial", tags={schema.TAG_SWEEP: "partial"})
+        tracking.MlflowReporter(client, run_id).log_metrics(metrics, step=1)
+        tracking.finish_run(client, run_id)
+    table = runs.runs_table("partial", uri)
+    bare = table[table[runs.RUN_KEY] == bare_config.run_key]
+    assert len(bare) == 1 and not bare[runs.OK].iloc[0]
+    assert bare[schema.OPS_EFFECTIVE].isna().all() and int(table[runs.OK].sum()) == len(items)
+    result = cli("analyze", "partial", "--tracking-uri", uri, "--out", str(tmp_path / "out"),
+                 "--bootstrap", "50", "--no-log", "--json")
+    assert result.exit_code == 0, result.output
+    assert bare_config.run_key not in json.dumps(json.loads(result.stdout)["results"])
+
+
 def test_bad_input_is_one_paragraph_without_traceback(synthetic_store, tmp_path):
     uri = synthetic_store["uri"]
     configs = runs.write_table(
