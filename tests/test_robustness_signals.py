@@ -1,5 +1,6 @@
 """Signals end runs honestly: SIGTERM to `duosparse train` closes its run KILLED and keeps
-the checkpoint the same command resumes from; a train killed outright (SIGKILL) is marked
+the checkpoint the same command resumes from; a second `train` of the same config while the
+first runs is refused (they would share a checkpoint folder); a train killed outright (SIGKILL) is marked
 KILLED by the next command that opens the store; SIGTERM to `duosparse ui` stops the whole
 MLflow server it started."""
 
@@ -102,6 +103,24 @@ def test_sigterm_ends_train_killed_and_the_same_command_resumes_the_run(tmp_path
     run_ = the_train_run(tmp_path)
     assert run_.info.status == "FINISHED" and not run_.data.tags.get(schema.TAG_FAILURE)
     assert epochs_logged(tmp_path, run_id) == list(range(1, EPOCHS + 1))  # each epoch once
+
+
+def test_the_same_config_twice_at_once_is_refused_and_the_first_run_is_untouched(tmp_path):
+    proc = start_train(tmp_path)
+    run_id = wait_for_first_epoch(tmp_path, proc)
+    second = run("train", *SLOW, "--json", cwd=tmp_path)
+    text = " ".join(second.stderr.split())
+    assert second.returncode == 2 and "Traceback" not in second.stderr, text[-3000:]
+    assert f"is in use by {socket.gethostname()}:{proc.pid}" in text and "--workdir" in text
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out)["run_id"] == run_id
+    run_ = the_train_run(tmp_path)  # the only run: the refused one created none
+    assert run_.info.status == "FINISHED"
+    assert epochs_logged(tmp_path, run_id) == list(range(1, EPOCHS + 1))
+    # once the first has ended, the folder is free again
+    third = run("train", *SLOW, "--json", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
 
 
 def test_a_train_killed_outright_is_marked_killed_by_the_next_command_and_resumed(tmp_path):

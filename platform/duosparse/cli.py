@@ -6,6 +6,7 @@ Bad input ends with a one-paragraph message and a non-zero exit, never a traceba
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -89,6 +90,7 @@ def train(
         source = warmstart.resolve(client, cfg)  # a warm start is checked before anything starts
         workdir = workdir or Path("runs") / cfg.run_key[:12]
         _check_writable(workdir)
+        _hold_workdir(workdir, tracking.process_id())
         init = warmstart.fetch_checkpoint(client, source, workdir / "init") if source else None
     except (ConfigError, data_module.DataNotFoundError, data_module.DataIntegrityError, tracking.TrackingError,
             warmstart.WarmStartError, DeviceUnavailable) as e:
@@ -176,6 +178,27 @@ def _check_writable(folder: Path) -> None:
     except OSError as e:
         fail(f"cannot write the run's folder '{folder}' ({e.strerror or e}: '{e.filename}'); run "
              "from a writable folder or pass --workdir DIR.")
+
+
+def _hold_workdir(folder: Path, owner: str) -> None:
+    """Hold the run's folder for this process's lifetime (the lock goes with the process):
+    two trainings of one config in one folder would overwrite each other's checkpoints."""
+    path = folder / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = path.read_text().strip() or "another process"
+        fail(f"'{folder}' is in use by {holder}, which is training the same config; wait for it to "
+             "end (running this command again then continues or repeats it), or pass --workdir DIR "
+             "to train a separate copy as its own MLflow run.")
+    os.ftruncate(fd, 0)
+    os.write(fd, owner.encode())
+    _HELD.append(fd)
+
+
+_HELD: list[int] = []  # open for as long as the process lives
 
 
 # --- data ----------------------------------------------------------------------------------
