@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from duosparse import schema
+from duosparse import schema, tracking
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,10 +69,20 @@ def test_smoke_sweep_finishes_every_trial_under_one_parent(smoke_folder):
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[schema.TAG_SWEEP] == "smoke" and parent.data.tags[schema.TAG_SPEC_HASH]
+    # what the MLflow UI shows: the model-training view, the sweep described, the launch's
+    # note naming the columns to pick and where the report goes, the commit on every run
+    experiment = store(folder).get_experiment_by_name("smoke")
+    assert experiment.tags[schema.TAG_EXPERIMENT_KIND] == "custom_model_development"
+    assert "**smoke**" in experiment.tags[schema.TAG_NOTE]
+    note = parent.data.tags[schema.TAG_NOTE]
+    assert all(f"`{c}`" in note for c in schema.UI_COLUMNS) and "analysis/report.html" in note
+    sha = tracking.git_sha()
     for run in trials:
         assert run.info.status == "FINISHED"
         assert run.data.tags[schema.TAG_PARENT_RUN_ID] == parent.info.run_id
         assert run.data.tags[schema.TAG_SWEEP] == "smoke"
+        assert run.data.tags[schema.TAG_SPEC_HASH] == parent.data.tags[schema.TAG_SPEC_HASH]
+        assert sha is None or run.data.tags[schema.TAG_GIT_COMMIT] == sha
         assert run.data.params["model.arch"] in ("lstm", "egru")
         for name in schema.RUN_METRICS:
             assert name in run.data.metrics, name

@@ -95,7 +95,9 @@ def train(
     except (ConfigError, data_module.DataNotFoundError, data_module.DataIntegrityError, tracking.TrackingError,
             warmstart.WarmStartError, DeviceUnavailable) as e:
         fail(str(e))
-    experiment_id = tracking.ensure_experiment(client, experiment)
+    experiment_id = tracking.ensure_experiment(client, experiment, (
+        "Runs of `duosparse train`: one run per command, its params the whole config, its metrics per "
+        f"epoch and then on the test split. Useful columns: {', '.join(f'`{c}`' for c in schema.UI_COLUMNS)}."))
     checkpoint = workdir / "last.pt"
     killed = tracking.resumable_train_run(client, experiment_id, cfg.run_key) if checkpoint.is_file() else None
     if killed is not None:  # the same config was interrupted: continue its run, epochs and all

@@ -20,6 +20,15 @@ TAG_DRIVER = "duosparse.driver"  # host:pid of the process that launched a sweep
 TAG_STAGE = "duosparse.stage"  # the sweep stage of a trial (specs with stages only)
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag for nesting runs in the UI
 TAG_RUN_NAME = "mlflow.runName"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own: the UI shows it on each run
+TAG_NOTE = "mlflow.note.content"  # MLflow's own: the description of a run or an experiment
+# MLflow 3's UI opens an experiment in the view its kind names (its JS reads this tag;
+# without it the UI may infer the GenAI view); duosparse's are model training
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+# the columns worth showing first in the runs table (the launch note names them)
+UI_COLUMNS = ("val/ppl", "test/ppl", "sparsity/activity", "sparsity/weight", "ops/effective_macs_per_token",
+              "ops/compute_reduction")
 
 # --- metrics: language modelling ------------------------------------------------------
 TRAIN_LOSS = "train/loss"

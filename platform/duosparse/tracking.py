@@ -206,21 +206,35 @@ def reopen_run(client: Any, run_id: str) -> None:
     client.set_tag(run_id, schema.TAG_FAILURE, "")
 
 
-def ensure_experiment(client: Any, name: str) -> str:
-    """The experiment's id, creating it (with local artifacts beside a local store) if new."""
+def ensure_experiment(client: Any, name: str, description: str | None = None) -> str:
+    """The experiment's id, creating it (with local artifacts beside a local store) if new;
+    tagged for MLflow's model-training view, with `description` shown on its page."""
     existing = client.get_experiment_by_name(name)
     if existing is not None:
+        _label_experiment(client, existing, description)
         return existing.experiment_id
     artifact_location = None
     if is_local_uri(client.tracking_uri):
         artifact_location = artifacts_root(client.tracking_uri).as_uri()
+    tags = {schema.TAG_EXPERIMENT_KIND: schema.EXPERIMENT_KIND_TRAINING}
+    if description:
+        tags[schema.TAG_NOTE] = description
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location, tags=tags)
     except Exception:  # created meanwhile by another process
         found = client.get_experiment_by_name(name)
         if found is None:
             raise
         return found.experiment_id
+
+
+def _label_experiment(client: Any, experiment: Any, description: str | None) -> None:
+    """Tag an experiment made before these tags existed (or by hand); a description a user
+    wrote in the UI is kept."""
+    if experiment.tags.get(schema.TAG_EXPERIMENT_KIND) is None:
+        client.set_experiment_tag(experiment.experiment_id, schema.TAG_EXPERIMENT_KIND, schema.EXPERIMENT_KIND_TRAINING)
+    if description and not experiment.tags.get(schema.TAG_NOTE):
+        client.set_experiment_tag(experiment.experiment_id, schema.TAG_NOTE, description)
 
 
 def git_sha() -> str | None:
@@ -242,7 +256,7 @@ def run_tags(config: RunConfig, kind: str, extra: dict[str, str] | None = None) 
     }
     sha = git_sha()
     if sha:
-        tags[schema.TAG_GIT_SHA] = sha
+        tags[schema.TAG_GIT_SHA] = tags[schema.TAG_GIT_COMMIT] = sha
     tags.update(extra or {})
     return tags
 

@@ -221,7 +221,8 @@ def _trial_run(client: Any, params: dict[str, Any], config: RunConfig, existing:
         run_id = tracking.start_run(
             client, params["experiment_id"], config, kind="trial", run_name=params["run_name"],
             parent_run_id=params["parent_run_id"],
-            tags={schema.TAG_SWEEP: params["sweep"], **({schema.TAG_STAGE: params["stage"]} if params.get("stage") else {})},
+            tags={schema.TAG_SWEEP: params["sweep"], **({schema.TAG_STAGE: params["stage"]} if params.get("stage") else {}),
+                  **({schema.TAG_SPEC_HASH: params["spec_hash"]} if params.get("spec_hash") else {})},
         )
         # A worker that outlived a killed driver may have created one at the same moment:
         # every process keeps the oldest run of the key and deletes its own newer one.
@@ -481,17 +482,22 @@ def run_sweep(
     uri = tracking_uri_for(spec, tracking_uri)
     _check_cluster(address, uri)
     client = tracking.open_store(uri)  # creates the schema once, before any trial
-    experiment_id = tracking.ensure_experiment(client, spec.experiment)
+    experiment_id = tracking.ensure_experiment(client, spec.experiment, experiment_note(spec))
     current = plan(spec, uri)
     storage = _storage_path(spec)
     if not current.todo:
         return current
     _check_warm_starts(client, current)
 
-    parent = client.create_run(experiment_id, run_name=f"{spec.name} launch", tags={
+    parent_tags = {
         schema.TAG_KIND: "sweep", schema.TAG_SWEEP: spec.name, schema.TAG_SPEC_HASH: spec.spec_hash(),
         schema.TAG_CODE_VERSION: __version__, schema.TAG_DRIVER: tracking.process_id(),
-    }).info.run_id
+        schema.TAG_NOTE: launch_note(spec),
+    }
+    sha = tracking.git_sha()
+    if sha:
+        parent_tags[schema.TAG_GIT_SHA] = parent_tags[schema.TAG_GIT_COMMIT] = sha
+    parent = client.create_run(experiment_id, run_name=f"{spec.name} launch", tags=parent_tags).info.run_id
     env_vars = {k: os.environ[k] for k in ("DUOSPARSE_DATA_DIR",) if k in os.environ}
     if not ray.is_initialized():
         # "local" starts a fresh Ray here rather than joining one a `ray start` left behind
@@ -530,6 +536,29 @@ def run_sweep(
     if stop.signal_name:
         raise SweepInterrupted(stop.signal_name, killed)
     return current
+
+
+def experiment_note(spec: SweepSpec) -> str:
+    """The experiment's description in the MLflow UI."""
+    what = f" {spec.description.strip()}" if spec.description.strip() else ""
+    return (f"duosparse sweep **{spec.name}** (`sweeps/{spec.name}.yaml` or the spec it was run from).{what}\n\n"
+            "Each *launch* run holds one child run per trial; a trial's params are its whole config, "
+            "its metrics are logged per epoch and, at the end, on the test split. "
+            f"Useful columns: {', '.join(f'`{c}`' for c in schema.UI_COLUMNS)}. "
+            f"`duosparse analyze {spec.name}` adds the report and the Pareto figures to the newest launch "
+            f"run, under `{schema.ARTIFACTS_ANALYSIS}/`.")
+
+
+def launch_note(spec: SweepSpec) -> str:
+    """A launch run's description: what it is, which columns to pick, where the report goes."""
+    return (f"Launch of sweep **{spec.name}** (spec hash `{spec.spec_hash()[:12]}`): its children are "
+            "the trials this launch ran or continued.\n\n"
+            f"In the runs table, pick the columns {', '.join(f'`{c}`' for c in schema.UI_COLUMNS)} "
+            "(*Columns* button) to compare trials; a trial's page has its per-epoch charts.\n\n"
+            f"After `duosparse analyze {spec.name}` this run's *Artifacts* tab holds "
+            f"`{schema.ARTIFACTS_ANALYSIS}/report.html` (the report: Pareto fronts, trade-off fits, "
+            "iso-perplexity) and the tables; `duosparse export pareto` adds the figures as PNG/SVG/PDF "
+            f"under `{schema.ARTIFACTS_PARETO}/`.")
 
 
 def adopt_trial_runs(client: Any, experiment_id: str, run_keys: list[str], parent: str) -> None:
@@ -675,7 +704,7 @@ def _trial_params(config: RunConfig, spec: SweepSpec, uri: str, experiment_id: s
     return {
         "config": config.model_dump(mode="json"), "tracking_uri": uri, "experiment_id": experiment_id,
         "parent_run_id": parent, "sweep": spec.name, "stage": stage, "run_key": config.run_key,
-        "resume_uri": resume,
+        "resume_uri": resume, "spec_hash": spec.spec_hash(),
         "run_name": f"{spec.name}:{stage + ':' if stage else ''}{label}",
     }
 
