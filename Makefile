@@ -5,19 +5,31 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DS := $(VENV)/bin/duosparse
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 # Tests and CI read the corpora from ../shared/data unless told otherwise.
 export DUOSPARSE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup train sweep ui test test-under-load bench lint clean
+.PHONY: setup setup-dev train sweep ui test test-under-load bench lint clean
 
-setup: $(STAMP)
+setup: $(STAMP)  ## what the main job needs: the platform and figure export
+setup-dev: $(DEV_STAMP)  ## and what the tests, benchmarks and linter need
 
 # Idempotent: re-installs only when the dependency pins or the project metadata change.
+# pip's full output (setuptools' notes on editable installs included) goes to
+# .venv/install.log and is shown only when an install fails.
+INSTALL = $(PIP) install -c constraints.txt >>$(VENV)/install.log 2>&1
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[export,postgres,dev]'
+	@echo "installing duosparse and its pinned dependencies into $(VENV) (log: $(VENV)/install.log)"
+	@: >$(VENV)/install.log
+	@$(PIP) install --upgrade pip >>$(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@$(INSTALL) -e '.[export]' || { cat $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	@echo "installing the test, benchmark and lint tools into $(VENV) (log: $(VENV)/install.log)"
+	@$(INSTALL) -e '.[export,postgres,dev]' || { cat $(VENV)/install.log; exit 1; }
+	touch $(DEV_STAMP)
 
 train: setup  ## one default run (configs/default.yaml), logged to ./mlruns.db
 	$(DS) train configs/default.yaml
@@ -32,21 +44,21 @@ ui: setup  ## MLflow UI on http://127.0.0.1:5000 over ./mlruns.db
 
 # The tests need PostgreSQL and Chromium: .ci/system-packages.sh installs them when missing
 # (root), .ci/postgres.sh starts PostgreSQL and prints a URI for a test role.
-test: setup  ## the whole test suite
+test: setup-dev  ## the whole test suite
 	bash .ci/system-packages.sh
 	@export DUOSPARSE_TEST_POSTGRES_URI="$${DUOSPARSE_TEST_POSTGRES_URI:-$$(bash .ci/postgres.sh)}"; \
 	$(PY) -m pytest -q
 
 ROUNDS ?= 10
-test-under-load: setup  ## the cluster and deployment tests ROUNDS times while every core is kept busy
+test-under-load: setup-dev  ## the cluster and deployment tests ROUNDS times while every core is kept busy
 	bash .ci/system-packages.sh
 	@export DUOSPARSE_TEST_POSTGRES_URI="$${DUOSPARSE_TEST_POSTGRES_URI:-$$(bash .ci/postgres.sh)}"; \
 	$(PY) tests/under_load.py --rounds $(ROUNDS)
 
-bench: setup  ## speed figures as ratios to baselines measured in the same run (bench.json)
+bench: setup-dev  ## speed figures as ratios to baselines measured in the same run (bench.json)
 	$(PY) benchmarks/run.py
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check platform analysis dashboards tests benchmarks
 
 include docker/cluster.mk  # cluster-env, cluster-build, cluster-up, cluster-submit, cluster-down

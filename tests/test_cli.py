@@ -116,3 +116,20 @@ def test_ui_serves_the_embedded_store_on_loopback_only(tmp_path):
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(timeout=30)
+
+
+def test_train_without_a_terminal_logs_one_line_per_epoch_and_quiet_logs_none(tmp_path):
+    result = run("train", *TINY, cwd=tmp_path)  # stderr is a pipe here, as in a log file or CI
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if " epoch " in line]
+    assert [line.split(" epoch ")[1].split()[0] for line in lines] == ["1/2", "2/2"]
+    for line in lines:
+        for figure in ("train loss ", "val ppl ", "activity sparsity ", "effective MACs/token ", " tok/s",
+                       "elapsed ", "ETA "):
+            assert figure in line, (figure, line)
+        assert line[:4].isdigit()  # a timestamp first: plain lines, not a transient bar
+    assert "test ppl " in result.stderr and "Creating initial MLflow database" not in result.stderr
+    client_metrics = json.loads(run("train", *TINY, "--json", "--quiet", "--experiment", "q", cwd=tmp_path).stdout)
+    assert client_metrics["metrics"][schema.TEST_PPL] > 0
+    quiet = run("train", *TINY, "--quiet", "--experiment", "q2", cwd=tmp_path)
+    assert quiet.returncode == 0 and " epoch " not in quiet.stderr and "test ppl " not in quiet.stderr

@@ -283,7 +283,13 @@ def test_stages_warm_start_skip_orphans_and_rerun_nothing_finished(tmp_path):
     result = sweep("run", str(spec), cwd=tmp_path)
     assert result.returncode == 1  # not everything finished
     assert "Traceback" not in result.stderr
-    assert "left" in result.stderr  # the overall ETA, one line per ended trial without a terminal
+    # without a terminal: one line per ended trial with the overall ETA and the counts, no
+    # banner of Ray's or MLflow's, and the final table at full width (not cut to 80 columns)
+    assert "left" in result.stderr and "running," in result.stderr and "1 failed)" in result.stderr
+    for banner in ("Configuration for experiment", "TensorBoard", "Token authentication", "View detailed results",
+                   "Creating initial MLflow database"):
+        assert banner not in result.stderr, banner
+    assert "…" not in result.stdout and result.stdout.count("FINISHED") == 3
     client = store(tmp_path)
     trials, parents = trial_runs(client, "staged")
     assert len(parents) == 1 and len(trials) == 4  # two dense, two pruned; skipped ones never start

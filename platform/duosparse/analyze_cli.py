@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import schema
+from . import schema, terminal
 
 ANALYSIS_ARTIFACTS = schema.ARTIFACTS_ANALYSIS  # artifact folder on the sweep's parent run
 PARETO_ARTIFACTS = schema.ARTIFACTS_PARETO
@@ -257,7 +257,7 @@ def analyze(
 
 
 def _print_summary(results: dict[str, Any]) -> None:
-    out = Console()
+    out = terminal.stdout()
     hv = Table(
         "architecture",
         "cost axis",
@@ -423,7 +423,7 @@ def export_pareto(
         )
     else:
         for f in files:
-            Console().print(str(f), highlight=False)
+            terminal.stdout().print(str(f), highlight=False)
         if parent:
             console.print(f"Logged to the sweep's parent run {parent} under '{PARETO_ARTIFACTS}/'.")
 

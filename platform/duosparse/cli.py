@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import data as data_module
-from . import schema
+from . import schema, terminal
 from .analyze_cli import register as register_analysis
 from .config import ConfigError, load_config
 from .sensitivity import prune_app
@@ -71,6 +71,7 @@ def train(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")] = None,
     workdir: Annotated[Path | None, typer.Option(help="Checkpoints and artifacts (default: runs/<run_key[:12]>)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON on stdout")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No per-epoch lines or progress bar (errors and warnings only)")] = False,
 ) -> None:
     """Train one model from CONFIG, logged as one MLflow run."""
     from . import tracking, warmstart
@@ -79,6 +80,8 @@ def train(
 
     if not experiment.strip():
         fail("--experiment is empty; give the MLflow experiment a name (the default is 'duosparse').")
+    terminal.setup_logging(console, quiet)
+    terminal.quiet_libraries()
     overrides = list(set_ or [])
     if data_dir is not None:
         overrides.append(f"data.dir={data_dir}")
@@ -115,7 +118,7 @@ def train(
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            metrics = run_training(cfg, reporter, workdir, corpus=corpus, progress=not json_out and sys.stderr.isatty(),
+            metrics = run_training(cfg, reporter, workdir, corpus=corpus, progress=not (json_out or quiet) and sys.stderr.isatty(),
                                    init_checkpoint=init)
     except SilentStart as e:
         tracking.finish_run(client, run_id, "FAILED", str(e))
@@ -147,7 +150,7 @@ def train(
                 schema.OPS_DENSE, schema.OPS_EFFECTIVE, schema.OPS_COMPUTE_REDUCTION,
                 schema.OPS_TOTAL_EFFECTIVE):
         table.add_row(key, f"{metrics[key]:,.4g}")
-    Console().print(table)
+    terminal.stdout().print(table)
     console.print("Browse it with: make ui  (or: duosparse ui)")
 
 
@@ -224,7 +227,7 @@ def data_check(
             for split, info in files.items():
                 table.add_row(entry["corpus"], str(entry.get("path")), split, str(info.get("bytes")),
                               "yes" if info.get("ok") else "[red]no[/]")
-        Console().print(table)
+        terminal.stdout().print(table)
     ok = all(entry.get("files") and all(f.get("ok") for f in entry["files"].values()) for entry in report)
     if not ok:
         fail("some corpora are missing or do not verify; set DUOSPARSE_DATA_DIR (or --data-dir) to a "
@@ -286,9 +289,15 @@ def sweep_run(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, ./mlruns.db)")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
     allow_silent_start: Annotated[bool, typer.Option("--allow-silent-start", help="Run EGRU trials even where a layer emits no event at init")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress or ETA lines (errors, warnings and the final table only)")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Keep Ray's and MLflow's own banners and hints")] = False,
 ) -> None:
     """Run every trial of SPEC that has not FINISHED yet, on Ray Tune, logged to MLflow."""
     from . import tuning
+
+    terminal.setup_logging(console, quiet)
+    if not verbose:
+        terminal.quiet_libraries()
 
     spec, uri, plan = _load_plan(spec_path, tracking_uri)
     silent = tuning.silent_starts(plan.todo)
@@ -304,13 +313,13 @@ def sweep_run(
         if json_out:
             print(json.dumps({"sweep": spec.name, "trials": plan.rows()}, indent=2))
         else:
-            Console().print(_plan_table(plan, f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run"))
+            terminal.stdout().print(_plan_table(plan, f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run"))
         return
     console.print(f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run; MLflow {uri}, experiment '{spec.experiment}'")
     try:
         with contextlib.redirect_stdout(sys.stderr):  # Ray Tune's own prints; stdout is ours
             final = tuning.run_sweep(spec, address=address, resume=resume, tracking_uri=tracking_uri,
-                                     show_progress=not json_out)
+                                     show_progress=not (json_out or quiet))
     except tuning.SweepError as e:
         fail(str(e))
     except tuning.SweepInterrupted as e:
@@ -326,7 +335,7 @@ def sweep_run(
     if json_out:
         print(json.dumps({"sweep": spec.name, "counts": counts, "trials": final.rows()}, indent=2))
     else:
-        Console().print(_plan_table(final, f"sweep {spec.name}"))
+        terminal.stdout().print(_plan_table(final, f"sweep {spec.name}"))
         console.print(f"{counts}. Browse with: make ui")
     if counts.get("FINISHED", 0) < len(final.trials):
         raise typer.Exit(1)
@@ -343,7 +352,7 @@ def sweep_status(
     if json_out:
         print(json.dumps({"sweep": spec.name, "counts": _counts(plan), "trials": plan.rows()}, indent=2))
     else:
-        Console().print(_plan_table(plan, f"sweep {spec.name}"))
+        terminal.stdout().print(_plan_table(plan, f"sweep {spec.name}"))
         console.print(str(_counts(plan)))
 
 

@@ -29,7 +29,7 @@ import torch
 import typer
 from torch import Tensor, nn
 
-from . import data, schema
+from . import data, schema, terminal
 from .model import LanguageModel, current_weight
 from .pruning import tensor_name
 
@@ -331,7 +331,7 @@ def sensitivity_command(
     if json_out:
         print(text)
     else:
-        Console().print(_rich_table(table))
+        terminal.stdout().print(_rich_table(table))
 
 
 def _device(name: str) -> torch.device:

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import schema
+from . import schema, terminal
 
 simulate_app = typer.Typer(
     help="Simulated deployments on neuromorphic hardware.",
@@ -159,7 +159,7 @@ def _times(ratio: float, better: str, worse: str) -> str:
 
 
 def _human(label: str, result: Any, budget: int | None) -> None:
-    out = Console()
+    out = terminal.stdout()
     m, f = result.mapping, result.figures()
     lvl = result.level
     out.print(
@@ -443,7 +443,7 @@ def spinnaker2(
                 f"{r.gpu['energy_j'] * 1e6:.4g} uJ",
                 f"{r.gpu['energy_j'] / r.energy_j:.3g}x",
             )
-        Console().print(table)
+        terminal.stdout().print(table)
     for problem in problems:
         console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
     if problems:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import random
 import time
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import data, schema
@@ -28,6 +30,8 @@ from .accounting import Accountant
 from .config import WARM_START_KEYS, RunConfig
 from .model import LanguageModel, Trace, detach_state
 from .pruning import Pruner, restore_masks
+
+log = logging.getLogger(__name__)  # one line per epoch; the CLI decides where lines go
 
 
 class Reporter(Protocol):
@@ -426,6 +430,7 @@ def train(
 
     generator = torch.Generator().manual_seed(t.seed)
     metrics: dict[str, float] = {}
+    run_start = time.perf_counter()
     for epoch in range(start_epoch, t.epochs + 1):
         model.train()
         generator.manual_seed(t.seed * 1000 + epoch)  # batch lengths repeatable after resume
@@ -500,6 +505,7 @@ def train(
             "averaging": isinstance(optimizer, torch.optim.ASGD),
         })
         reporter.log_metrics(metrics, step=epoch)  # after the checkpoint: a resumed run has it
+        _log_epoch(epoch, t.epochs, metrics, time.perf_counter() - run_start, epoch - start_epoch + 1)
 
     # Final figures: the best-validation weights on the test split.
     restore_masks(model, best_state)
@@ -509,6 +515,9 @@ def train(
     test = evaluate(model, test_data, t.bptt, t.max_eval_batches, include_embedding)
     final = {schema.TEST_LOSS: test.loss, schema.TEST_PPL: test.ppl, **test.accounting}
     reporter.log_metrics(final, step=t.epochs)
+    log.info("test ppl %.2f (best-validation weights, val ppl %.2f); activity sparsity %.3f, "
+             "compute reduction %.2fx", test.ppl, math.exp(min(best_val, 50.0)),
+             final.get(schema.SPARSITY_ACTIVITY, math.nan), final.get(schema.OPS_COMPUTE_REDUCTION, math.nan))
     _write_artifacts(workdir, config, model, corpus, final, test, reporter)
     best = {schema.VAL_LOSS: best_val, schema.VAL_PPL: math.exp(min(best_val, 50.0))}
     return {**metrics, **best, **final}  # last epoch's train/perf figures, best val, final test
@@ -558,6 +567,22 @@ def _write_artifacts(
         reporter.log_artifact(workdir / name)
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _log_epoch(epoch: int, epochs: int, metrics: dict[str, float], elapsed: float, done: int) -> None:
+    """epoch, train loss, val ppl, activity sparsity, effective MACs, tokens/s, elapsed, ETA
+    (the epochs this process ran so far, projected over those left)."""
+    eta = elapsed / max(done, 1) * (epochs - epoch)
+    log.info("epoch %d/%d  train loss %.3f  val ppl %.2f  activity sparsity %.3f  effective MACs/token %.3g  "
+             "%s tok/s  elapsed %s  ETA %s", epoch, epochs, metrics[schema.TRAIN_LOSS], metrics[schema.VAL_PPL],
+             metrics.get(schema.SPARSITY_ACTIVITY, math.nan), metrics.get(schema.OPS_EFFECTIVE, math.nan),
+             f"{metrics[schema.PERF_TOKENS_PER_S]:,.0f}", _duration(elapsed), _duration(eta))
+
+
 class _progress:
     """A rich progress bar over one epoch's steps (silent when disabled)."""
 
@@ -570,6 +595,7 @@ class _progress:
             self.bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                 TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), transient=True,
+                console=Console(stderr=True),  # stdout is for --json and tables
             )
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=self.total, loss=float("nan"))

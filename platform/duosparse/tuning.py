@@ -413,13 +413,16 @@ def _progress_callback(uri: str, show: bool, stage: str | None):
             if self._bar and result.get("epoch") and _ETA:
                 self._bar.update(self._task, note=f"epoch {result['epoch']} of a trial; {_ETA.summary()}")
 
-        def _ended(self, trial) -> None:
+        def _ended(self, trial, trials) -> None:
             if _ETA:
                 _ETA.trial_ended(self._key(trial) or "")
+                running = sum(t is not trial and t.status == "RUNNING" for t in trials)
+                failed = sum(t.status == "ERROR" or bool((t.last_result or {}).get("failed")) for t in trials)
+                note = f"{_ETA.summary()} ({running} running, {failed} failed)"
                 if self._live:
-                    self._bar.update(self._task, completed=_ETA.trials_done, note=_ETA.summary())
+                    self._bar.update(self._task, completed=_ETA.trials_done, note=note)
                 elif self.show:
-                    self._console.print(f"sweep{' ' + self.stage if self.stage else ''}: {_ETA.summary()}",
+                    self._console.print(f"sweep{' ' + self.stage if self.stage else ''}: {note}",
                                         highlight=False, soft_wrap=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -428,13 +431,13 @@ def _progress_callback(uri: str, show: bool, stage: str | None):
             if run_id and not last.get("duosparse_done"):  # stopped by the scheduler
                 self._client.set_tag(run_id, schema.TAG_EARLY_STOPPED, "true")
                 tracking.finish_run(self._client, run_id, "FINISHED")
-            self._ended(trial)
+            self._ended(trial, trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             run_id = (trial.last_result or {}).get("mlflow_run_id")
             if run_id and self._client.get_run(run_id).info.status == "RUNNING":
                 tracking.finish_run(self._client, run_id, "FAILED", "the trial's worker died")
-            self._ended(trial)
+            self._ended(trial, trials)
 
         def on_experiment_end(self, trials, **info):
             if self._bar:
