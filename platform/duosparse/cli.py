@@ -376,7 +376,10 @@ def ui(
     except tracking.TrackingError as e:
         fail(str(e))
     artifacts = tracking.artifacts_root(uri)
-    console.print(f"MLflow UI on http://{host}:{port} over {uri} (Ctrl-C to stop)")
+    # MLflow 3 opens in its GenAI view unless told otherwise; this link selects model training
+    # (the browser then keeps that choice)
+    console.print(f"MLflow UI over {uri} (Ctrl-C to stop): http://{host}:{port}/#/experiments?workflowType=machine_learning",
+                  highlight=False, soft_wrap=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", artifacts.as_uri(), "--host", host, "--port", str(port)]
     # The server and its workers get a process group of their own, stopped as one whatever
