@@ -38,6 +38,9 @@ SPEC ?= sweeps/ptb_quick.yaml
 sweep: setup  ## the main job: the quick PTB study on local Ray + ./mlruns.db (resumable)
 	$(DS) sweep run $(SPEC) || test $$? -eq 1  # 1: some trials failed; they are listed above
 	$(DS) analyze $(SPEC)
+	@# the Pareto figures as PNG beside the report on the launch run (needs Chromium; the
+	@# report above already holds them, so a machine without it loses nothing else)
+	$(DS) export pareto $(SPEC) --format html,png || echo "PNG export skipped: the report above has the figures"
 
 ui: setup  ## MLflow UI on http://127.0.0.1:5000 over ./mlruns.db
 	$(DS) ui

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from . import schema, terminal
@@ -30,7 +29,7 @@ DEFAULT_OUT = Path("runs") / "analysis"
 TABLE_SUFFIXES = (".csv", ".parquet")
 SPEC_SUFFIXES = (".yaml", ".yml")
 
-console = Console(stderr=True)
+console = terminal.stderr()
 
 export_app = typer.Typer(
     help="Static exports of a sweep's figures (HTML, PNG, SVG, PDF).",

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from . import data as data_module
@@ -43,7 +42,7 @@ app.add_typer(prune_app, name="prune")
 app.add_typer(simulate_app, name="simulate")
 register_analysis(app)  # `analyze` and `export pareto`
 
-console = Console(stderr=True)
+console = terminal.stderr()
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from . import schema, terminal
@@ -29,7 +28,7 @@ simulate_app = typer.Typer(
     add_completion=False,
 )
 
-console = Console(stderr=True)
+console = terminal.stderr()
 
 
 @simulate_app.callback()

@@ -18,6 +18,12 @@ def stdout() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
 
 
+def stderr() -> Console:
+    """A console for messages on stderr: in a terminal wrapped to its width; otherwise one
+    line per message, as a log file wants them (rich would wrap at 80)."""
+    return Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+
+
 def setup_logging(console: Console, quiet: bool = False) -> None:
     """duosparse's log lines on stderr: through rich's handler on `console` in a terminal, as
     plain timestamped lines otherwise; only warnings and errors with `quiet`."""
