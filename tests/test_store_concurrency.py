@@ -109,3 +109,22 @@ def test_six_trains_and_two_sweeps_started_at_once_on_a_fresh_folder_all_finish(
     assert kinds.count("train") == 6 and kinds.count("trial") == 2 and kinds.count("sweep") == 2
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags[schema.TAG_RUN_KEY] for r in runs if r.data.tags.get(schema.TAG_KIND) == "train"}) == 6
+
+
+def test_a_run_continued_after_its_params_were_lost_gets_them_all(tmp_path):
+    """A trial whose server refused the params after the run was created (seen under load:
+    the retry continued the run without them, and the run table had no config for it)."""
+    from duosparse import tracking, tuning
+    from duosparse.config import RunConfig
+    from mlflow.entities import Param
+
+    client = tracking.open_store(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment_id = tracking.ensure_experiment(client, "lost")
+    config = RunConfig.model_validate({"data": {"corpus": "synthetic"}, "model": {"arch": "gru"}})
+    run = client.create_run(experiment_id, tags=tracking.run_tags(config, "trial"))
+    client.log_batch(run.info.run_id, params=[Param("model.arch", "gru")])  # one batch of several got through
+    client.set_terminated(run.info.run_id, "FAILED")
+    continued = tuning._trial_run(client, {}, config, client.get_run(run.info.run_id))
+    assert continued == run.info.run_id
+    expected = {k: "null" if v is None else str(v) for k, v in config.flat().items()}
+    assert client.get_run(run.info.run_id).data.params == expected

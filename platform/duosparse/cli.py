@@ -105,6 +105,7 @@ def train(
     if killed is not None:  # the same config was interrupted: continue its run, epochs and all
         run_id = killed.info.run_id
         tracking.reopen_run(client, run_id)
+        tracking.complete_params(client, killed, cfg)
         console.print(f"MLflow run {run_id} in experiment '{experiment}' ({client.tracking_uri}), "
                       f"continued from {checkpoint}")
     else:

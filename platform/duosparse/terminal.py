@@ -45,7 +45,10 @@ def quiet_libraries() -> None:
     """Ray's and MLflow's banners and hints out of the user's way (`--verbose` keeps them):
     Tune's new-style reporter prints a configuration box, the results folder and a
     TensorBoard hint even at verbose=0, where its classic one prints nothing; Ray warns about
-    token authentication at every start; MLflow announces each schema creation."""
+    token authentication at every start; MLflow announces each schema creation, and with a
+    tracking server writes a "View run at" link to stdout (where --json output goes) for every
+    run it ends."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("ray._private.authentication", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -267,16 +267,26 @@ def start_run(
     tags: dict[str, str] | None = None,
 ) -> str:
     """Create a RUNNING run with the flattened config as params; returns its id."""
-    from mlflow.entities import Param
-
     all_tags = run_tags(config, kind, tags)
     if parent_run_id:
         all_tags[schema.TAG_PARENT_RUN_ID] = parent_run_id
     run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
-    params = [Param(k, "null" if v is None else str(v)) for k, v in config.flat().items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    _log_params(client, run.info.run_id, config, {})
     return run.info.run_id
+
+
+def complete_params(client: Any, run: Any, config: RunConfig) -> None:
+    """Log the params a continued run lacks: a run whose first process died (or whose
+    server refused a request) between creating it and logging its config has none or some."""
+    _log_params(client, run.info.run_id, config, run.data.params)
+
+
+def _log_params(client: Any, run_id: str, config: RunConfig, present: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    params = [Param(k, "null" if v is None else str(v)) for k, v in config.flat().items() if k not in present]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
 
 
 def finish_run(client: Any, run_id: str, status: str = "FINISHED", failure: str | None = None) -> None:

@@ -239,6 +239,7 @@ def _trial_run(client: Any, params: dict[str, Any], config: RunConfig, existing:
     if existing.info.status != "RUNNING":
         client.update_run(existing.info.run_id, status="RUNNING")
     client.set_tag(existing.info.run_id, schema.TAG_FAILURE, "")
+    tracking.complete_params(client, existing, config)
     return existing.info.run_id
 
 
