@@ -1,4 +1,4 @@
-"""MAC and activity accounting against brute-force counts (DESIGN.md section 4)."""
+"""MAC and activity accounting against brute-force counts (docs/design.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The models: the EGRU against a literal transcription of DESIGN.md section 3, the
+"""The models: the EGRU against a literal transcription of docs/design.md section 3, the
 pseudo-derivative, fused kernels, state carry-over and activity."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def _model_cfg(*overrides: str):
 
 
 def reference_egru(x, y0, c0, W, R, b_ih, b_hh, theta, height, width):
-    """DESIGN.md section 3, one line per equation, with separate gate matrices (cuDNN order
+    """docs/design.md section 3, one line per equation, with separate gate matrices (cuDNN order
     r, u, z in the stacked weights)."""
     H = theta.numel()
     W_r, W_u, W_z = W[:H], W[H : 2 * H], W[2 * H :]

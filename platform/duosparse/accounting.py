@@ -1,4 +1,4 @@
-"""Activity sparsity, weight sparsity and MACs per token: the counting rules of DESIGN.md
+"""Activity sparsity, weight sparsity and MACs per token: the counting rules of docs/design.md
 section 4, in one place.
 
 For recurrent layer l with input x_t (size I), previous output y_{t-1} (size H), G gates and

@@ -1,4 +1,4 @@
-"""`duosparse analyze SWEEP` and `duosparse export pareto SWEEP` (DESIGN.md section 7).
+"""`duosparse analyze SWEEP` and `duosparse export pareto SWEEP` (docs/design.md section 7).
 
 SWEEP is a sweep name (its MLflow experiment, or a sweep tag), a sweep spec YAML (name,
 experiment and tracking URI from the spec), or an exported run table (.csv / .parquet) for
@@ -7,7 +7,7 @@ table came from a tracking store, into the artifacts (folder `analysis/`) of the
 newest parent run, so the report opens from the MLflow UI.
 
 The analysis and dashboard layers are imported inside the commands: importing the platform
-never imports them (DESIGN.md section 1).
+never imports them (docs/design.md section 1).
 """
 
 from __future__ import annotations

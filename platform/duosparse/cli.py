@@ -1,4 +1,4 @@
-"""The `duosparse` command line (DESIGN.md section 7).
+"""The `duosparse` command line (docs/design.md section 7).
 
 Bad input ends with a one-paragraph message and a non-zero exit, never a traceback.
 """

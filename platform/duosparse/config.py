@@ -159,7 +159,7 @@ class TrainConfig(_Section):
     nonmono: int = Field(5, ge=1)  # ntasgd only
     betas: tuple[float, float] = (0.9, 0.999)  # Adam / AdamW (EvNN: 0, 0.999)
     lr: float = Field(2e-3, gt=0, allow_inf_nan=False)
-    # The schedule, applied per step (docs/design-notes.md, "Schedules"):
+    # The schedule, applied per step (docs/design.md, "Schedules"):
     #   constant; cosine: lr held until decay_start_epoch, then half a cosine to 0 at the end;
     #   step: lr *= lr_decay_factor after each epoch in step_epochs;
     #   plateau: lr *= lr_decay_factor after an epoch whose validation loss is not a new best

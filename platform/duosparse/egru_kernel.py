@@ -1,6 +1,6 @@
 """The EGRU over a whole sequence, as one autograd Function with a hand-written backward.
 
-`model.egru_cell` is the readable definition (DESIGN.md section 3); this module computes the
+`model.egru_cell` is the readable definition (docs/design.md section 3); this module computes the
 same thing faster: the forward loop runs without building an autograd graph, the backward
 is the BPTT of those equations written out once, and the weight gradients of all time steps
 are one matrix product each. Tests check it against the cell, value for value and gradient

@@ -5,7 +5,7 @@ the product of a layer's matrices with [x_t; y_{t-1}] needs only the non-zero en
 columns whose input is non-zero. `EventDrivenEGRU` keeps every layer's masked matrices
 (`model.current_weight`) in compressed-column (CSC) form and, token by token, traverses only
 the columns of the non-zero inputs and the non-zero previous outputs: the multiply-
-accumulates it performs are exactly the effective MACs of DESIGN.md section 4 (counted as it
+accumulates it performs are exactly the effective MACs of docs/design.md section 4 (counted as it
 runs, `Result.macs`; equal to `accounting.Accountant`'s figure for the same tokens). The gate
 non-linearities are computed for all units (O(H) per step, no MACs).
 
@@ -396,7 +396,7 @@ def _egru_gates(a: np.ndarray, h: int, c_prev: np.ndarray, theta: np.ndarray,
                 y: np.ndarray) -> np.ndarray:
     """One EGRU step from the stacked pre-activations a (overwritten) = [r, u with both
     biases; W_z x + b_iz; R_z y + b_hz]: writes y_t into `y`, returns c'_t.
-    DESIGN.md section 3, as model.egru_cell."""
+    docs/design.md section 3, as model.egru_cell."""
     ru = a[: 2 * h]
     np.multiply(ru, 0.5, out=ru)  # sigmoid(v) = (1 + tanh(v / 2)) / 2, without overflow
     np.tanh(ru, out=ru)

@@ -6,7 +6,7 @@ weights). Every recurrent layer stores its matrices under the same names (`weigh
 G*H x I, `weight_hh`: G*H x H, biases `bias_ih`, `bias_hh`; gate order as cuDNN), so
 pruning (`torch.nn.utils.prune`) and operation counting treat the three alike.
 
-The EGRU (Subramoney et al., ICLR 2023) is `egru_cell` below, the equations of DESIGN.md
+The EGRU (Subramoney et al., ICLR 2023) is `egru_cell` below, the equations of docs/design.md
 section 3 line by line.
 """
 

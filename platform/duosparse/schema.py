@@ -1,4 +1,4 @@
-"""Every MLflow name duosparse writes or reads (DESIGN.md section 5). Nowhere else.
+"""Every MLflow name duosparse writes or reads (docs/design.md section 5). Nowhere else.
 
 params are the flattened RunConfig (`RunConfig.flat()`: `model.arch`, `prune.target_sparsity`,
 ...); metrics use step = epoch, and the final figures (test split, best-validation weights)
