@@ -75,7 +75,8 @@ def test_smoke_sweep_finishes_every_trial_under_one_parent(smoke_folder):
     assert experiment.tags[schema.TAG_EXPERIMENT_KIND] == "custom_model_development"
     assert "**smoke**" in experiment.tags[schema.TAG_NOTE]
     note = parent.data.tags[schema.TAG_NOTE]
-    assert all(f"`{c}`" in note for c in schema.UI_COLUMNS) and "analysis/report.html" in note
+    assert all(f"`{c}`" in note for c in schema.UI_COLUMNS)
+    assert f"(#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}/artifacts/analysis/report.html)" in note
     sha = tracking.git_sha()
     for run in trials:
         assert run.info.status == "FINISHED"

@@ -496,12 +496,12 @@ def run_sweep(
     parent_tags = {
         schema.TAG_KIND: "sweep", schema.TAG_SWEEP: spec.name, schema.TAG_SPEC_HASH: spec.spec_hash(),
         schema.TAG_CODE_VERSION: __version__, schema.TAG_DRIVER: tracking.process_id(),
-        schema.TAG_NOTE: launch_note(spec),
     }
     sha = tracking.git_sha()
     if sha:
         parent_tags[schema.TAG_GIT_SHA] = parent_tags[schema.TAG_GIT_COMMIT] = sha
     parent = client.create_run(experiment_id, run_name=f"{spec.name} launch", tags=parent_tags).info.run_id
+    client.set_tag(parent, schema.TAG_NOTE, launch_note(spec, experiment_id, parent))
     env_vars = {k: os.environ[k] for k in ("DUOSPARSE_DATA_DIR",) if k in os.environ}
     if not ray.is_initialized():
         # "local" starts a fresh Ray here rather than joining one a `ray start` left behind
@@ -553,16 +553,18 @@ def experiment_note(spec: SweepSpec) -> str:
             f"run, under `{schema.ARTIFACTS_ANALYSIS}/`.")
 
 
-def launch_note(spec: SweepSpec) -> str:
-    """A launch run's description: what it is, which columns to pick, where the report goes."""
+def launch_note(spec: SweepSpec, experiment_id: str, run_id: str) -> str:
+    """A launch run's description: what it is, which columns to pick, and links (within the
+    MLflow UI) to where the report and the figures land."""
+    artifacts = f"#/experiments/{experiment_id}/runs/{run_id}/artifacts"
     return (f"Launch of sweep **{spec.name}** (spec hash `{spec.spec_hash()[:12]}`): its children are "
             "the trials this launch ran or continued.\n\n"
             f"In the runs table, pick the columns {', '.join(f'`{c}`' for c in schema.UI_COLUMNS)} "
             "(*Columns* button) to compare trials; a trial's page has its per-epoch charts.\n\n"
-            f"After `duosparse analyze {spec.name}` this run's *Artifacts* tab holds "
-            f"`{schema.ARTIFACTS_ANALYSIS}/report.html` (the report: Pareto fronts, trade-off fits, "
-            "iso-perplexity) and the tables; `duosparse export pareto` adds the figures as PNG/SVG/PDF "
-            f"under `{schema.ARTIFACTS_PARETO}/`.")
+            f"After `duosparse analyze {spec.name}`: [the report]({artifacts}/{schema.ARTIFACTS_ANALYSIS}/report.html) "
+            "(Pareto fronts, trade-off fits, iso-perplexity) and the tables in this run's artifacts; "
+            f"`duosparse export pareto` (part of `make sweep`) adds [the figures]({artifacts}/{schema.ARTIFACTS_PARETO}) "
+            "as PNG.")
 
 
 def adopt_trial_runs(client: Any, experiment_id: str, run_keys: list[str], parent: str) -> None:
