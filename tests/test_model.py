@@ -85,10 +85,8 @@ def test_pseudo_derivative_is_the_triangle_in_double_precision():
     torch.testing.assert_close(grad, numeric, rtol=1e-7, atol=1e-8)
     assert torch.equal(out, (v > 0).double())
     assert HeavisideTriangle.apply(torch.zeros(1), height, width).item() == 0.0  # H(0) = 0
-    # and torch's own gradcheck on a smooth function built with the same backward
-    assert torch.autograd.gradcheck(
-        lambda t: surrogate(t), (torch.tensor([0.05, -0.2], dtype=torch.float64, requires_grad=True),)
-    )
+    # (torch's gradcheck cannot be aimed at H itself: its forward is a step, whose numerical
+    # derivative is zero; the central differences of S above are the check)
 
 
 @pytest.mark.parametrize("arch", ["lstm", "gru"])
