@@ -77,6 +77,8 @@ def test_smoke_sweep_finishes_every_trial_under_one_parent(smoke_folder):
     note = parent.data.tags[schema.TAG_NOTE]
     assert all(f"`{c}`" in note for c in schema.UI_COLUMNS)
     assert f"(#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}/artifacts/analysis/report.html)" in note
+    logged = yaml.safe_load(Path(store(folder).download_artifacts(parent.info.run_id, schema.ARTIFACT_SPEC)).read_text())
+    assert logged["name"] == "smoke" and logged["grid"] == SMOKE["grid"]
     sha = tracking.git_sha()
     for run in trials:
         assert run.info.status == "FINISHED"

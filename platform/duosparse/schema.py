@@ -87,6 +87,7 @@ ARTIFACT_CONFIG = "config.yaml"
 ARTIFACT_CHECKPOINT = "model.pt"
 ARTIFACT_ACTIVITY = "activity.json"  # per-layer activity and per-unit event rates (test split)
 ARTIFACT_SPINNAKER2 = "spinnaker2.json"  # the full deployment result, options included
+ARTIFACT_SPEC = "spec.yaml"  # on a sweep's launch run: the spec as that launch read it
 ARTIFACTS_ANALYSIS = "analysis"  # folder on a sweep's parent run: report, tables, figures
 ARTIFACTS_PARETO = "analysis/pareto"  # folder for `duosparse export pareto`
 

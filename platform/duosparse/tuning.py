@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from . import __version__, schema, tracking, warmstart
 from .config import RunConfig
 from .eta import SweepEta
@@ -502,6 +504,8 @@ def run_sweep(
         parent_tags[schema.TAG_GIT_SHA] = parent_tags[schema.TAG_GIT_COMMIT] = sha
     parent = client.create_run(experiment_id, run_name=f"{spec.name} launch", tags=parent_tags).info.run_id
     client.set_tag(parent, schema.TAG_NOTE, launch_note(spec, experiment_id, parent))
+    # the spec as this launch read it (its hash is on every trial), beside the report to come
+    client.log_text(parent, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), schema.ARTIFACT_SPEC)
     env_vars = {k: os.environ[k] for k in ("DUOSPARSE_DATA_DIR",) if k in os.environ}
     if not ray.is_initialized():
         # "local" starts a fresh Ray here rather than joining one a `ray start` left behind
