@@ -108,7 +108,14 @@ def test_sigterm_ends_train_killed_and_the_same_command_resumes_the_run(tmp_path
 def test_the_same_config_twice_at_once_is_refused_and_the_first_run_is_untouched(tmp_path):
     proc = start_train(tmp_path)
     run_id = wait_for_first_epoch(tmp_path, proc)
-    second = run("train", *SLOW, "--json", cwd=tmp_path)
+    # Paused, so that it is still training whatever the machine's speed (on a quiet one the
+    # rest of its epochs take less time than a second process takes to start).
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        assert proc.poll() is None, "the first train ended before it could be paused"
+        second = run("train", *SLOW, "--json", cwd=tmp_path)
+    finally:
+        proc.send_signal(signal.SIGCONT)
     text = " ".join(second.stderr.split())
     assert second.returncode == 2 and "Traceback" not in second.stderr, text[-3000:]
     assert f"is in use by {socket.gethostname()}:{proc.pid}" in text and "--workdir" in text
