@@ -248,17 +248,18 @@ def git_sha() -> str | None:
         return None
 
 
-def run_tags(config: RunConfig, kind: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    tags = {
-        schema.TAG_RUN_KEY: config.run_key,
-        schema.TAG_CODE_VERSION: __version__,
-        schema.TAG_KIND: kind,
-    }
+def code_tags() -> dict[str, str]:
+    """Which code made a run: the package version and, in a git checkout, the commit (under
+    duosparse's name and MLflow's, which the UI shows)."""
+    tags = {schema.TAG_CODE_VERSION: __version__}
     sha = git_sha()
     if sha:
         tags[schema.TAG_GIT_SHA] = tags[schema.TAG_GIT_COMMIT] = sha
-    tags.update(extra or {})
     return tags
+
+
+def run_tags(config: RunConfig, kind: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {schema.TAG_RUN_KEY: config.run_key, schema.TAG_KIND: kind, **code_tags(), **(extra or {})}
 
 
 def start_run(

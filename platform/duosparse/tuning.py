@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__, schema, tracking, warmstart
+from . import schema, tracking, warmstart
 from .config import RunConfig
 from .eta import SweepEta
 from .sweep import SweepSpec, describe, expand_stages
@@ -497,11 +497,8 @@ def run_sweep(
 
     parent_tags = {
         schema.TAG_KIND: "sweep", schema.TAG_SWEEP: spec.name, schema.TAG_SPEC_HASH: spec.spec_hash(),
-        schema.TAG_CODE_VERSION: __version__, schema.TAG_DRIVER: tracking.process_id(),
+        schema.TAG_DRIVER: tracking.process_id(), **tracking.code_tags(),
     }
-    sha = tracking.git_sha()
-    if sha:
-        parent_tags[schema.TAG_GIT_SHA] = parent_tags[schema.TAG_GIT_COMMIT] = sha
     parent = client.create_run(experiment_id, run_name=f"{spec.name} launch", tags=parent_tags).info.run_id
     client.set_tag(parent, schema.TAG_NOTE, launch_note(spec, experiment_id, parent))
     # the spec as this launch read it (its hash is on every trial), beside the report to come
