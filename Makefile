@@ -9,7 +9,11 @@ DEV_STAMP := $(VENV)/.installed-dev
 # Tests and CI read the corpora from ../shared/data unless told otherwise.
 export DUOSPARSE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup setup-dev train sweep ui test test-under-load bench lint clean
+.PHONY: help setup setup-dev train sweep ui test test-fast test-under-load bench lint clean
+.DEFAULT_GOAL := help
+
+help:  ## this list
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
 
 setup: $(STAMP)  ## what the main job needs: the platform and figure export
 setup-dev: $(DEV_STAMP)  ## and what the tests, benchmarks and linter need
@@ -47,10 +51,15 @@ ui: setup  ## MLflow UI on http://127.0.0.1:5000 over ./mlruns.db
 
 # The tests need PostgreSQL and Chromium: .ci/system-packages.sh installs them when missing
 # (root), .ci/postgres.sh starts PostgreSQL and prints a URI for a test role.
-test: setup-dev  ## the whole test suite
+test: setup-dev  ## the whole test suite (what CI runs; about 20 minutes on 2 cores)
 	bash .ci/system-packages.sh
 	@export DUOSPARSE_TEST_POSTGRES_URI="$${DUOSPARSE_TEST_POSTGRES_URI:-$$(bash .ci/postgres.sh)}"; \
 	$(PY) -m pytest -q
+
+# Unit tests only: no Ray cluster, no PostgreSQL or Chromium, no training of a minute
+# (markers `slow` and `system`, pyproject.toml).
+test-fast: setup-dev  ## the unit tests, in about 2 minutes
+	$(PY) -m pytest -q -m "not slow and not system"
 
 ROUNDS ?= 10
 test-under-load: setup-dev  ## the cluster and deployment tests ROUNDS times while every core is kept busy
@@ -61,10 +70,10 @@ test-under-load: setup-dev  ## the cluster and deployment tests ROUNDS times whi
 bench: setup-dev  ## speed figures as ratios to baselines measured in the same run (bench.json)
 	$(PY) benchmarks/run.py
 
-lint: setup-dev
+lint: setup-dev  ## ruff over the code and the tests
 	$(VENV)/bin/ruff check platform analysis dashboards tests benchmarks
 
 include docker/cluster.mk  # cluster-env, cluster-build, cluster-up, cluster-submit, cluster-down
 
-clean:
+clean:  ## remove the local store, runs and benchmark output
 	rm -rf runs mlruns.db mlartifacts bench.json .pytest_cache

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import typer
 import yaml
+from conftest import require
 from duosparse import schema, tracking
 from duosparse.analysis import fits, pareto, runs, study
 from duosparse.analyze_cli import register
@@ -384,6 +385,7 @@ def test_dense_baseline_and_iso_perplexity_select_on_validation_and_report_test(
     assert (by["+5%"]["baseline_val_ppl"], by["+5%"]["baseline_test_ppl"]) == (100.0, 110.0)
 
 
+@pytest.mark.slow
 def test_tradeoff_fit_is_on_validation_and_compares_test():
     table = table_of(synthetic_runs(seeds=(0,)))
     rng = np.random.default_rng(3)
@@ -404,6 +406,7 @@ def test_tradeoff_fit_is_on_validation_and_compares_test():
         assert entry["test_rmse"] > entry["rmse"]  # the curve is fitted to the other split
 
 
+@pytest.mark.slow
 def test_best_validation_perplexity_is_the_best_epoch_at_final_sparsity(tmp_path):
     """runs_table derives val/best_ppl from the val/ppl history: the lowest value among the
     epochs at the final sparsity, not the last epoch's (MLflow's latest value)."""
@@ -463,6 +466,7 @@ def test_a_table_without_the_selection_figure_is_refused(tmp_path):
 # --- run table ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_table_types_failures_and_seed_aggregation(synthetic_store):
     table = runs.runs_table("synth", synthetic_store["uri"])
     assert len(table) == len(synthetic_store["items"]) + 2
@@ -511,6 +515,7 @@ def test_analysis_from_an_exported_table_equals_the_analysis_from_mlflow(synthet
     assert hv["egru"]["hypervolume"] > hv["lstm"]["hypervolume"]  # sparser for the same quality
 
 
+@pytest.mark.slow
 def test_analyze_command_writes_the_report_and_logs_it_to_the_newest_parent(
     synthetic_store, tmp_path
 ):
@@ -576,6 +581,7 @@ def test_analyze_command_writes_the_report_and_logs_it_to_the_newest_parent(
     assert costs and all("skipped" in e and "difference" not in e for e in costs)
 
 
+@pytest.mark.slow
 def test_a_finished_run_without_compute_counts_is_listed_and_left_out(tmp_path):
     """A FINISHED run that lacks the ops/* figures (stopped between its test and its
     accounting, or logged by another tool) is in the table but in no analysis."""
@@ -619,6 +625,7 @@ def test_bad_input_is_one_paragraph_without_traceback(synthetic_store, tmp_path)
 # --- figures, report, static export ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_figures_hover_shows_run_ids_and_config():
     table = table_of(synthetic_runs(seeds=(0,)))
     results = study.analyze(table, n_boot=50)
@@ -646,11 +653,13 @@ def test_figures_hover_shows_run_ids_and_config():
     )
 
 
+@pytest.mark.slow
+@pytest.mark.system
 def test_export_pareto_writes_valid_png_svg_pdf_and_html(synthetic_store, tmp_path):
     try:
         export.find_browser()
     except export.ExportError as e:
-        pytest.fail(f"{e} (.ci/run installs Debian's chromium for this test)")
+        require(False, f"{e} (`make test` installs Debian's chromium for this test)")
     table_path = runs.write_table(
         runs.runs_table("synth", synthetic_store["uri"]), tmp_path / "runs.parquet"
     )
@@ -699,6 +708,7 @@ def test_missing_browser_gives_a_clear_message(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "apt-get install chromium" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_platform_does_not_import_the_analysis_layer():
     code = (
         "import sys, duosparse.cli, duosparse.analyze_cli; "
@@ -734,6 +744,7 @@ def smoke_sweep(tmp_path_factory):
     return folder, f"sqlite:///{folder / 'mlruns.db'}"
 
 
+@pytest.mark.slow
 def test_run_table_round_trips_from_a_real_mlflow_store(smoke_sweep, tmp_path):
     folder, uri = smoke_sweep
     table = runs.runs_table("smoke_analysis", uri)

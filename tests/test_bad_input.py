@@ -198,6 +198,7 @@ def test_there_are_at_least_fifty_cases():
     assert len({c.id for c in CASES}) == len(CASES) >= 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_refused_cleanly_and_changes_nothing(store, case: Case):
     folder, run_id = store

@@ -10,6 +10,8 @@ import pytest
 from cli_helpers import DUOSPARSE, TINY, cli_env, free_port, run, wait_for_ui
 from duosparse import schema
 
+pytestmark = pytest.mark.slow
+
 
 def test_bad_config_key_exits_nonzero_naming_the_key_without_traceback(tmp_path):
     config = tmp_path / "bad.yaml"

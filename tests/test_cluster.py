@@ -17,9 +17,12 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import pytest
+from conftest import postgres_uri
 from duosparse import schema
 from mlflow.tracking import MlflowClient
 from ray_processes import stop_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,10 +47,7 @@ def wait_http(url: str, timeout: float = 90) -> None:
 
 @pytest.fixture(scope="module")
 def postgres_db():
-    uri = os.environ.get("DUOSPARSE_TEST_POSTGRES_URI")
-    if not uri:
-        pytest.fail("DUOSPARSE_TEST_POSTGRES_URI is not set: run the tests through `make test` "
-                    "(it starts PostgreSQL with .ci/postgres.sh) or set it to a role that may CREATEDB.")
+    uri = postgres_uri()
     import psycopg
 
     name = f"duosparse_test_{secrets.token_hex(4)}"

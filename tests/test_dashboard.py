@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import DUOSPARSE, cli_env, free_port, wait_for_ui
+from conftest import require
 from duosparse import schema
 from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 120  # a deadline for pages to render on a loaded machine, not a timing
@@ -59,9 +62,8 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.fail("the dashboard test needs Chromium and its driver: run it through `make test` "
-                    "(.ci/system-packages.sh installs chromium and chromium-driver)")
+    require(bool(chromium and driver), "the dashboard test needs Chromium and its driver: run it through "
+                                       "`make test` (.ci/system-packages.sh installs chromium and chromium-driver)")
     options = Options()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1600,1000"):

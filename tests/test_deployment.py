@@ -44,6 +44,7 @@ import jsonschema
 import psutil
 import pytest
 import yaml
+from conftest import postgres_uri, require
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -400,8 +401,8 @@ class Namespace:
             time.sleep(0.05)
         if self.holder.poll() is not None or _netns_id(self.holder.pid) == _netns_id("self"):
             err = self.holder.stderr.read().decode() if self.holder.poll() is not None else ""
-            pytest.fail("cannot create a network namespace for the deployment test (run it as root, "
-                        f"as CI does, or enable unprivileged user namespaces): {err.strip()}")
+            require(False, "cannot create a network namespace for the deployment test (run it as root, "
+                           f"as CI does, or enable unprivileged user namespaces): {err.strip()}")
         self.id = _netns_id(self.holder.pid)
         pid = str(self.holder.pid)
         self.prefix = (["nsenter", "--target", pid, "--user", "--net", "--preserve-credentials", "--"]
@@ -497,13 +498,9 @@ def _loopback(env: dict[str, str], names: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    uri = os.environ.get("DUOSPARSE_TEST_POSTGRES_URI")
-    if not uri:
-        pytest.fail("DUOSPARSE_TEST_POSTGRES_URI is not set: run the tests through `make test` / .ci/run "
-                    "(which start PostgreSQL with .ci/postgres.sh) or set it to a role that may CREATEDB.")
+    uri = postgres_uri()
     for tool in ("unshare", "nsenter", "psql"):
-        if not shutil.which(tool):
-            pytest.fail(f"the deployment test needs `{tool}` (util-linux / postgresql-client)")
+        require(bool(shutil.which(tool)), f"the deployment test needs `{tool}` (util-linux / postgresql-client)")
     import psycopg
 
     work = tmp_path_factory.mktemp("deployment")
@@ -632,6 +629,8 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
+@pytest.mark.system
 def test_mlflow_and_ray_refuse_unauthenticated_requests(stack):
     ns, mlflow_env, head_env = stack["ns"], stack["mlflow_env"], stack["head_env"]
     result = ns.run([sys.executable, "-c", PROBE, stack["mlflow"], stack["dashboard"]],
@@ -679,6 +678,8 @@ print(json.dumps([n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.system
 def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow_and_the_object_store(stack):
     ns, head_env, mlflow_env = stack["ns"], stack["head_env"], stack["mlflow_env"]
     # the client holds only the cluster token: MLflow's URL and credentials come from the nodes
@@ -711,6 +712,8 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow_and_the_object_store(sta
     assert len(stored) >= SMOKE_TRIALS and all(k.startswith(found["prefix"] + "/") for k in stored), found["keys"]
 
 
+@pytest.mark.slow
+@pytest.mark.system
 def test_nothing_listens_beyond_loopback(stack):
     ns = stack["ns"]
     listening = ns.listening()

@@ -106,6 +106,7 @@ def test_targets_are_true_false_or_null(curve):
                             "egru_within_10pct_of_lstm_epoch": None}
 
 
+@pytest.mark.slow
 def test_plot_from_a_recorded_json_writes_a_png_or_says_why_not(curve, tmp_path, capsys):
     recorded = tmp_path / "rec.json"
     payload = {"device": "test", "curves": {a: {"epochs": [

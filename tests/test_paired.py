@@ -30,6 +30,7 @@ def train(folder: Path, *extra: str) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_pruning_cost_reevaluates_the_logged_test_figures_and_brackets_the_rise(tmp_path):
     dense = train(tmp_path, "--set", "prune.target_sparsity=0.0")
     pruned = train(tmp_path, "--set", "prune.target_sparsity=0.9")

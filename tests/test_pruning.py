@@ -494,6 +494,7 @@ def egru_run(tmp_path_factory) -> tuple[Path, dict]:
     return cwd, json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_duosparse_train_egru_gradual_to_90_percent(egru_run):
     cwd, out = egru_run
     metrics = out["metrics"]

@@ -430,6 +430,7 @@ def test_test_batch_size_one_evaluates_the_best_model_at_batch_one(tmp_path):
 # --- 8. silent start -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evnn_recipe_is_alive_on_ptb_and_the_old_configuration_is_not(data_dir):
     corpus = data.load_corpus("ptb", data_dir)
     cfg = load_config(ROOT / "configs/recipes/evnn_ptb.yaml")

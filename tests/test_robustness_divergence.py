@@ -26,6 +26,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ["train.lr=100", "train.clip=0"],  # Adam thrown far out: val/loss ~1e3, ppl at the cap
     ["train.optimizer=sgd", "train.lr=1e30"],  # clipped SGD: finite, ~1e28 nats
 ], ids=["adam-lr100-noclip", "sgd-lr1e30"])
+@pytest.mark.slow
 def test_finite_divergence_ends_the_run_failed_through_the_cli(tmp_path, overrides):
     args = [a for o in overrides for a in ("--set", o)]
     result = run("train", *TINY, *args, cwd=tmp_path)
@@ -64,6 +65,7 @@ def _finished_run(client, experiment: str, config: RunConfig, val_ppl: float, te
     return run_id
 
 
+@pytest.mark.slow
 def test_analysis_never_counts_a_failed_run_or_a_perplexity_at_the_cap(tmp_path):
     client = tracking.open_store(f"sqlite:///{tmp_path / 'mlruns.db'}")
     experiment = client.create_experiment("capped", artifact_location=(tmp_path / "art").as_uri())
@@ -92,6 +94,7 @@ def test_analysis_never_counts_a_failed_run_or_a_perplexity_at_the_cap(tmp_path)
     }
 
 
+@pytest.mark.slow
 def test_analyze_reports_only_the_usable_run(tmp_path):
     client = tracking.open_store(f"sqlite:///{tmp_path / 'mlruns.db'}")
     experiment = client.create_experiment("capped", artifact_location=(tmp_path / "art").as_uri())

@@ -14,7 +14,10 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+from conftest import require
 from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
 
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
 TINY = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
@@ -101,9 +104,9 @@ def _readonly_runner(folder: Path):
         return run_readonly
     unshare = shutil.which("unshare")
     script = 'mount --bind -o ro "$0" "$0" && cd "$0" && exec "$@"'
-    if unshare is None or subprocess.run([unshare, "-m", "sh", "-c", script, str(folder), "true"],
-                                         capture_output=True).returncode != 0:
-        pytest.skip("as root, a read-only folder needs `unshare -m` and mount rights")
+    require(unshare is not None and subprocess.run([unshare, "-m", "sh", "-c", script, str(folder), "true"],
+                                                   capture_output=True).returncode == 0,
+            "as root, a read-only folder needs `unshare -m` and mount rights")
 
     def run_readonly(*args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run([unshare, "-m", "sh", "-c", script, str(folder), DUOSPARSE, *args],

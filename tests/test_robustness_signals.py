@@ -17,9 +17,12 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import yaml
 from cli_helpers import wait_for_ui
 from duosparse import schema, tracking
+
+pytestmark = pytest.mark.slow
 
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
 EPOCHS = 6

@@ -392,6 +392,7 @@ def test_platform_does_not_import_analysis_at_import_time():
 # --- end to end: train, simulate from the MLflow run, figures on the run ---------------------
 
 
+@pytest.mark.slow
 def test_end_to_end_train_then_simulate_from_the_run(in_tmp_cwd):
     from mlflow.tracking import MlflowClient
 

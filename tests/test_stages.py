@@ -103,6 +103,7 @@ def source_run(tmp_path_factory):
     return folder, json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_a_warm_start_begins_from_the_source_runs_final_weights(source_run):
     folder, source = source_run
     # a learning rate too small to move the weights: the first validation is the source's
@@ -125,6 +126,7 @@ def test_a_warm_start_begins_from_the_source_runs_final_weights(source_run):
     (["--set", "model.arch=gru"], ["init.from_run_key", "model.arch egru there, gru here"]),
     (["--set", "model.hidden_size=32"], ["init.from_run_key", "model.hidden_size 24 there, 32 here"]),
 ])
+@pytest.mark.slow
 def test_a_warm_start_from_a_different_model_is_refused_before_anything_starts(source_run, changes, needles):
     folder, source = source_run
     client = MlflowClient(f"sqlite:///{folder / 'mlruns.db'}")
@@ -136,6 +138,7 @@ def test_a_warm_start_from_a_different_model_is_refused_before_anything_starts(s
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == before
 
 
+@pytest.mark.slow
 def test_a_warm_start_from_an_unknown_or_unfinished_run_is_refused(source_run):
     folder, source = source_run
     result = run("train", *TINY, "--set", f"init.from_run_key={'f' * 64}", cwd=folder)

@@ -9,9 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from duosparse import schema
 from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
 
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
 TINY = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
@@ -24,6 +27,7 @@ import os, sys, time
 from pathlib import Path
 import mlflow.tracking  # the slow imports before the gate, not after
 from duosparse import tracking
+
 uri, gate = sys.argv[1:3]
 Path(f"{gate}.ready.{os.getpid()}").touch()
 while not Path(gate).exists():

@@ -18,6 +18,8 @@ import yaml
 from duosparse import schema, tracking
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
 SMOKE = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())

@@ -97,6 +97,7 @@ def test_paper_studies_have_paper_sizes():
         assert max(t.prune.target_sparsity for t in trials) == 0.95
 
 
+@pytest.mark.slow
 def test_invalid_spec_on_the_command_line_fails_before_ray(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "bad", "grid": {"model.arch": []}}))

@@ -49,6 +49,7 @@ def ptb_run(tmp_path_factory):
     return cfg, workdir, recorder, final
 
 
+@pytest.mark.slow
 def test_a_few_hundred_steps_on_ptb_beat_the_unigram_model_by_far(ptb_run):
     cfg, _, _, final = ptb_run
     corpus = data.load_corpus("ptb")
