@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 # Tests and CI read the corpora from ../shared/data unless told otherwise.
 export DUOSPARSE_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: help setup setup-dev train sweep ui test test-fast test-under-load bench lint clean
+.PHONY: help setup setup-dev train sweep ui test test-fast test-under-load bench lint fmt clean
 .DEFAULT_GOAL := help
 
 help:  ## this list
@@ -70,8 +70,13 @@ test-under-load: setup-dev  ## the cluster and deployment tests ROUNDS times whi
 bench: setup-dev  ## speed figures as ratios to baselines measured in the same run (bench.json)
 	$(PY) benchmarks/run.py
 
-lint: setup-dev  ## ruff over the code and the tests
-	$(VENV)/bin/ruff check platform analysis dashboards tests benchmarks
+CODE := platform analysis dashboards tests benchmarks
+lint: setup-dev  ## ruff's checks and its formatting, over the code and the tests
+	$(VENV)/bin/ruff check $(CODE)
+	$(VENV)/bin/ruff format --check $(CODE)
+
+fmt: setup-dev  ## format the code and the tests with ruff (make lint checks it)
+	$(VENV)/bin/ruff format $(CODE)
 
 include docker/cluster.mk  # cluster-env, cluster-build, cluster-up, cluster-submit, cluster-down
 

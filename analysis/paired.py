@@ -36,14 +36,20 @@ def chunk_losses(model: Any, stream: torch.Tensor, bptt: int) -> tuple[np.ndarra
         state = model.initial_state(stream.size(1))
         for inputs, targets in data.bptt_batches(stream, bptt):
             logits, state, _ = model(inputs, state)
-            losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item())
+            losses.append(
+                F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            )
             tokens.append(targets.numel())
     return np.asarray(losses), np.asarray(tokens, dtype=float)
 
 
 def paired_difference(
-    loss_a: np.ndarray, loss_b: np.ndarray, tokens: np.ndarray, n_boot: int = 2000,
-    confidence: float = 0.95, seed: int = 0,
+    loss_a: np.ndarray,
+    loss_b: np.ndarray,
+    tokens: np.ndarray,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> dict[str, float]:
     """ppl_b - ppl_a with a moving-block bootstrap interval over the chunks."""
     n = len(tokens)
@@ -60,8 +66,15 @@ def paired_difference(
     low, high = np.quantile(diffs, [(1 - confidence) / 2, (1 + confidence) / 2])
     ppl_a = math.exp(loss_a.sum() / tokens.sum())
     ppl_b = math.exp(loss_b.sum() / tokens.sum())
-    return {"ppl_dense": ppl_a, "ppl_pruned": ppl_b, "difference": ppl_b - ppl_a,
-            "ci_low": float(low), "ci_high": float(high), "block_chunks": block, "chunks": n}
+    return {
+        "ppl_dense": ppl_a,
+        "ppl_pruned": ppl_b,
+        "difference": ppl_b - ppl_a,
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "block_chunks": block,
+        "chunks": n,
+    }
 
 
 def lineages(table: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
@@ -72,10 +85,16 @@ def lineages(table: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
     level = "prune.target_sparsity"
     dense, pruned = ok[ok[level] <= 0], ok[ok[level] > 0]
     groups: list[tuple[pd.DataFrame, pd.DataFrame]] = []
-    linked = pruned[WARM_START].isin(set(dense[RUN_KEY])) if WARM_START in ok else pd.Series(False, pruned.index)
+    linked = (
+        pruned[WARM_START].isin(set(dense[RUN_KEY]))
+        if WARM_START in ok
+        else pd.Series(False, pruned.index)
+    )
     for key, children in pruned[linked].groupby(WARM_START, sort=True):
         groups.append((dense[dense[RUN_KEY] == key], children))
-    rest = pd.concat([dense[~dense[RUN_KEY].isin(set(pruned[linked][WARM_START]))], pruned[~linked]])
+    rest = pd.concat(
+        [dense[~dense[RUN_KEY].isin(set(pruned[linked][WARM_START]))], pruned[~linked]]
+    )
     keys = [c for c in config_columns(rest) if not c.startswith("prune.") and c != WARM_START]
     for _, group in rest.groupby(keys, dropna=False, sort=True) if keys and len(rest) else []:
         groups.append((group[group[level] <= 0], group[group[level] > 0]))
@@ -83,26 +102,35 @@ def lineages(table: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
     for base, children in groups:
         if len(base) and len(children):
             top = children[children[level] == children[level].max()]
-            pairs.append((base.sort_values(BEST_VAL_PPL).iloc[0], top.sort_values(BEST_VAL_PPL).iloc[0]))
+            pairs.append(
+                (base.sort_values(BEST_VAL_PPL).iloc[0], top.sort_values(BEST_VAL_PPL).iloc[0])
+            )
     return pairs
 
 
-def pruning_cost(table: pd.DataFrame, client: Any, n_boot: int = 2000, confidence: float = 0.95) -> list[dict[str, Any]]:
+def pruning_cost(
+    table: pd.DataFrame, client: Any, n_boot: int = 2000, confidence: float = 0.95
+) -> list[dict[str, Any]]:
     """For each lineage: the test perplexity rise from the dense run to the most pruned one,
     with its paired interval; entries that cannot be computed say why."""
     out = []
     corpora: dict[tuple, Any] = {}
     for dense, pruned in lineages(table):
         entry: dict[str, Any] = {
-            "model.arch": dense["model.arch"], "model.threshold": dense.get("model.threshold"),
-            SEED: dense.get(SEED), "target_sparsity": float(pruned["prune.target_sparsity"]),
-            "dense_run_id": dense[RUN_ID], "pruned_run_id": pruned[RUN_ID],
+            "model.arch": dense["model.arch"],
+            "model.threshold": dense.get("model.threshold"),
+            SEED: dense.get(SEED),
+            "target_sparsity": float(pruned["prune.target_sparsity"]),
+            "dense_run_id": dense[RUN_ID],
+            "pruned_run_id": pruned[RUN_ID],
         }
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 models = []
                 for run_id in (dense[RUN_ID], pruned[RUN_ID]):
-                    path = client.download_artifacts(run_id, schema.ARTIFACT_CHECKPOINT, tmp + "/" + run_id)
+                    path = client.download_artifacts(
+                        run_id, schema.ARTIFACT_CHECKPOINT, tmp + "/" + run_id
+                    )
                     models.append(load_model(path))
             (model_a, config), (model_b, _) = models
             t = config.train

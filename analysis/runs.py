@@ -169,7 +169,9 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
 def varying_config(table: pd.DataFrame) -> list[str]:
     """Config columns with more than one value: the sweep's axes (seed included, the
     warm-start lineage not)."""
-    return [c for c in config_columns(table) if c != WARM_START and table[c].nunique(dropna=False) > 1]
+    return [
+        c for c in config_columns(table) if c != WARM_START and table[c].nunique(dropna=False) > 1
+    ]
 
 
 def apply_types(table: pd.DataFrame) -> pd.DataFrame:
@@ -192,9 +194,21 @@ def apply_types(table: pd.DataFrame) -> pd.DataFrame:
             table[col] = table[col].map(_bool).astype("boolean")
         elif dtype == "object":
             # parquet gives arrays back, CSV strings: both become the tuples MLflow's params gave
-            table[col] = table[col].map(lambda v, c=col: parse_param(c, v) if isinstance(v, str) else
-                                        tuple(v.tolist()) if isinstance(v, np.ndarray) else
-                                        tuple(v) if isinstance(v, list | tuple) else v).astype(object)
+            table[col] = (
+                table[col]
+                .map(
+                    lambda v, c=col: (
+                        parse_param(c, v)
+                        if isinstance(v, str)
+                        else tuple(v.tolist())
+                        if isinstance(v, np.ndarray)
+                        else tuple(v)
+                        if isinstance(v, list | tuple)
+                        else v
+                    )
+                )
+                .astype(object)
+            )
         else:
             table[col] = table[col].astype(dtype)
     return table
@@ -213,8 +227,11 @@ def final_sparsity_epoch(params: dict[str, Any]) -> int:
     """The first epoch whose validation counts for the best model: the epoch after which
     the masks are final (0: no pruning, every epoch counts), by `pruning.final_epoch` on the
     run's typed prune values (a missing one takes RunConfig's default)."""
-    given = {name: params[f"prune.{name}"] for name in PruneConfig.model_fields
-             if params.get(f"prune.{name}") is not None and not pd.isna(params[f"prune.{name}"])}
+    given = {
+        name: params[f"prune.{name}"]
+        for name in PruneConfig.model_fields
+        if params.get(f"prune.{name}") is not None and not pd.isna(params[f"prune.{name}"])
+    }
     return int(pruning.final_epoch(PruneConfig.model_construct(**given)))
 
 
@@ -263,8 +280,14 @@ def _row(run: Any, val_history: list[tuple[int, float]]) -> dict[str, Any]:
     # every figure an analysis reads: a run without its compute counts (stopped between its
     # test and its accounting, or logged by something else) cannot be placed on a front
     complete = all(m in run.data.metrics for m in schema.RUN_METRICS)
-    row[OK] = bool(status == "FINISHED" and not early and complete and math.isfinite(test_ppl)
-                   and not at_cap(test_ppl) and not at_cap(row[BEST_VAL_PPL]))
+    row[OK] = bool(
+        status == "FINISHED"
+        and not early
+        and complete
+        and math.isfinite(test_ppl)
+        and not at_cap(test_ppl)
+        and not at_cap(row[BEST_VAL_PPL])
+    )
     return row
 
 

@@ -120,7 +120,11 @@ def machine() -> dict:
     except OSError:
         load = None
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-        "platform": platform.platform(), "load_average_at_start": load,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": load,
     }

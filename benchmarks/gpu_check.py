@@ -46,7 +46,10 @@ PAPER = {"embedding": 750, "hidden": 1350, "layers": 3, "batch": 64, "bptt": 70}
 PRECISIONS = {  # name: (cuDNN may use TF32, cuBLAS may use TF32)
     "tf32": (True, True),  # what duosparse's training sets on CUDA (train.resolve_device)
     "fp32": (False, False),
-    "pytorch-defaults": (True, False),  # mismatched: cuDNN's GRU in TF32, the EGRU's products in float32
+    "pytorch-defaults": (
+        True,
+        False,
+    ),  # mismatched: cuDNN's GRU in TF32, the EGRU's products in float32
 }
 
 
@@ -72,7 +75,9 @@ def check_correctness(device: torch.device) -> dict:
     _precision("fp32")
     torch.manual_seed(0)
     steps, batch, inputs, hidden = 30, 16, 64, 300
-    layer = RecurrentLayer("egru", inputs, hidden, load_config(None, ["model.arch=egru"]).model).to(device)
+    layer = RecurrentLayer("egru", inputs, hidden, load_config(None, ["model.arch=egru"]).model).to(
+        device
+    )
     with torch.no_grad():
         layer.threshold.uniform_(0.0, 0.3)
     x = torch.randn(steps, batch, inputs, device=device)
@@ -85,14 +90,37 @@ def check_correctness(device: torch.device) -> dict:
         layer.fast = fast
         leaves = [t.to(dtype).requires_grad_() for t in (x, y0, c0)]
         out, (y, c), events = layer(leaves[0], (leaves[1], leaves[2]))
-        loss = (out * weights.to(dtype)).sum() + (0.3 * c).sum() + (0.2 * y).sum() + (0.7 * events).sum()
-        params = [*leaves, layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh, layer.threshold]
+        loss = (
+            (out * weights.to(dtype)).sum()
+            + (0.3 * c).sum()
+            + (0.2 * y).sum()
+            + (0.7 * events).sum()
+        )
+        params = [
+            *leaves,
+            layer.weight_ih,
+            layer.weight_hh,
+            layer.bias_ih,
+            layer.bias_hh,
+            layer.threshold,
+        ]
         grads = torch.autograd.grad(loss, params)
         return [t.detach().double() for t in (out, c, events, *grads)]
 
     reference = run(torch.float64, fast=False)
-    names = ["outputs", "c_T", "events", "d_x", "d_y0", "d_c0", "d_weight_ih", "d_weight_hh",
-             "d_bias_ih", "d_bias_hh", "d_threshold"]
+    names = [
+        "outputs",
+        "c_T",
+        "events",
+        "d_x",
+        "d_y0",
+        "d_c0",
+        "d_weight_ih",
+        "d_weight_hh",
+        "d_bias_ih",
+        "d_bias_hh",
+        "d_threshold",
+    ]
     result = {}
     for graphs in (False, True):
         _kernels(True, graphs)
@@ -102,11 +130,16 @@ def check_correctness(device: torch.device) -> dict:
         for name, a, b in zip(names, got, reference):
             scale = float(b.abs().max())
             errors[name] = float((a - b).abs().max()) / max(scale, 1e-12)  # relative to the largest
-        result["graphs" if graphs else "no_graphs"] = {"max_relative_error": errors,
-                                                      "mismatched_events": mismatched_events}
+        result["graphs" if graphs else "no_graphs"] = {
+            "max_relative_error": errors,
+            "mismatched_events": mismatched_events,
+        }
         worst = max(errors.values())
-        print(f"  triton kernels ({'with' if graphs else 'without'} CUDA graphs) vs float64 reference: "
-              f"worst relative error {worst:.2e}, events differing {mismatched_events:.1e}", flush=True)
+        print(
+            f"  triton kernels ({'with' if graphs else 'without'} CUDA graphs) vs float64 reference: "
+            f"worst relative error {worst:.2e}, events differing {mismatched_events:.1e}",
+            flush=True,
+        )
         if worst > 1e-4 or mismatched_events > 1e-3:
             raise CheckFailed(f"the Triton kernels disagree with the reference: {errors}")
     # a variable BPTT: lengths in any order through the graphs (buffers shared per family)
@@ -117,17 +150,35 @@ def check_correctness(device: torch.device) -> dict:
         for graphs in (False, True):
             _kernels(True, graphs)
             layer.fast = True
-            leaves = [t.requires_grad_() for t in (torch.randn(steps_now, batch, inputs, device=device,
-                      generator=torch.Generator(device).manual_seed(steps_now)), y0.clone(), c0.clone())]
+            leaves = [
+                t.requires_grad_()
+                for t in (
+                    torch.randn(
+                        steps_now,
+                        batch,
+                        inputs,
+                        device=device,
+                        generator=torch.Generator(device).manual_seed(steps_now),
+                    ),
+                    y0.clone(),
+                    c0.clone(),
+                )
+            ]
             out, (y, c), events = layer(leaves[0], (leaves[1], leaves[2]))
-            grads = torch.autograd.grad((out * out).sum() + c.sum(), [leaves[0], layer.weight_hh, layer.threshold])
+            grads = torch.autograd.grad(
+                (out * out).sum() + c.sum(), [leaves[0], layer.weight_hh, layer.threshold]
+            )
             runs.append([out.detach(), c.detach(), *grads])
         worst = max(worst, *(float((a - b).abs().max()) for a, b in zip(*runs)))
     result["variable_length_graphs_vs_none_max_abs_difference"] = worst
-    print(f"  lengths 30, 20, 41, 20, 30 through CUDA graphs vs without: largest difference {worst:.1e}",
-          flush=True)
+    print(
+        f"  lengths 30, 20, 41, 20, 30 through CUDA graphs vs without: largest difference {worst:.1e}",
+        flush=True,
+    )
     if worst > 1e-5:
-        raise CheckFailed(f"graphs of different lengths disagree with the kernels run directly: {worst}")
+        raise CheckFailed(
+            f"graphs of different lengths disagree with the kernels run directly: {worst}"
+        )
     return result
 
 
@@ -146,30 +197,53 @@ def check_training_agrees(device: torch.device) -> dict:
             seen.append(float(trainer.last_loss))
         losses[name] = seen
         weights[name] = [p.detach().clone() for p in trainer.model.parameters()]
-    worst = max(abs(a - b) / abs(b) for a, b in zip(losses["triton_graphs"], losses["pytorch_loop"]))
+    worst = max(
+        abs(a - b) / abs(b) for a, b in zip(losses["triton_graphs"], losses["pytorch_loop"])
+    )
     moved = max(float((a - b).abs().max()) for a, b in zip(*weights.values()))
-    print(f"  5 training steps, Triton+graphs vs PyTorch loop: losses {losses['triton_graphs']} vs "
-          f"{losses['pytorch_loop']} (worst relative difference {worst:.1e}); largest weight "
-          f"difference after the steps {moved:.1e}", flush=True)
+    print(
+        f"  5 training steps, Triton+graphs vs PyTorch loop: losses {losses['triton_graphs']} vs "
+        f"{losses['pytorch_loop']} (worst relative difference {worst:.1e}); largest weight "
+        f"difference after the steps {moved:.1e}",
+        flush=True,
+    )
     if worst > 1e-4 or moved > 1e-4:
         raise CheckFailed("training through the Triton kernels drifts from the PyTorch loop")
-    return {"losses": losses, "worst_relative_difference": worst, "largest_weight_difference": moved}
+    return {
+        "losses": losses,
+        "worst_relative_difference": worst,
+        "largest_weight_difference": moved,
+    }
 
 
-def throughput(device: torch.device, seconds: float, rounds: int, loop_too: bool,
-               failures: list[str]) -> list[Row]:
+def throughput(
+    device: torch.device, seconds: float, rounds: int, loop_too: bool, failures: list[str]
+) -> list[Row]:
     p = PAPER
     gpu = torch.cuda.get_device_name(device)
     torch.manual_seed(0)
     trainers = {
-        "cudnn_gru": Trainer(TorchLM("gru", p["embedding"], p["hidden"], p["layers"]), False, device,
-                             batch=p["batch"], bptt=p["bptt"]),
-        "egru": Trainer(_duosparse("egru", p["embedding"], p["hidden"], p["layers"]), True, device,
-                        batch=p["batch"], bptt=p["bptt"]),
+        "cudnn_gru": Trainer(
+            TorchLM("gru", p["embedding"], p["hidden"], p["layers"]),
+            False,
+            device,
+            batch=p["batch"],
+            bptt=p["bptt"],
+        ),
+        "egru": Trainer(
+            _duosparse("egru", p["embedding"], p["hidden"], p["layers"]),
+            True,
+            device,
+            batch=p["batch"],
+            bptt=p["bptt"],
+        ),
     }
     # name: (trainer, (Triton kernels, CUDA graphs, whole-sequence path) or None for cuDNN)
-    variants = {"cudnn_gru": ("cudnn_gru", None), "egru_triton_graphs": ("egru", (True, True, True)),
-                "egru_triton": ("egru", (True, False, True))}
+    variants = {
+        "cudnn_gru": ("cudnn_gru", None),
+        "egru_triton_graphs": ("egru", (True, True, True)),
+        "egru_triton": ("egru", (True, False, True)),
+    }
     if loop_too:
         variants["egru_pytorch_loop"] = ("egru", (False, False, True))  # egru_kernel on CUDA
         variants["egru_reference_cell"] = ("egru", (False, False, False))  # egru_cell with autograd
@@ -204,23 +278,34 @@ def throughput(device: torch.device, seconds: float, rounds: int, loop_too: bool
             calls[name] = call
         samples = interleaved(calls, rounds)
         rates = {n: s.units_per_second("wall") for n, s in samples.items()}
-        where = (f"{gpu}; emb {p['embedding']}, {p['layers']} x {p['hidden']}, untied, vocab {VOCAB}, "
-                 f"batch {p['batch']}, bptt {p['bptt']}, Adam; precision '{precision}' (cuDNN TF32 "
-                 f"{PRECISIONS[precision][0]}, cuBLAS TF32 {PRECISIONS[precision][1]}); wall time, "
-                 f"median of {rounds} interleaved rounds")
+        where = (
+            f"{gpu}; emb {p['embedding']}, {p['layers']} x {p['hidden']}, untied, vocab {VOCAB}, "
+            f"batch {p['batch']}, bptt {p['bptt']}, Adam; precision '{precision}' (cuDNN TF32 "
+            f"{PRECISIONS[precision][0]}, cuBLAS TF32 {PRECISIONS[precision][1]}); wall time, "
+            f"median of {rounds} interleaved rounds"
+        )
         for name in calls:
             if name == "cudnn_gru":
                 continue
             default = name == "egru_triton_graphs"  # what the layers select on CUDA
-            rows.append(Row(
-                "gpu", f"train paper size, {precision}: EGRU ({name.removeprefix('egru_')}) / cuDNN GRU",
-                statistics.median(rates[name]), statistics.median(rates["cudnn_gru"]), "tokens/s",
-                median_ratio(rates[name], rates["cudnn_gru"]),
-                0.8 if default and precision != "pytorch-defaults" else None, note=where,
-                details={"gpu": gpu, "rounds": {n: rates[n] for n in (name, "cudnn_gru")}},
-            ))
-            print(f"  {rows[-1].figure}: {rows[-1].measured:,.0f} vs {rows[-1].baseline:,.0f} tokens/s, "
-                  f"ratio {rows[-1].ratio:.2f}", flush=True)
+            rows.append(
+                Row(
+                    "gpu",
+                    f"train paper size, {precision}: EGRU ({name.removeprefix('egru_')}) / cuDNN GRU",
+                    statistics.median(rates[name]),
+                    statistics.median(rates["cudnn_gru"]),
+                    "tokens/s",
+                    median_ratio(rates[name], rates["cudnn_gru"]),
+                    0.8 if default and precision != "pytorch-defaults" else None,
+                    note=where,
+                    details={"gpu": gpu, "rounds": {n: rates[n] for n in (name, "cudnn_gru")}},
+                )
+            )
+            print(
+                f"  {rows[-1].figure}: {rows[-1].measured:,.0f} vs {rows[-1].baseline:,.0f} tokens/s, "
+                f"ratio {rows[-1].ratio:.2f}",
+                flush=True,
+            )
     _kernels(True, True)
     for layer in trainers["egru"].model.layers:
         layer.fast = True
@@ -253,8 +338,11 @@ def train_ptb(device: torch.device, epochs: int) -> dict:
     base.pop("prune", None)
     base["model"].update(arch="egru", threshold=0.05)
     recipe_epochs, decay_start = base["train"]["epochs"], base["train"].get("decay_start_epoch", 1)
-    base["train"].update(epochs=epochs, device="cuda",
-                         decay_start_epoch=1 + round((decay_start - 1) * epochs / recipe_epochs))
+    base["train"].update(
+        epochs=epochs,
+        device="cuda",
+        decay_start_epoch=1 + round((decay_start - 1) * epochs / recipe_epochs),
+    )
     config = build_config(base, f"{spec_path.name} (base and recipe) for train_ptb")
     with tempfile.TemporaryDirectory() as tmp:
         torch.cuda.reset_peak_memory_stats(device)
@@ -263,35 +351,52 @@ def train_ptb(device: torch.device, epochs: int) -> dict:
         seconds = time.perf_counter() - start
     families = list(egru_triton._graphs.values())
     result = {
-        "epochs": epochs, "wall_s": seconds, "val_ppl": metrics.get(schema.VAL_PPL),
-        "test_ppl": metrics.get(schema.TEST_PPL), "activity_sparsity": metrics.get(schema.SPARSITY_ACTIVITY),
+        "epochs": epochs,
+        "wall_s": seconds,
+        "val_ppl": metrics.get(schema.VAL_PPL),
+        "test_ppl": metrics.get(schema.TEST_PPL),
+        "activity_sparsity": metrics.get(schema.SPARSITY_ACTIVITY),
         "train_tokens_per_s": metrics.get(schema.PERF_TOKENS_PER_S),
-        "graph_families": len(families), "graphs": sum(len(f.graphs) for f in families),
+        "graph_families": len(families),
+        "graphs": sum(len(f.graphs) for f in families),
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9,
     }
-    print(f"  PTB, paper-size EGRU, {epochs} epochs in {seconds:.0f} s: test ppl {result['test_ppl']:.1f}, "
-          f"val ppl {result['val_ppl']:.1f}, activity sparsity {result['activity_sparsity']:.3f}, "
-          f"{result['train_tokens_per_s']:,.0f} training tokens/s; {result['graphs']} graphs in "
-          f"{result['graph_families']} families, peak GPU memory {result['peak_gpu_memory_gb']:.1f} GB",
-          flush=True)
+    print(
+        f"  PTB, paper-size EGRU, {epochs} epochs in {seconds:.0f} s: test ppl {result['test_ppl']:.1f}, "
+        f"val ppl {result['val_ppl']:.1f}, activity sparsity {result['activity_sparsity']:.3f}, "
+        f"{result['train_tokens_per_s']:,.0f} training tokens/s; {result['graphs']} graphs in "
+        f"{result['graph_families']} families, peak GPU memory {result['peak_gpu_memory_gb']:.1f} GB",
+        flush=True,
+    )
     return result
 
 
-def run(seconds: float = 1.5, rounds: int = 3, loop_too: bool = True,
-        ptb_epochs: int = 0) -> tuple[list[Row], dict]:
+def run(
+    seconds: float = 1.5, rounds: int = 3, loop_too: bool = True, ptb_epochs: int = 0
+) -> tuple[list[Row], dict]:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     import triton
 
     device = torch.device("cuda")
-    info = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda,
-            "date": time.strftime("%Y-%m-%d")}
-    print(f"GPU check on {info['gpu']} (torch {info['torch']}, CUDA {info['cuda']}, "
-          f"Triton {info['triton']})", flush=True)
+    info = {
+        "gpu": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(
+        f"GPU check on {info['gpu']} (torch {info['torch']}, CUDA {info['cuda']}, "
+        f"Triton {info['triton']})",
+        flush=True,
+    )
     failures: list[str] = []
     print("correctness:", flush=True)
-    for key, check in (("correctness", check_correctness), ("training_agrees", check_training_agrees)):
+    for key, check in (
+        ("correctness", check_correctness),
+        ("training_agrees", check_training_agrees),
+    ):
         try:
             info[key] = check(device)
         except Exception as error:
@@ -315,18 +420,32 @@ def run(seconds: float = 1.5, rounds: int = 3, loop_too: bool = True,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench-gpu.json")
-    parser.add_argument("--seconds", type=float, default=1.5, help="length of one timed measurement")
+    parser.add_argument(
+        "--seconds", type=float, default=1.5, help="length of one timed measurement"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="0: no throughput part")
-    parser.add_argument("--no-loop", action="store_true", help="skip the (slow) PyTorch-loop variants")
-    parser.add_argument("--ptb-epochs", type=int, default=0,
-                        help="also train the paper-size EGRU on PTB ($DUOSPARSE_DATA_DIR) this many epochs")
+    parser.add_argument(
+        "--no-loop", action="store_true", help="skip the (slow) PyTorch-loop variants"
+    )
+    parser.add_argument(
+        "--ptb-epochs",
+        type=int,
+        default=0,
+        help="also train the paper-size EGRU on PTB ($DUOSPARSE_DATA_DIR) this many epochs",
+    )
     args = parser.parse_args(argv)
     rows, info = run(args.seconds, args.rounds, not args.no_loop, args.ptb_epochs)
     targeted = [r for r in rows if r.met is not None]
-    payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": info,
-               "all_targets_met": all(r.met for r in targeted), "figures": [r.to_json() for r in rows]}
+    payload = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": info,
+        "all_targets_met": all(r.met for r in targeted),
+        "figures": [r.to_json() for r in rows],
+    }
     Path(args.out).write_text(json.dumps(payload, indent=2))
-    print(f"{sum(bool(r.met) for r in targeted)} of {len(targeted)} targets met; written to {args.out}")
+    print(
+        f"{sum(bool(r.met) for r in targeted)} of {len(targeted)} targets met; written to {args.out}"
+    )
     for failure in info["failures"]:
         print(f"FAILED: {failure}")
     return 1 if info["failures"] else 0

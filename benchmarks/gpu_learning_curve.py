@@ -77,9 +77,14 @@ ARCH_OVERRIDES: dict[str, dict[str, Any]] = {
     "gru": {"model.arch": "gru", "model.weight_init": "uniform", "model.bias_init": "uniform"},
 }
 TINY: dict[str, Any] = {
-    "model.embedding_size": 32, "model.hidden_size": 48, "train.batch_size": 8,
-    "train.eval_batch_size": 8, "train.test_batch_size": 8, "train.bptt": 10,
-    "train.max_steps_per_epoch": 5, "train.max_eval_batches": 3,
+    "model.embedding_size": 32,
+    "model.hidden_size": 48,
+    "train.batch_size": 8,
+    "train.eval_batch_size": 8,
+    "train.test_batch_size": 8,
+    "train.bptt": 10,
+    "train.max_steps_per_epoch": 5,
+    "train.max_eval_batches": 3,
 }
 TINY_MAX_EPOCHS = 3
 SUMMARY_EPOCHS = (10, 20, 30)
@@ -93,8 +98,13 @@ class _BudgetSpent(Exception):
 # --- configs ---------------------------------------------------------------------------------
 
 
-def build_run_config(arch: str, tiny: bool = False, epochs_for_schedule: int | None = None,
-                     corpus: str | None = None, data_dir: str | None = None) -> RunConfig:
+def build_run_config(
+    arch: str,
+    tiny: bool = False,
+    epochs_for_schedule: int | None = None,
+    corpus: str | None = None,
+    data_dir: str | None = None,
+) -> RunConfig:
     """The recipe with the arch's overrides (and the tiny sizes, the schedule length)."""
     tree = yaml.safe_load(RECIPE.read_text())
     overrides = dict(ARCH_OVERRIDES[arch])
@@ -127,8 +137,14 @@ def slug(name: str) -> str:
 class CurveReporter:
     """duosparse.train's Reporter: one row per epoch; stops the run past the budget."""
 
-    def __init__(self, budget_s: float, max_epochs: int, schedule_epochs: int,
-                 epochs: list[dict[str, float]] | None = None, on_epoch=None):
+    def __init__(
+        self,
+        budget_s: float,
+        max_epochs: int,
+        schedule_epochs: int,
+        epochs: list[dict[str, float]] | None = None,
+        on_epoch=None,
+    ):
         self.budget_s, self.max_epochs, self.schedule_epochs = budget_s, max_epochs, schedule_epochs
         self.on_epoch = on_epoch or (lambda: None)
         self.start = time.perf_counter()
@@ -152,9 +168,12 @@ class CurveReporter:
             "elapsed_s": elapsed,
         }
         self.epochs.append(row)
-        print(f"    epoch {row['epoch']:4d}: val ppl {row['val_ppl']:9.2f}, train loss "
-              f"{row['train_loss']:.3f}, activity sparsity {row['activity_sparsity']:.3f}, "
-              f"{row['epoch_s']:.1f} s training, {elapsed:.0f} s in all", flush=True)
+        print(
+            f"    epoch {row['epoch']:4d}: val ppl {row['val_ppl']:9.2f}, train loss "
+            f"{row['train_loss']:.3f}, activity sparsity {row['activity_sparsity']:.3f}, "
+            f"{row['epoch_s']:.1f} s training, {elapsed:.0f} s in all",
+            flush=True,
+        )
         if step >= self.schedule_epochs:
             self.stopped = "schedule_end"  # train() goes on to the test split
         elif step >= self.max_epochs:
@@ -181,8 +200,9 @@ def _scratch_dir() -> str | None:
     return None
 
 
-def run_arch(config: RunConfig, budget_s: float, max_epochs: int, record: dict[str, Any],
-             on_epoch=None) -> None:
+def run_arch(
+    config: RunConfig, budget_s: float, max_epochs: int, record: dict[str, Any], on_epoch=None
+) -> None:
     """train() until the budget, max_epochs or the schedule's end; fills `record` (its
     "epochs" list grows by one row an epoch, before on_epoch is called)."""
     reporter = CurveReporter(budget_s, max_epochs, config.train.epochs, record["epochs"], on_epoch)
@@ -211,9 +231,15 @@ def _ppl_at(epochs: list[dict], epoch: int) -> float | None:
 
 def summarize(curves: dict[str, dict]) -> dict[str, Any]:
     summary: dict[str, Any] = {
-        "epochs_reached": {a: (c["epochs"][-1]["epoch"] if c["epochs"] else 0) for a, c in curves.items()},
-        "val_ppl_at": {a: {str(e): _ppl_at(c["epochs"], e) for e in SUMMARY_EPOCHS} for a, c in curves.items()},
-        "best_val_ppl": {a: min((r["val_ppl"] for r in c["epochs"]), default=None) for a, c in curves.items()},
+        "epochs_reached": {
+            a: (c["epochs"][-1]["epoch"] if c["epochs"] else 0) for a, c in curves.items()
+        },
+        "val_ppl_at": {
+            a: {str(e): _ppl_at(c["epochs"], e) for e in SUMMARY_EPOCHS} for a, c in curves.items()
+        },
+        "best_val_ppl": {
+            a: min((r["val_ppl"] for r in c["epochs"]), default=None) for a, c in curves.items()
+        },
     }
     egru, lstm = curves.get("egru", {}).get("epochs", []), curves.get("lstm", {}).get("epochs", [])
     ratios = {}
@@ -223,7 +249,11 @@ def summarize(curves: dict[str, dict]) -> dict[str, Any]:
     common = sorted({r["epoch"] for r in egru} & {r["epoch"] for r in lstm})
     last = common[-1] if common else None
     last_ratio = _ppl_at(egru, last) / _ppl_at(lstm, last) if last else None
-    summary["egru_over_lstm_val_ppl"] = {**ratios, "last_common_epoch": last, "at_last_common_epoch": last_ratio}
+    summary["egru_over_lstm_val_ppl"] = {
+        **ratios,
+        "last_common_epoch": last,
+        "at_last_common_epoch": last_ratio,
+    }
 
     below = None
     if "egru" in curves:
@@ -249,7 +279,9 @@ def print_table(payload: dict) -> None:
         shown |= {e for e in epochs if e == 1 or e % 5 == 0}
         if epochs:
             shown.add(epochs[-1])
-    header = f"{'epoch':>5} " + " ".join(f"{a + ' val ppl':>14} {a + ' act.sp':>11} {a + ' wall s':>11}" for a in archs)
+    header = f"{'epoch':>5} " + " ".join(
+        f"{a + ' val ppl':>14} {a + ' act.sp':>11} {a + ' wall s':>11}" for a in archs
+    )
     if "egru" in archs and "lstm" in archs:
         header += f" {'egru/lstm':>9}"
     print(header)
@@ -257,8 +289,11 @@ def print_table(payload: dict) -> None:
         cells = []
         for a in archs:
             row = next((r for r in curves[a]["epochs"] if r["epoch"] == e), None)
-            cells.append(f"{row['val_ppl']:14.2f} {row['activity_sparsity']:11.3f} {row['elapsed_s']:11.0f}"
-                         if row else f"{'-':>14} {'-':>11} {'-':>11}")
+            cells.append(
+                f"{row['val_ppl']:14.2f} {row['activity_sparsity']:11.3f} {row['elapsed_s']:11.0f}"
+                if row
+                else f"{'-':>14} {'-':>11} {'-':>11}"
+            )
         line = f"{e:5d} " + " ".join(cells)
         if "egru" in archs and "lstm" in archs:
             a, b = _ppl_at(curves["egru"]["epochs"], e), _ppl_at(curves["lstm"]["epochs"], e)
@@ -266,7 +301,9 @@ def print_table(payload: dict) -> None:
         print(line)
     for a in archs:
         c = curves[a]
-        print(f"{a}: {len(c['epochs'])} epochs in {c.get('wall_s', float('nan')):.0f} s, stopped: {c['stopped']}")
+        print(
+            f"{a}: {len(c['epochs'])} epochs in {c.get('wall_s', float('nan')):.0f} s, stopped: {c['stopped']}"
+        )
     for name, value in payload["summary"]["targets"].items():
         print(f"target {name}: {value}")
 
@@ -287,12 +324,27 @@ def plot(payload: dict, png: str | Path) -> Path | None:
 
         fig = go.Figure()
         for arch, rows in curves.items():
-            fig.add_trace(go.Scatter(x=[r["epoch"] for r in rows], y=[r["val_ppl"] for r in rows],
-                                     mode="lines+markers", name=arch.upper()))
-        fig.add_hline(y=TARGET_PPL, line_dash="dot", line_color="gray",
-                      annotation_text=f"target {TARGET_PPL:g} by epoch {TARGET_EPOCH}")
-        fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="validation perplexity",
-                          yaxis_type="log", template="plotly_white")
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["epoch"] for r in rows],
+                    y=[r["val_ppl"] for r in rows],
+                    mode="lines+markers",
+                    name=arch.upper(),
+                )
+            )
+        fig.add_hline(
+            y=TARGET_PPL,
+            line_dash="dot",
+            line_color="gray",
+            annotation_text=f"target {TARGET_PPL:g} by epoch {TARGET_EPOCH}",
+        )
+        fig.update_layout(
+            title=title,
+            xaxis_title="epoch",
+            yaxis_title="validation perplexity",
+            yaxis_type="log",
+            template="plotly_white",
+        )
         try:
             export_figures({png.stem: fig}, png.parent, ["png"])
             print(f"plot written to {png}")
@@ -311,7 +363,9 @@ def plot(payload: dict, png: str | Path) -> Path | None:
         return None
     figure, axes = plt.subplots(figsize=(9, 5.6))
     for arch, rows in curves.items():
-        axes.plot([r["epoch"] for r in rows], [r["val_ppl"] for r in rows], marker="o", label=arch.upper())
+        axes.plot(
+            [r["epoch"] for r in rows], [r["val_ppl"] for r in rows], marker="o", label=arch.upper()
+        )
     axes.axhline(TARGET_PPL, linestyle=":", color="gray")
     axes.set(yscale="log", xlabel="epoch", ylabel="validation perplexity", title=title)
     axes.xaxis.get_major_locator().set_params(integer=True)
@@ -333,21 +387,48 @@ def _write(path: Path, payload: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes-per-model", type=float, default=3.8,
-                        help="wall budget per model: it stops at the first epoch end past it")
-    parser.add_argument("--max-epochs", type=int, default=None,
-                        help=f"stop after this many epochs (default 1000; {TINY_MAX_EPOCHS} with --tiny)")
-    parser.add_argument("--out", default=None,
-                        help="JSON to write (default benchmarks/recorded/ptb-learning-curve-<device>.json)")
+    parser.add_argument(
+        "--minutes-per-model",
+        type=float,
+        default=3.8,
+        help="wall budget per model: it stops at the first epoch end past it",
+    )
+    parser.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help=f"stop after this many epochs (default 1000; {TINY_MAX_EPOCHS} with --tiny)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON to write (default benchmarks/recorded/ptb-learning-curve-<device>.json)",
+    )
     parser.add_argument("--archs", default="egru,lstm", help="comma-separated, run in this order")
-    parser.add_argument("--epochs-for-schedule", type=int, default=None,
-                        help="train.epochs for the lr schedule (default: the recipe's 1000, constant lr early)")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny model, 5 steps an epoch")
-    parser.add_argument("--corpus", choices=["ptb", "synthetic"], default=None, help="default: the recipe's (ptb)")
-    parser.add_argument("--data-dir", default=None, help="folder holding ptb/ (default $DUOSPARSE_DATA_DIR)")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="also draw val ppl vs epoch into this PNG")
-    parser.add_argument("--from-json", default=None, metavar="JSON",
-                        help="no training: plot (--plot) and print the table of a recorded JSON")
+    parser.add_argument(
+        "--epochs-for-schedule",
+        type=int,
+        default=None,
+        help="train.epochs for the lr schedule (default: the recipe's 1000, constant lr early)",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="CPU smoke mode: tiny model, 5 steps an epoch"
+    )
+    parser.add_argument(
+        "--corpus", choices=["ptb", "synthetic"], default=None, help="default: the recipe's (ptb)"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="folder holding ptb/ (default $DUOSPARSE_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--plot", default=None, metavar="PNG", help="also draw val ppl vs epoch into this PNG"
+    )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        metavar="JSON",
+        help="no training: plot (--plot) and print the table of a recorded JSON",
+    )
     args = parser.parse_args(argv)
 
     if args.from_json:
@@ -373,11 +454,18 @@ def _record(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if unknown or not archs:
         parser.error(f"--archs {args.archs!r}: choose from {', '.join(ARCH_OVERRIDES)}")
     max_epochs = args.max_epochs or (TINY_MAX_EPOCHS if args.tiny else 1000)
-    configs = {a: build_run_config(a, args.tiny, args.epochs_for_schedule, args.corpus, args.data_dir)
-               for a in archs}
+    configs = {
+        a: build_run_config(a, args.tiny, args.epochs_for_schedule, args.corpus, args.data_dir)
+        for a in archs
+    }
     device = device_name()
-    out = Path(args.out or ROOT / "benchmarks" / "recorded" /
-               f"ptb-learning-curve-{slug(device)}{'-tiny' if args.tiny else ''}.json")
+    out = Path(
+        args.out
+        or ROOT
+        / "benchmarks"
+        / "recorded"
+        / f"ptb-learning-curve-{slug(device)}{'-tiny' if args.tiny else ''}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         import triton
@@ -387,25 +475,44 @@ def _record(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         triton_version = None
     payload: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
-        "cuda": torch.version.cuda, "triton": triton_version, "tiny": args.tiny,
-        "budget": {"minutes_per_model": args.minutes_per_model, "max_epochs": max_epochs,
-                   "epochs_for_schedule": args.epochs_for_schedule},
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "tiny": args.tiny,
+        "budget": {
+            "minutes_per_model": args.minutes_per_model,
+            "max_epochs": max_epochs,
+            "epochs_for_schedule": args.epochs_for_schedule,
+        },
         "configs": {a: c.flat() for a, c in configs.items()},
         "curves": {},
     }
-    print(f"PTB learning curve on {device} (torch {torch.__version__}): {', '.join(archs)}, "
-          f"{args.minutes_per_model:g} min or {max_epochs} epochs each; writing {out}", flush=True)
+    print(
+        f"PTB learning curve on {device} (torch {torch.__version__}): {', '.join(archs)}, "
+        f"{args.minutes_per_model:g} min or {max_epochs} epochs each; writing {out}",
+        flush=True,
+    )
     failed = False
     for arch in archs:
         config = configs[arch]
         m = config.model
-        print(f"  {arch}: embedding {m.embedding_size}, {m.num_layers} layers of {m.hidden_size}"
-              f"{' (last tied)' if m.tie_weights else ''}, lr {config.train.lr} "
-              f"{config.train.lr_schedule} over {config.train.epochs} epochs", flush=True)
+        print(
+            f"  {arch}: embedding {m.embedding_size}, {m.num_layers} layers of {m.hidden_size}"
+            f"{' (last tied)' if m.tie_weights else ''}, lr {config.train.lr} "
+            f"{config.train.lr_schedule} over {config.train.epochs} epochs",
+            flush=True,
+        )
         record: dict[str, Any] = {"epochs": [], "stopped": "running", "final": None}
         payload["curves"][arch] = record
-        run_arch(config, args.minutes_per_model * 60, max_epochs, record, on_epoch=lambda: _write(out, payload))
+        run_arch(
+            config,
+            args.minutes_per_model * 60,
+            max_epochs,
+            record,
+            on_epoch=lambda: _write(out, payload),
+        )
         failed |= record["stopped"].startswith("error")
         if torch.cuda.is_available():
             record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9

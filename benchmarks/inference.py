@@ -39,10 +39,15 @@ TARGET_SPEEDUP = 10.0
 
 def build(weight_sparsity: float, include_embedding: bool = True, seed: int = 0) -> LanguageModel:
     torch.manual_seed(seed)
-    cfg = load_config(None, [
-        "model.arch=egru", f"model.embedding_size={EMBEDDING}", f"model.hidden_size={HIDDEN}",
-        f"model.num_layers={LAYERS}",
-    ]).model
+    cfg = load_config(
+        None,
+        [
+            "model.arch=egru",
+            f"model.embedding_size={EMBEDDING}",
+            f"model.hidden_size={HIDDEN}",
+            f"model.num_layers={LAYERS}",
+        ],
+    ).model
     model = LanguageModel(cfg, VOCAB).eval()
     if weight_sparsity > 0:
         prune_to(model.prunable(include_embedding), weight_sparsity, "layer")
@@ -50,8 +55,9 @@ def build(weight_sparsity: float, include_embedding: bool = True, seed: int = 0)
 
 
 @torch.no_grad()
-def calibrate(model: LanguageModel, activity_sparsity: float, tokens: torch.Tensor,
-              iterations: int) -> list[float]:
+def calibrate(
+    model: LanguageModel, activity_sparsity: float, tokens: torch.Tensor, iterations: int
+) -> list[float]:
     """Per layer, the threshold at which that layer's outputs are zero on a fraction
     `activity_sparsity` of `tokens` (T, B), by bisection; returns the thresholds."""
     x = model.embedding_weight()[tokens]
@@ -102,8 +108,10 @@ def _run(steps: int, rounds: int, iterations: int) -> tuple[list[Row], list[dict
     gen = torch.Generator().manual_seed(1)
     calibration = torch.randint(0, VOCAB, (30, 4), generator=gen)
     sequence = torch.randint(0, VOCAB, (steps,), generator=gen)
-    where = (f"emb {EMBEDDING}, hidden {HIDDEN}, {LAYERS} layers, tied, vocab {VOCAB}; batch 1, "
-             f"{steps} tokens, 1 thread, {clock()} time; median of {rounds} interleaved rounds")
+    where = (
+        f"emb {EMBEDDING}, hidden {HIDDEN}, {LAYERS} layers, tied, vocab {VOCAB}; batch 1, "
+        f"{steps} tokens, 1 thread, {clock()} time; median of {rounds} interleaved rounds"
+    )
     cases = [(s_w, s_a, True) for s_w, s_a in POINTS] + [(*HEADLINE, False)]
     rows, table = [], []
     for s_w, s_a, include_embedding in cases:
@@ -123,14 +131,18 @@ def _run(steps: int, rounds: int, iterations: int) -> tuple[list[Row], list[dict
             timings["dense+logits"] = lambda e=engine: _tokens(e, sequence, dense=True)
             timings["event+logits"] = lambda e=engine: _tokens(e, sequence)
             torch_engine = EventDrivenEGRU.from_model(model, backend="torch")
-            timings["event torch backend"] = lambda e=torch_engine: _tokens(e, sequence, logits=False)
+            timings["event torch backend"] = lambda e=torch_engine: _tokens(
+                e, sequence, logits=False
+            )
         samples = interleaved(timings, rounds)
         times = {n: [t * 1e6 for t in s.seconds_per_unit(clock())] for n, s in samples.items()}
         wall = {n: s.seconds_per_unit("wall") for n, s in samples.items()}
         speedup = median_ratio(times["dense"], times["event"])
         reduction = m[schema.OPS_COMPUTE_REDUCTION]
         point = {
-            "weight_sparsity": s_w, "embedding_pruned": include_embedding, "activity_target": s_a,
+            "weight_sparsity": s_w,
+            "embedding_pruned": include_embedding,
+            "activity_target": s_a,
             "activity_sparsity": m[schema.SPARSITY_ACTIVITY],
             "layer_activity": [m[schema.layer_activity(i)] for i in range(LAYERS)],
             "thresholds": thresholds,
@@ -140,33 +152,55 @@ def _run(steps: int, rounds: int, iterations: int) -> tuple[list[Row], list[dict
             "effective_mac_reduction": reduction,
             "dense_us_per_token": statistics.median(times["dense"]),
             "event_us_per_token": statistics.median(times["event"]),
-            "speedup": speedup, "wall_ratio": median_ratio(wall["dense"], wall["event"]),
+            "speedup": speedup,
+            "wall_ratio": median_ratio(wall["dense"], wall["event"]),
             "outputs_agree": agree,
         }
         table.append(point)
-        label = f"s_w {s_w:.0%} / s_a {s_a:.0%}" + ("" if include_embedding else ", embedding dense")
-        rows.append(Row(
-            "inference", f"infer batch-1 speedup, {label} (event vs dense)",
-            point["event_us_per_token"], point["dense_us_per_token"], "us/token", speedup,
-            TARGET_SPEEDUP if headline else None,
-            note=f"effective-MAC reduction {reduction:.1f}x, activity sparsity "
-                 f"{point['activity_sparsity']:.1%}; {where}" + ("" if agree else "; OUTPUTS DIFFER"),
-            details=point,
-        ))
+        label = f"s_w {s_w:.0%} / s_a {s_a:.0%}" + (
+            "" if include_embedding else ", embedding dense"
+        )
+        rows.append(
+            Row(
+                "inference",
+                f"infer batch-1 speedup, {label} (event vs dense)",
+                point["event_us_per_token"],
+                point["dense_us_per_token"],
+                "us/token",
+                speedup,
+                TARGET_SPEEDUP if headline else None,
+                note=f"effective-MAC reduction {reduction:.1f}x, activity sparsity "
+                f"{point['activity_sparsity']:.1%}; {where}"
+                + ("" if agree else "; OUTPUTS DIFFER"),
+                details=point,
+            )
+        )
         if headline:
-            rows.append(Row(
-                "inference", f"infer batch-1 speedup with logits, {label}",
-                statistics.median(times["event+logits"]), statistics.median(times["dense+logits"]),
-                "us/token", median_ratio(times["dense+logits"], times["event+logits"]), None,
-                note=f"the decoder ({VOCAB}x{EMBEDDING}, tied, pruned with the embedding) in both "
-                     f"paths; {where}",
-            ))
-            rows.append(Row(
-                "inference", f"infer batch-1 speedup, torch backend, {label}",
-                statistics.median(times["event torch backend"]), statistics.median(times["dense"]),
-                "us/token", median_ratio(times["dense"], times["event torch backend"]), None,
-                note=f"repeat_interleave/index_add_ kernel instead of scipy's; {where}",
-            ))
+            rows.append(
+                Row(
+                    "inference",
+                    f"infer batch-1 speedup with logits, {label}",
+                    statistics.median(times["event+logits"]),
+                    statistics.median(times["dense+logits"]),
+                    "us/token",
+                    median_ratio(times["dense+logits"], times["event+logits"]),
+                    None,
+                    note=f"the decoder ({VOCAB}x{EMBEDDING}, tied, pruned with the embedding) in both "
+                    f"paths; {where}",
+                )
+            )
+            rows.append(
+                Row(
+                    "inference",
+                    f"infer batch-1 speedup, torch backend, {label}",
+                    statistics.median(times["event torch backend"]),
+                    statistics.median(times["dense"]),
+                    "us/token",
+                    median_ratio(times["dense"], times["event torch backend"]),
+                    None,
+                    note=f"repeat_interleave/index_add_ kernel instead of scipy's; {where}",
+                )
+            )
     rows.append(_monotone_row(table))
     return rows, table
 
@@ -189,7 +223,12 @@ def _monotone_row(table: list[dict]) -> Row:
     rho = _spearman(reductions, speedups)
     pairs = ", ".join(f"{r:.1f}x->{s:.1f}x" for r, s in sorted(zip(reductions, speedups)))
     return Row(
-        "inference", "infer speedup grows with effective-MAC reduction (Spearman rho)",
-        rho, 1.0, "rank corr.", rho, 1.0,
+        "inference",
+        "infer speedup grows with effective-MAC reduction (Spearman rho)",
+        rho,
+        1.0,
+        "rank corr.",
+        rho,
+        1.0,
         note=f"reduction->speedup over the operating points: {pairs}",
     )

@@ -29,9 +29,21 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     corpus = data.load_corpus("ptb", None, seed=0)
-    train, valid, vocab = data.batchify(corpus.train, 20), data.batchify(corpus.valid, 20), corpus.vocab_size
-    cfg = load_config(None, ["model.arch=lstm", "model.embedding_size=128", "model.hidden_size=256",
-                             f"model.num_layers={args.layers}", "model.tie_weights=false"]).model
+    train, valid, vocab = (
+        data.batchify(corpus.train, 20),
+        data.batchify(corpus.valid, 20),
+        corpus.vocab_size,
+    )
+    cfg = load_config(
+        None,
+        [
+            "model.arch=lstm",
+            "model.embedding_size=128",
+            "model.hidden_size=256",
+            f"model.num_layers={args.layers}",
+            "model.tie_weights=false",
+        ],
+    ).model
     ours = LanguageModel(cfg, vocab)
     embedding, rnn = torch.nn.Embedding(vocab, 128), torch.nn.LSTM(128, 256, num_layers=args.layers)
     decoder = torch.nn.Linear(256, vocab)
@@ -63,8 +75,8 @@ def main() -> None:
         optimiser, state = torch.optim.Adam(model.parameters(), lr=args.lr), initial()
         for step in range(args.steps):
             i = step * 35 % (train.size(0) - 36)
-            logits, state = forward(train[i:i + 35], cut(state))
-            loss = F.cross_entropy(logits.flatten(0, 1), train[i + 1:i + 36].flatten())
+            logits, state = forward(train[i : i + 35], cut(state))
+            loss = F.cross_entropy(logits.flatten(0, 1), train[i + 1 : i + 36].flatten())
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
@@ -74,13 +86,18 @@ def main() -> None:
                 total, tokens, eval_state = 0.0, 0, initial()
                 with torch.no_grad():
                     for j in range(0, 20 * 35, 35):
-                        logits, eval_state = forward(valid[j:j + 35], eval_state)
-                        target = valid[j + 1:j + 36]
-                        total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
+                        logits, eval_state = forward(valid[j : j + 35], eval_state)
+                        target = valid[j + 1 : j + 36]
+                        total += F.cross_entropy(
+                            logits.flatten(0, 1), target.flatten(), reduction="sum"
+                        ).item()
                         tokens += target.numel()
                 model.train()
-                print(f"{name:9} step {step + 1:5d}  train ppl {math.exp(loss.item()):7.1f}  "
-                      f"val ppl (20 chunks) {math.exp(total / tokens):7.1f}", flush=True)
+                print(
+                    f"{name:9} step {step + 1:5d}  train ppl {math.exp(loss.item()):7.1f}  "
+                    f"val ppl (20 chunks) {math.exp(total / tokens):7.1f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

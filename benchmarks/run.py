@@ -50,10 +50,22 @@ def _fmt(value: float) -> str:
 
 def print_table(rows: list[Row]) -> None:
     headers = ("figure", "measured", "baseline", "unit", "ratio", "target", "met")
-    cells = [(r.figure, _fmt(r.measured), _fmt(r.baseline), r.unit, f"{r.ratio:.2f}",
-              r.target_text, {True: "yes", False: "NO", None: "-"}[r.met]) for r in rows]
+    cells = [
+        (
+            r.figure,
+            _fmt(r.measured),
+            _fmt(r.baseline),
+            r.unit,
+            f"{r.ratio:.2f}",
+            r.target_text,
+            {True: "yes", False: "NO", None: "-"}[r.met],
+        )
+        for r in rows
+    ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    line = "  ".join(
+        h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths))
+    )
     print(line)
     print("-" * len(line))
     section = None
@@ -61,18 +73,26 @@ def print_table(rows: list[Row]) -> None:
         if row.section != section:
             section = row.section
             print(f"[{section}]")
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cell, widths))))
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cell, widths))
+            )
+        )
 
 
 def print_points(points: list[dict]) -> None:
     print("\nevent-driven inference, operating points (recurrent layers, batch 1, 1 thread):")
-    print(f"{'weight sp.':>10} {'embedding':>9} {'activity sp.':>12} {'eff. MACs/token':>16} "
-          f"{'MAC reduction':>14} {'dense us/tok':>13} {'event us/tok':>13} {'speedup':>8}")
+    print(
+        f"{'weight sp.':>10} {'embedding':>9} {'activity sp.':>12} {'eff. MACs/token':>16} "
+        f"{'MAC reduction':>14} {'dense us/tok':>13} {'event us/tok':>13} {'speedup':>8}"
+    )
     for p in sorted(points, key=lambda p: p["effective_mac_reduction"]):
-        print(f"{p['weight_sparsity']:>10.0%} {'pruned' if p['embedding_pruned'] else 'dense':>9} "
-              f"{p['activity_sparsity']:>12.1%} "
-              f"{p['effective_macs_per_token']:>16,.0f} {p['effective_mac_reduction']:>13.1f}x "
-              f"{p['dense_us_per_token']:>13,.0f} {p['event_us_per_token']:>13,.0f} {p['speedup']:>7.1f}x")
+        print(
+            f"{p['weight_sparsity']:>10.0%} {'pruned' if p['embedding_pruned'] else 'dense':>9} "
+            f"{p['activity_sparsity']:>12.1%} "
+            f"{p['effective_macs_per_token']:>16,.0f} {p['effective_mac_reduction']:>13.1f}x "
+            f"{p['dense_us_per_token']:>13,.0f} {p['event_us_per_token']:>13,.0f} {p['speedup']:>7.1f}x"
+        )
 
 
 def recorded_gpu_rows() -> list[Row]:
@@ -88,7 +108,9 @@ def recorded_gpu_rows() -> list[Row]:
             fields["note"] = f"{fields['note']}; from {path.relative_to(RECORDED.parent.parent)}"
             rows.append(Row(**fields))
     if not rows:
-        print("no CUDA GPU here and nothing recorded in benchmarks/recorded/: the gpu section is empty")
+        print(
+            "no CUDA GPU here and nothing recorded in benchmarks/recorded/: the gpu section is empty"
+        )
     return rows
 
 
@@ -111,28 +133,45 @@ def main(argv: list[str] | None = None) -> int:
         _with_malloc_env()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (smoke test)")
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections to run, of {', '.join(SECTIONS)}")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep-overhead figure (needs Ray)")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of {', '.join(SECTIONS)}",
+    )
+    parser.add_argument(
+        "--no-sweep", action="store_true", help="skip the sweep-overhead figure (needs Ray)"
+    )
     parser.add_argument("--out", default="bench.json", help="where to write the JSON table")
-    parser.add_argument("--device", default="cpu",
-                        help="device of the training section (cpu, or cuda on a GPU machine)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for training and overheads (default 1, as a sweep trial "
-                             "with resources.cpu 1; inference always runs 1)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="device of the training section (cpu, or cuda on a GPU machine)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for training and overheads (default 1, as a sweep trial "
+        "with resources.cpu 1; inference always runs 1)",
+    )
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
-        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+        parser.error(
+            f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}"
+        )
 
     import torch
 
     torch.set_num_threads(args.threads)
     info = machine()
-    print(f"duosparse benchmarks on {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
-          f"({info['torch_threads']} threads), load average {info['load_average_at_start']}"
-          + (" [quick]" if args.quick else ""), flush=True)
+    print(
+        f"duosparse benchmarks on {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+        f"({info['torch_threads']} threads), load average {info['load_average_at_start']}"
+        + (" [quick]" if args.quick else ""),
+        flush=True,
+    )
     start = time.perf_counter()
     rows: list[Row] = []
     points: list[dict] = []
@@ -169,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         print_points(points)
     targeted = [r for r in rows if r.met is not None]
     met = sum(bool(r.met) for r in targeted)
-    print(f"\n{met} of {len(targeted)} targets met; {elapsed:.0f} s "
-          f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
+    print(
+        f"\n{met} of {len(targeted)} targets met; {elapsed:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})"
+    )
     payload = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "quick": args.quick, "machine": info, "elapsed_s": elapsed, "section_s": timings,
+        "quick": args.quick,
+        "machine": info,
+        "elapsed_s": elapsed,
+        "section_s": timings,
         "all_targets_met": met == len(targeted),
         "figures": [r.to_json() for r in rows],
         "operating_points": points,

@@ -50,15 +50,23 @@ class TorchLM(torch.nn.Module):
 class Trainer:
     """One model with its optimiser and carried state; `run(n)` does n training steps."""
 
-    def __init__(self, model: torch.nn.Module, duosparse: bool, device: torch.device, seed: int = 0,
-                 batch: int = BATCH, bptt: int = BPTT):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        duosparse: bool,
+        device: torch.device,
+        seed: int = 0,
+        batch: int = BATCH,
+        bptt: int = BPTT,
+    ):
         self.model, self.duosparse, self.device = model.to(device), duosparse, device
         self.batch, self.bptt = batch, bptt
         self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         self.state = model.initial_state(batch)
         gen = torch.Generator().manual_seed(seed)
-        self.batches = [torch.randint(0, VOCAB, (bptt + 1, batch), generator=gen).to(device)
-                        for _ in range(8)]
+        self.batches = [
+            torch.randint(0, VOCAB, (bptt + 1, batch), generator=gen).to(device) for _ in range(8)
+        ]
         self.i = 0
         model.train()
 
@@ -93,15 +101,29 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _duosparse(arch: str, embedding: int, hidden: int, layers: int) -> LanguageModel:
-    cfg = load_config(None, [
-        f"model.arch={arch}", f"model.embedding_size={embedding}", f"model.hidden_size={hidden}",
-        f"model.num_layers={layers}", "model.tie_weights=false", "model.threshold=0.05",
-    ]).model
+    cfg = load_config(
+        None,
+        [
+            f"model.arch={arch}",
+            f"model.embedding_size={embedding}",
+            f"model.hidden_size={hidden}",
+            f"model.num_layers={layers}",
+            "model.tie_weights=false",
+            "model.threshold=0.05",
+        ],
+    ).model
     return LanguageModel(cfg, VOCAB)
 
 
-def _layer_rows(label: str, embedding: int, hidden: int, layers: int, rounds: int,
-                seconds: float, device: torch.device) -> Row:
+def _layer_rows(
+    label: str,
+    embedding: int,
+    hidden: int,
+    layers: int,
+    rounds: int,
+    seconds: float,
+    device: torch.device,
+) -> Row:
     """The recurrent layer(s) alone, forward + backward: EGRU (egru_kernel) / torch.nn.GRU."""
     torch.manual_seed(0)
     ds = _duosparse("egru", embedding, hidden, layers).to(device)
@@ -124,14 +146,24 @@ def _layer_rows(label: str, embedding: int, hidden: int, layers: int, rounds: in
     for name, fn in (("egru", egru_pass), ("gru", gru_pass)):
         fn()
         passes[name] = (fn, max(2, math.ceil(seconds / max(timed(fn), 1e-3))))
-    samples = interleaved({n: (lambda f=f, k=k: [f() for _ in range(k)] and k * BPTT * BATCH)
-                           for n, (f, k) in passes.items()}, rounds)
+    samples = interleaved(
+        {
+            n: (lambda f=f, k=k: [f() for _ in range(k)] and k * BPTT * BATCH)
+            for n, (f, k) in passes.items()
+        },
+        rounds,
+    )
     rates = {n: s.units_per_second(_clock(device)) for n, s in samples.items()}
     return Row(
-        "training", f"layer only {label}: EGRU fwd+bwd / torch.nn.GRU", statistics.median(rates["egru"]),
-        statistics.median(rates["gru"]), "tokens/s", median_ratio(rates["egru"], rates["gru"]), None,
+        "training",
+        f"layer only {label}: EGRU fwd+bwd / torch.nn.GRU",
+        statistics.median(rates["egru"]),
+        statistics.median(rates["gru"]),
+        "tokens/s",
+        median_ratio(rates["egru"], rates["gru"]),
+        None,
         note="the recurrent layer(s) alone (no embedding, decoder, optimiser): where the EGRU's extra "
-             "element-wise work shows",
+        "element-wise work shows",
     )
 
 
@@ -160,21 +192,36 @@ def run(quick: bool = False, device: str = "cpu") -> list[Row]:
             one = timed(trainer.step)
             steps[name] = max(2, math.ceil(seconds / max(one, 1e-3)))
         samples = interleaved(
-            {n: (lambda t=t, k=steps[n]: t.train(k)) for n, t in trainers.items()}, rounds)
+            {n: (lambda t=t, k=steps[n]: t.train(k)) for n, t in trainers.items()}, rounds
+        )
         rates = {n: s.units_per_second(_clock(device)) for n, s in samples.items()}
         wall = {n: s.units_per_second("wall") for n, s in samples.items()}
-        where = (f"emb {embedding}, hidden {hidden}, {layers} layer(s), untied, vocab {VOCAB}, "
-                 f"batch {BATCH}, bptt {BPTT}, Adam, {device.type}, "
-                 f"{torch.get_num_threads()} thread(s), {_clock(device)} time; "
-                 f"median of {rounds} interleaved rounds")
-        for name, base, target in (("egru", "torch.nn.GRU", 1.0), ("gru", "torch.nn.GRU", None),
-                                   ("lstm", "torch.nn.LSTM", None)):
-            rows.append(Row(
-                "training", f"train {label}: duosparse {name.upper()} / {base}",
-                statistics.median(rates[name]), statistics.median(rates[base]), "tokens/s",
-                median_ratio(rates[name], rates[base]), target, note=where,
-                details={"wall_ratio": median_ratio(wall[name], wall[base]),
-                         "rounds": {n: rates[n] for n in (name, base)}},
-            ))
+        where = (
+            f"emb {embedding}, hidden {hidden}, {layers} layer(s), untied, vocab {VOCAB}, "
+            f"batch {BATCH}, bptt {BPTT}, Adam, {device.type}, "
+            f"{torch.get_num_threads()} thread(s), {_clock(device)} time; "
+            f"median of {rounds} interleaved rounds"
+        )
+        for name, base, target in (
+            ("egru", "torch.nn.GRU", 1.0),
+            ("gru", "torch.nn.GRU", None),
+            ("lstm", "torch.nn.LSTM", None),
+        ):
+            rows.append(
+                Row(
+                    "training",
+                    f"train {label}: duosparse {name.upper()} / {base}",
+                    statistics.median(rates[name]),
+                    statistics.median(rates[base]),
+                    "tokens/s",
+                    median_ratio(rates[name], rates[base]),
+                    target,
+                    note=where,
+                    details={
+                        "wall_ratio": median_ratio(wall[name], wall[base]),
+                        "rounds": {n: rates[n] for n in (name, base)},
+                    },
+                )
+            )
         rows.append(_layer_rows(label, embedding, hidden, layers, rounds, seconds / 2, device))
     return rows

@@ -13,9 +13,26 @@ from pathlib import Path
 
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
 # A two-epoch EGRU of a few seconds on the synthetic corpus.
-TINY = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
-        "--set", "train.batch_size=8", "--set", "train.eval_batch_size=8", "--set", "train.max_steps_per_epoch=10",
-        "--set", "train.max_eval_batches=4", "--set", "train.epochs=2", "--set", "model.threshold=0.05"]
+TINY = [
+    "--set",
+    "data.corpus=synthetic",
+    "--set",
+    "model.embedding_size=16",
+    "--set",
+    "model.hidden_size=24",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_batch_size=8",
+    "--set",
+    "train.max_steps_per_epoch=10",
+    "--set",
+    "train.max_eval_batches=4",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "model.threshold=0.05",
+]
 
 
 def cli_env() -> dict[str, str]:
@@ -24,8 +41,15 @@ def cli_env() -> dict[str, str]:
 
 
 def run(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([DUOSPARSE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=cli_env(), stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [DUOSPARSE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def free_port() -> int:

@@ -24,9 +24,13 @@ def require(available: bool, reason: str) -> None:
 def postgres_uri() -> str:
     """The PostgreSQL role the store tests may create databases with (`make test` starts one)."""
     uri = os.environ.get("DUOSPARSE_TEST_POSTGRES_URI", "")
-    require(bool(uri), "DUOSPARSE_TEST_POSTGRES_URI is not set: run the tests through `make test` "
-                       "(it starts PostgreSQL with .ci/postgres.sh) or set it to a role that may CREATEDB")
+    require(
+        bool(uri),
+        "DUOSPARSE_TEST_POSTGRES_URI is not set: run the tests through `make test` "
+        "(it starts PostgreSQL with .ci/postgres.sh) or set it to a role that may CREATEDB",
+    )
     return uri
+
 
 # The Triton kernels of duosparse.egru_triton run on CPU under Triton's interpreter in the tests
 # (tests/test_egru_triton.py); Triton reads this when it is first imported.

@@ -49,8 +49,15 @@ def brute_force(model: LanguageModel, trace: Trace) -> dict[str, float]:
 @pytest.mark.parametrize("arch", ["egru", "lstm"])
 def test_effective_macs_equal_brute_force_on_random_masks_and_activity(arch):
     gen = torch.Generator().manual_seed(7)
-    cfg = load_config(None, [f"model.arch={arch}", "model.embedding_size=6", "model.hidden_size=9",
-                             "model.num_layers=2"]).model
+    cfg = load_config(
+        None,
+        [
+            f"model.arch={arch}",
+            "model.embedding_size=6",
+            "model.hidden_size=9",
+            "model.num_layers=2",
+        ],
+    ).model
     model = LanguageModel(cfg, vocab_size=13)
     with torch.no_grad():
         for layer in model.layers:
@@ -83,15 +90,21 @@ def test_effective_macs_equal_brute_force_on_random_masks_and_activity(arch):
     gates = 3 if arch == "egru" else 4
     dense = sum(gates * h * (i + h) for i, h in sizes)
     assert m[schema.OPS_DENSE] == dense
-    nnz = sum(int((layer.weight_ih != 0).sum() + (layer.weight_hh != 0).sum()) for layer in model.layers)
+    nnz = sum(
+        int((layer.weight_ih != 0).sum() + (layer.weight_hh != 0).sum()) for layer in model.layers
+    )
     assert m[schema.OPS_WEIGHT_SPARSE] == nnz
-    assert m[schema.SPARSITY_WEIGHT] == pytest.approx(1 - nnz / sum(gates * h * (i + h) for i, h in sizes))
+    assert m[schema.SPARSITY_WEIGHT] == pytest.approx(
+        1 - nnz / sum(gates * h * (i + h) for i, h in sizes)
+    )
     zeros = sum(int((t.outputs[l] == 0).sum()) for t in chunks for l in range(2))
     total = sum(t.outputs[l].numel() for t in chunks for l in range(2))
     assert m[schema.SPARSITY_ACTIVITY] == pytest.approx(zeros / total)
     for l in range(2):
         z = sum(int((t.outputs[l] == 0).sum()) for t in chunks)
-        assert m[schema.layer_activity(l)] == pytest.approx(z / sum(t.outputs[l].numel() for t in chunks))
+        assert m[schema.layer_activity(l)] == pytest.approx(
+            z / sum(t.outputs[l].numel() for t in chunks)
+        )
     s_w, s_a = m[schema.SPARSITY_WEIGHT], m[schema.SPARSITY_ACTIVITY]
     assert m[schema.OPS_MULTIPLICATIVE] == pytest.approx(dense * (1 - s_w) * (1 - s_a))
     assert m[schema.OPS_COMPUTE_REDUCTION] == pytest.approx(dense / expected_eff)
@@ -101,7 +114,9 @@ def test_effective_macs_equal_brute_force_on_random_masks_and_activity(arch):
 
 
 def test_dense_model_costs_its_dense_macs():
-    cfg = load_config(None, ["model.arch=gru", "model.embedding_size=4", "model.hidden_size=5"]).model
+    cfg = load_config(
+        None, ["model.arch=gru", "model.embedding_size=4", "model.hidden_size=5"]
+    ).model
     model = LanguageModel(cfg, vocab_size=7)
     acc = Accountant(model)
     trace = Trace(

@@ -591,15 +591,27 @@ def test_a_finished_run_without_compute_counts_is_listed_and_left_out(tmp_path):
     items = synthetic_runs(seeds=(0,))
     bare_config = RunConfig.model_validate({"model": {"arch": "gru", "hidden_size": 96}})
     for config, metrics in [*items, (bare_config, {schema.VAL_PPL: 90.0, schema.TEST_PPL: 91.0})]:
-        run_id = tracking.start_run(client, exp, config, kind="trial", tags={schema.TAG_SWEEP: "partial"})
+        run_id = tracking.start_run(
+            client, exp, config, kind="trial", tags={schema.TAG_SWEEP: "partial"}
+        )
         tracking.MlflowReporter(client, run_id).log_metrics(metrics, step=1)
         tracking.finish_run(client, run_id)
     table = runs.runs_table("partial", uri)
     bare = table[table[runs.RUN_KEY] == bare_config.run_key]
     assert len(bare) == 1 and not bare[runs.OK].iloc[0]
     assert bare[schema.OPS_EFFECTIVE].isna().all() and int(table[runs.OK].sum()) == len(items)
-    result = cli("analyze", "partial", "--tracking-uri", uri, "--out", str(tmp_path / "out"),
-                 "--bootstrap", "50", "--no-log", "--json")
+    result = cli(
+        "analyze",
+        "partial",
+        "--tracking-uri",
+        uri,
+        "--out",
+        str(tmp_path / "out"),
+        "--bootstrap",
+        "50",
+        "--no-log",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert bare_config.run_key not in json.dumps(json.loads(result.stdout)["results"])
 

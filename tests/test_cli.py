@@ -24,13 +24,16 @@ def test_bad_config_key_exits_nonzero_naming_the_key_without_traceback(tmp_path)
     assert not (tmp_path / "mlruns.db").exists()  # refused before any work started
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--set", "model.arch=transformer"], "model.arch"),
-    (["--set", "train.lr=-1"], "train.lr"),
-    (["--set", "prune.target_sparsity=1.0"], "prune.target_sparsity"),
-    (["--set", "nonsense"], "key=value"),
-    (["--set", "model.num_layers=1"], "model.hidden_size"),  # tied 1-layer: hidden_size unused
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "model.arch=transformer"], "model.arch"),
+        (["--set", "train.lr=-1"], "train.lr"),
+        (["--set", "prune.target_sparsity=1.0"], "prune.target_sparsity"),
+        (["--set", "nonsense"], "key=value"),
+        (["--set", "model.num_layers=1"], "model.hidden_size"),  # tied 1-layer: hidden_size unused
+    ],
+)
 def test_bad_values_are_refused_with_the_field_named(tmp_path, args, needle):
     result = run("train", *args, cwd=tmp_path)
     assert result.returncode == 2
@@ -38,10 +41,20 @@ def test_bad_values_are_refused_with_the_field_named(tmp_path, args, needle):
 
 
 def test_missing_data_says_how_to_provide_it(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DUOSPARSE_DATA_DIR", "MLFLOW_TRACKING_URI")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DUOSPARSE_DATA_DIR", "MLFLOW_TRACKING_URI")
+    }
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
-    result = subprocess.run([DUOSPARSE, "train", "--set", "data.corpus=ptb"], cwd=tmp_path,
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [DUOSPARSE, "train", "--set", "data.corpus=ptb"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "DUOSPARSE_DATA_DIR" in result.stderr and "Traceback" not in result.stderr
 
@@ -68,13 +81,26 @@ def test_train_logs_one_mlflow_run_with_the_schema(tmp_path):
     effective = client.get_metric_history(out["run_id"], schema.OPS_EFFECTIVE)
     assert sorted(m.step for m in effective) == [1, 2, 2]  # each epoch, then the final test figure
     artifacts = {a.path for a in client.list_artifacts(out["run_id"])}
-    assert {schema.ARTIFACT_CONFIG, schema.ARTIFACT_CHECKPOINT, schema.ARTIFACT_ACTIVITY} <= artifacts
+    assert {
+        schema.ARTIFACT_CONFIG,
+        schema.ARTIFACT_CHECKPOINT,
+        schema.ARTIFACT_ACTIVITY,
+    } <= artifacts
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts beside the embedded store
 
 
 def test_a_diverging_run_is_failed_with_its_reason(tmp_path):
-    result = run("train", *TINY, "--set", "train.optimizer=sgd", "--set", "train.lr=1e36",
-                 "--set", "train.clip=0", cwd=tmp_path)
+    result = run(
+        "train",
+        *TINY,
+        "--set",
+        "train.optimizer=sgd",
+        "--set",
+        "train.lr=1e36",
+        "--set",
+        "train.clip=0",
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     from mlflow.tracking import MlflowClient
@@ -110,8 +136,18 @@ def test_help_for_every_command(tmp_path):
 
     paths = [p for p in walk(typer.main.get_command(app), ()) if p]
     names = {" ".join(p) for p in paths}
-    assert {"train", "ui", "analyze", "sweep run", "sweep status", "data check", "data download",
-            "prune sensitivity", "simulate spinnaker2", "export pareto"} <= names, names
+    assert {
+        "train",
+        "ui",
+        "analyze",
+        "sweep run",
+        "sweep status",
+        "data check",
+        "data download",
+        "prune sensitivity",
+        "simulate spinnaker2",
+        "export pareto",
+    } <= names, names
     for path in paths:
         shown = CliRunner().invoke(app, [*path, "--help"])
         assert shown.exit_code == 0 and "Usage" in shown.output, (path, shown.output[-2000:])
@@ -124,15 +160,23 @@ def test_ui_serves_the_embedded_store_on_loopback_only(tmp_path):
 
     assert run("train", *TINY, "--json", cwd=tmp_path).returncode == 0
     port = free_port()
-    ui = subprocess.Popen([DUOSPARSE, "ui", "--port", str(port)], cwd=tmp_path, env=cli_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ui = subprocess.Popen(
+        [DUOSPARSE, "ui", "--port", str(port)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for_ui(port, ui)
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=duosparse"
         body = json.loads(urllib.request.urlopen(url, timeout=10).read())
         assert body["experiment"]["name"] == "duosparse"  # the same store `train` wrote
         procs = [psutil.Process(ui.pid), *psutil.Process(ui.pid).children(recursive=True)]
-        addresses = {c.laddr.ip for p in procs for c in p.net_connections("inet") if c.status == "LISTEN"}
+        addresses = {
+            c.laddr.ip for p in procs for c in p.net_connections("inet") if c.status == "LISTEN"
+        }
         assert addresses and addresses <= {"127.0.0.1"}
     finally:
         os.killpg(ui.pid, 15)
@@ -145,12 +189,23 @@ def test_train_without_a_terminal_logs_one_line_per_epoch_and_quiet_logs_none(tm
     lines = [line for line in result.stderr.splitlines() if " epoch " in line]
     assert [line.split(" epoch ")[1].split()[0] for line in lines] == ["1/2", "2/2"]
     for line in lines:
-        for figure in ("train loss ", "val ppl ", "activity sparsity ", "effective MACs/token ", " tok/s",
-                       "elapsed ", "ETA "):
+        for figure in (
+            "train loss ",
+            "val ppl ",
+            "activity sparsity ",
+            "effective MACs/token ",
+            " tok/s",
+            "elapsed ",
+            "ETA ",
+        ):
             assert figure in line, (figure, line)
         assert line[:4].isdigit()  # a timestamp first: plain lines, not a transient bar
     assert "test ppl " in result.stderr and "Creating initial MLflow database" not in result.stderr
-    client_metrics = json.loads(run("train", *TINY, "--json", "--quiet", "--experiment", "q", cwd=tmp_path).stdout)
+    client_metrics = json.loads(
+        run("train", *TINY, "--json", "--quiet", "--experiment", "q", cwd=tmp_path).stdout
+    )
     assert client_metrics["metrics"][schema.TEST_PPL] > 0
     quiet = run("train", *TINY, "--quiet", "--experiment", "q2", cwd=tmp_path)
-    assert quiet.returncode == 0 and " epoch " not in quiet.stderr and "test ppl " not in quiet.stderr
+    assert (
+        quiet.returncode == 0 and " epoch " not in quiet.stderr and "test ppl " not in quiet.stderr
+    )

@@ -81,7 +81,9 @@ def template_secrets() -> list[str]:
     return keys
 
 
-_VAR = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+_VAR = re.compile(
+    r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 def interpolate(value, env: dict[str, str]):
@@ -129,8 +131,12 @@ def service_script(compose: dict, name: str) -> Path:
     """The docker/services script that is the service's command (or entrypoint)."""
     service = compose["services"][name]
     command = service.get("entrypoint") or service.get("command")
-    scripts = [Path(part).name for part in command if str(part).startswith("/opt/duosparse/services/")]
-    assert len(scripts) == 1, f"{name}: the command must be one script of docker/services: {command}"
+    scripts = [
+        Path(part).name for part in command if str(part).startswith("/opt/duosparse/services/")
+    ]
+    assert len(scripts) == 1, (
+        f"{name}: the command must be one script of docker/services: {command}"
+    )
     path = SERVICES / scripts[0]
     assert path.is_file(), path
     return path
@@ -148,11 +154,16 @@ def test_compose_file_is_valid_against_the_compose_specification():
     schema = compose_schema()
     validator = jsonschema.Draft202012Validator(schema)
     tree = load_compose()
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(tree)]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(tree)
+    ]
     assert not errors, errors
     # and after interpolation with a filled-in env file, as compose sees it at `up`
     resolved = interpolate(tree, filled_env())
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(resolved)]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(resolved)
+    ]
     assert not errors, errors
     assert {"postgres", "object-store", "mlflow", "ray-head", "ray-worker"} <= set(tree["services"])
     # the worker is scalable: no fixed name, no host port
@@ -186,26 +197,40 @@ def test_compose_publishes_only_on_loopback_and_has_no_working_default_secret():
     # Ray's token auth on every Ray service; MLflow behind basic auth with allowed hosts
     for name in ("ray-head", "ray-worker", "ray-worker-gpu"):
         env = service_env(tree, name)
-        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?")
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith(
+            "${RAY_AUTH_TOKEN:?"
+        )
         assert env["MLFLOW_TRACKING_URI"].startswith("http://")
         assert env["DUOSPARSE_TUNE_STORAGE"] == "/shared/tune"
         mounts = tree["services"][name].get("volumes", [])
-        assert "tune-storage:/shared/tune" in mounts, f"{name}: Tune's storage must be the shared volume"
+        assert "tune-storage:/shared/tune" in mounts, (
+            f"{name}: Tune's storage must be the shared volume"
+        )
     assert service_env(tree, "mlflow")["MLFLOW_ALLOWED_HOSTS"]
     assert "--app-name basic-auth" in (SERVICES / "mlflow-server.sh").read_text()
 
 
 def test_make_env_writes_every_secret_fresh_and_private(tmp_path):
     out = tmp_path / ".env"
-    subprocess.run(["sh", str(DOCKER / "make-env.sh"), str(DOCKER / ".env.template"), str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["sh", str(DOCKER / "make-env.sh"), str(DOCKER / ".env.template"), str(out)],
+        check=True,
+        capture_output=True,
+    )
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
-    env = dict(line.split("=", 1) for line in out.read_text().splitlines() if re.match(r"^[A-Z0-9_]+=", line))
+    env = dict(
+        line.split("=", 1)
+        for line in out.read_text().splitlines()
+        if re.match(r"^[A-Z0-9_]+=", line)
+    )
     values = [env[key] for key in template_secrets() if key != "MLFLOW_ADMIN_USERNAME"]
     assert all(len(v) >= 32 for v in values) and len(set(values)) == len(values)
     interpolate(load_compose(), env)  # nothing required is missing
-    again = subprocess.run(["sh", str(DOCKER / "make-env.sh"), str(DOCKER / ".env.template"), str(out)],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        ["sh", str(DOCKER / "make-env.sh"), str(DOCKER / ".env.template"), str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode != 0 and "not overwriting" in again.stderr
 
 
@@ -214,24 +239,47 @@ def test_service_scripts_refuse_to_start_without_their_secrets(tmp_path):
     cases = {
         "ray-head.sh": ({}, "RAY_AUTH_TOKEN"),
         "ray-worker.sh": ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_TOKEN"),
-        "mlflow-server.sh": ({"MLFLOW_BACKEND_STORE_URI": "postgresql://x", "MLFLOW_AUTH_DB_URI": "postgresql://y",
-                              "MLFLOW_ARTIFACTS_DESTINATION": "s3://b"}, "MLFLOW_AUTH_ADMIN_PASSWORD"),
+        "mlflow-server.sh": (
+            {
+                "MLFLOW_BACKEND_STORE_URI": "postgresql://x",
+                "MLFLOW_AUTH_DB_URI": "postgresql://y",
+                "MLFLOW_ARTIFACTS_DESTINATION": "s3://b",
+            },
+            "MLFLOW_AUTH_ADMIN_PASSWORD",
+        ),
         "object-store.sh": ({"OBJECT_STORE_IMPL": "minio"}, "AWS_ACCESS_KEY_ID"),
     }
     for script, (env, named) in cases.items():
-        result = subprocess.run(["sh", str(SERVICES / script)], env={**base, **env}, capture_output=True,
-                                text=True, timeout=30)
+        result = subprocess.run(
+            ["sh", str(SERVICES / script)],
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert result.returncode != 0 and named in result.stderr, (script, result.stderr)
     # a head whose trials would log to a local SQLite file is refused
-    result = subprocess.run(["sh", str(SERVICES / "ray-head.sh")], capture_output=True, text=True, timeout=30,
-                            env={**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t",
-                                 "MLFLOW_TRACKING_URI": "sqlite:///mlruns.db"})
+    result = subprocess.run(
+        ["sh", str(SERVICES / "ray-head.sh")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={
+            **base,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": "t",
+            "MLFLOW_TRACKING_URI": "sqlite:///mlruns.db",
+        },
+    )
     assert result.returncode == 2 and "MLFLOW_TRACKING_URI" in result.stderr
 
 
 def _makefile_install_line() -> str:
-    lines = [line.strip() for line in (ROOT / "Makefile").read_text().splitlines()
-             if "install" in line and "-c constraints.txt" in line]
+    lines = [
+        line.strip()
+        for line in (ROOT / "Makefile").read_text().splitlines()
+        if "install" in line and "-c constraints.txt" in line
+    ]
     assert len(lines) == 1, lines
     return lines[0]
 
@@ -248,9 +296,13 @@ def test_images_install_from_the_same_pinned_file_as_make_setup(tmp_path):
     runs = _run_lines(DOCKER / "Dockerfile.platform")
     assert "COPY --chown=duosparse:duosparse . /app" in platform  # constraints.txt and Makefile too
     setup = [r for r in runs if "make setup" in r]
-    assert len(setup) == 1 and "pip install" not in " ".join(runs), "the platform image installs via make setup"
+    assert len(setup) == 1 and "pip install" not in " ".join(runs), (
+        "the platform image installs via make setup"
+    )
     assert "docker/torch-variant.sh" in setup[0]
-    assert any("apt-get install" in r and " chromium" in r for r in runs), "Debian's chromium for export"
+    assert any("apt-get install" in r and " chromium" in r for r in runs), (
+        "Debian's chromium for export"
+    )
     assert "BROWSER_PATH=/usr/bin/chromium" in platform
     ignore = (DOCKER / "Dockerfile.platform.dockerignore").read_text().split()
     assert "docker/.env" in ignore and ".venv" in ignore
@@ -260,7 +312,9 @@ def test_images_install_from_the_same_pinned_file_as_make_setup(tmp_path):
         copy = tmp_path / f"constraints-{variant}.txt"
         copy.write_text(pins)
         subprocess.run(["sh", str(DOCKER / "torch-variant.sh"), variant, str(copy)], check=True)
-        changed = [(a, b) for a, b in zip(pins.splitlines(), copy.read_text().splitlines()) if a != b]
+        changed = [
+            (a, b) for a, b in zip(pins.splitlines(), copy.read_text().splitlines()) if a != b
+        ]
         if variant == "cpu":
             assert not changed
         else:
@@ -270,11 +324,16 @@ def test_images_install_from_the_same_pinned_file_as_make_setup(tmp_path):
     pip = [r for r in runs if "pip install" in r]
     assert len(pip) == 1 and "-c /tmp/constraints.txt" in pip[0]
     assert "COPY constraints.txt /tmp/constraints.txt" in (DOCKER / "Dockerfile.mlflow").read_text()
-    pinned = {re.split(r"[=<>\[]", line)[0].lower().replace("_", "-")
-              for line in pins.splitlines() if line and not line.startswith("#")}
+    pinned = {
+        re.split(r"[=<>\[]", line)[0].lower().replace("_", "-")
+        for line in pins.splitlines()
+        if line and not line.startswith("#")
+    }
     command = next(part for part in pip[0].split("&&") if "pip install" in part)
     words = shlex.split(command)[2:]
-    names = {re.sub(r"\[.*\]$", "", w).lower() for w in words if not w.startswith("-") and "/" not in w}
+    names = {
+        re.sub(r"\[.*\]$", "", w).lower() for w in words if not w.startswith("-") and "/" not in w
+    }
     assert {"mlflow", "psycopg", "boto3"} <= names <= pinned, (names, pinned)
     assert "mlflow[auth]" in pip[0] and "flask-wtf" in pinned  # basic auth's dependency, pinned
 
@@ -284,8 +343,10 @@ def test_kuberay_rayjob_uses_valid_rayjob_fields_with_auth_and_shared_storage():
 
     schema = yaml.safe_load((ROOT / "tests" / "data" / "rayjob-v1.schema.yaml").read_text())
     job = yaml.safe_load(RAYJOB_FILE.read_text())
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-              for e in jsonschema.Draft202012Validator(schema).iter_errors(job)]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.Draft202012Validator(schema).iter_errors(job)
+    ]
     assert not errors, errors
     spec = job["spec"]
     cluster = spec["rayClusterSpec"]
@@ -294,7 +355,10 @@ def test_kuberay_rayjob_uses_valid_rayjob_fields_with_auth_and_shared_storage():
     words = spec["entrypoint"].split()
     assert words[:3] == ["duosparse", "sweep", "run"]
     assert (ROOT / "sweeps" / Path(words[3]).name).is_file()
-    pods = [("submitter", spec["submitterPodTemplate"]["spec"]), ("head", cluster["headGroupSpec"]["template"]["spec"])]
+    pods = [
+        ("submitter", spec["submitterPodTemplate"]["spec"]),
+        ("head", cluster["headGroupSpec"]["template"]["spec"]),
+    ]
     pods += [(g["groupName"], g["template"]["spec"]) for g in cluster["workerGroupSpecs"]]
     for name, pod in pods:
         volumes = {v["name"] for v in pod.get("volumes", [])}
@@ -302,7 +366,9 @@ def test_kuberay_rayjob_uses_valid_rayjob_fields_with_auth_and_shared_storage():
             env = {e["name"]: e for e in container.get("env", [])}
             assert len(env) == len(container.get("env", [])), f"{name}: duplicate env names"
             assert env["RAY_AUTH_MODE"]["value"] == "token", name
-            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], f"{name}: token from a Secret"
+            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], (
+                f"{name}: token from a Secret"
+            )
             mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
             assert set(mounts) <= volumes, f"{name}: a mount without a volume"
             if name == "submitter":
@@ -311,9 +377,13 @@ def test_kuberay_rayjob_uses_valid_rayjob_fields_with_auth_and_shared_storage():
             for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
                 assert "secretKeyRef" in env[key]["valueFrom"], f"{name}: {key} from a Secret"
             storage = env["DUOSPARSE_TUNE_STORAGE"]["value"]
-            shared = [path for m, path in mounts.items() if storage.startswith(path.rstrip("/") + "/")]
+            shared = [
+                path for m, path in mounts.items() if storage.startswith(path.rstrip("/") + "/")
+            ]
             assert shared, f"{name}: Tune's storage {storage} is not on a mounted volume"
-            claim = [v for v in pod["volumes"] if v["name"] in mounts and "persistentVolumeClaim" in v]
+            claim = [
+                v for v in pod["volumes"] if v["name"] in mounts and "persistentVolumeClaim" in v
+            ]
             assert claim, f"{name}: the shared storage is a PersistentVolumeClaim"
 
 
@@ -388,9 +458,12 @@ class Namespace:
         self.workdir = workdir
         self.procs: list[tuple[str, subprocess.Popen]] = []
         rootless = os.geteuid() != 0
-        holder = ["unshare", "--user", "--map-root-user", "--net"] if rootless else ["unshare", "--net"]
-        self.holder = subprocess.Popen([*holder, "sleep", "infinity"], start_new_session=True,
-                                       stderr=subprocess.PIPE)
+        holder = (
+            ["unshare", "--user", "--map-root-user", "--net"] if rootless else ["unshare", "--net"]
+        )
+        self.holder = subprocess.Popen(
+            [*holder, "sleep", "infinity"], start_new_session=True, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.holder.poll() is not None:
@@ -401,24 +474,41 @@ class Namespace:
             time.sleep(0.05)
         if self.holder.poll() is not None or _netns_id(self.holder.pid) == _netns_id("self"):
             err = self.holder.stderr.read().decode() if self.holder.poll() is not None else ""
-            require(False, "cannot create a network namespace for the deployment test (run it as root, "
-                           f"as CI does, or enable unprivileged user namespaces): {err.strip()}")
+            require(
+                False,
+                "cannot create a network namespace for the deployment test (run it as root, "
+                f"as CI does, or enable unprivileged user namespaces): {err.strip()}",
+            )
         self.id = _netns_id(self.holder.pid)
         pid = str(self.holder.pid)
-        self.prefix = (["nsenter", "--target", pid, "--user", "--net", "--preserve-credentials", "--"]
-                       if rootless else ["nsenter", f"--net=/proc/{pid}/ns/net", "--"])
+        self.prefix = (
+            ["nsenter", "--target", pid, "--user", "--net", "--preserve-credentials", "--"]
+            if rootless
+            else ["nsenter", f"--net=/proc/{pid}/ns/net", "--"]
+        )
         subprocess.run([*self.prefix, sys.executable, "-c", LO_UP], check=True, timeout=30)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], inside: bool = True) -> subprocess.Popen:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str], inside: bool = True
+    ) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([*self.prefix, *argv] if inside else argv, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
+        proc = subprocess.Popen(
+            [*self.prefix, *argv] if inside else argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.workdir,
+        )
         self.procs.append((name, proc))
         return proc
 
-    def run(self, argv: list[str], env: dict[str, str], timeout: float, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.prefix, *argv], env=env, capture_output=True, text=True,
-                              timeout=timeout, **kw)
+    def run(
+        self, argv: list[str], env: dict[str, str], timeout: float, **kw
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*self.prefix, *argv], env=env, capture_output=True, text=True, timeout=timeout, **kw
+        )
 
     def python(self, code: str, env: dict[str, str], timeout: float = 120):
         """Run Python in the namespace; its last stdout line is JSON."""
@@ -440,7 +530,7 @@ class Namespace:
                 hexaddr, hexport = fields[1].split(":")
                 raw = bytes.fromhex(hexaddr)
                 if v6:  # four little-endian 32-bit words
-                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
                     addr = str(ipaddress.IPv6Address(raw))
                 else:
                     addr = ".".join(str(b) for b in raw[::-1])
@@ -457,7 +547,9 @@ class Namespace:
         return found
 
     def close(self) -> None:
-        for _, proc in reversed(self.procs):  # the main process first: `ray start --block` stops its node
+        for _, proc in reversed(
+            self.procs
+        ):  # the main process first: `ray start --block` stops its node
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 45
@@ -500,7 +592,10 @@ def _loopback(env: dict[str, str], names: dict[str, str]) -> dict[str, str]:
 def stack(tmp_path_factory):
     uri = postgres_uri()
     for tool in ("unshare", "nsenter", "psql"):
-        require(bool(shutil.which(tool)), f"the deployment test needs `{tool}` (util-linux / postgresql-client)")
+        require(
+            bool(shutil.which(tool)),
+            f"the deployment test needs `{tool}` (util-linux / postgresql-client)",
+        )
     import psycopg
 
     work = tmp_path_factory.mktemp("deployment")
@@ -511,21 +606,29 @@ def stack(tmp_path_factory):
     suffix = secrets.token_hex(4)
     databases = {"mlflow": f"ds_deploy_{suffix}", "mlflow_auth": f"ds_deploy_auth_{suffix}"}
     env_file = filled_env(POSTGRES_PASSWORD=pg_password or "")
-    base = {"PATH": f"{BIN}:{os.environ['PATH']}", "HOME": str(work), "LANG": "C.UTF-8",
-            "PYTHONUNBUFFERED": "1"}
+    base = {
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "HOME": str(work),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+    }
     if "DUOSPARSE_DATA_DIR" in os.environ:
         base["DUOSPARSE_DATA_DIR"] = os.environ["DUOSPARSE_DATA_DIR"]
 
     def env_for(service: str, **overrides: str) -> dict[str, str]:
         env = _loopback(interpolate(service_env(compose, service), env_file), names)
         unknown = set(overrides) - set(env) - {"RAY_TEMP_DIR", "RAY_START_ARGS"}
-        assert not unknown, f"the test overrides {unknown}, which compose does not set for {service}"
+        assert not unknown, (
+            f"the test overrides {unknown}, which compose does not set for {service}"
+        )
         return {**base, **env, **overrides}
 
     def database_uri(compose_uri: str) -> str:
         cparts = urlsplit(compose_uri)
         netloc = f"{parts.username}:{parts.password}@127.0.0.1:5432"
-        return urlunsplit(cparts._replace(netloc=netloc, path="/" + databases[cparts.path.lstrip("/")]))
+        return urlunsplit(
+            cparts._replace(netloc=netloc, path="/" + databases[cparts.path.lstrip("/")])
+        )
 
     admin = psycopg.connect(uri, autocommit=True)
     ns = Namespace(work)
@@ -534,35 +637,68 @@ def stack(tmp_path_factory):
         # postgres-init.sh for the auth database), reached at 127.0.0.1:5432 inside the namespace
         admin.execute(f"CREATE DATABASE {databases['mlflow']}")
         pg_env = _loopback(interpolate(service_env(compose, "postgres"), env_file), names)
-        subprocess.run(["sh", str(SERVICES / "postgres-init.sh")], check=True, timeout=60, capture_output=True,
-                       env={**base, "POSTGRES_USER": pg_user, "POSTGRES_DB": databases[pg_env["POSTGRES_DB"]],
-                            "MLFLOW_AUTH_DB": databases[pg_env["MLFLOW_AUTH_DB"]], "PGHOST": pg_host,
-                            "PGPORT": str(pg_port), "PGPASSWORD": pg_password or ""})
+        subprocess.run(
+            ["sh", str(SERVICES / "postgres-init.sh")],
+            check=True,
+            timeout=60,
+            capture_output=True,
+            env={
+                **base,
+                "POSTGRES_USER": pg_user,
+                "POSTGRES_DB": databases[pg_env["POSTGRES_DB"]],
+                "MLFLOW_AUTH_DB": databases[pg_env["MLFLOW_AUTH_DB"]],
+                "PGHOST": pg_host,
+                "PGPORT": str(pg_port),
+                "PGPASSWORD": pg_password or "",
+            },
+        )
         sock = short / "pg.sock"
-        ns.start("pg-relay-host", [sys.executable, "-c", RELAY, f"unix:{sock}", f"tcp:{pg_host}:{pg_port}"],
-                 base, inside=False)
-        ns.start("pg-relay", [sys.executable, "-c", RELAY, "tcp:127.0.0.1:5432", f"unix:{sock}"], base)
+        ns.start(
+            "pg-relay-host",
+            [sys.executable, "-c", RELAY, f"unix:{sock}", f"tcp:{pg_host}:{pg_port}"],
+            base,
+            inside=False,
+        )
+        ns.start(
+            "pg-relay", [sys.executable, "-c", RELAY, "tcp:127.0.0.1:5432", f"unix:{sock}"], base
+        )
 
         # the object store (moto's S3 server standing in for MinIO), MLflow and the Ray head
-        ns.start("object-store", ["sh", str(service_script(compose, "object-store"))],
-                 env_for("object-store", OBJECT_STORE_IMPL="moto"))
+        ns.start(
+            "object-store",
+            ["sh", str(service_script(compose, "object-store"))],
+            env_for("object-store", OBJECT_STORE_IMPL="moto"),
+        )
         mlflow_env = env_for("mlflow", MLFLOW_WORKERS="1")
         for key in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DB_URI"):
             mlflow_env[key] = database_uri(mlflow_env[key])
         ns.start("mlflow", ["sh", str(service_script(compose, "mlflow"))], mlflow_env)
         tune = work / "tune"  # compose: the tune-storage volume on every node
-        head_env = env_for("ray-head", DUOSPARSE_TUNE_STORAGE=str(tune), RAY_TEMP_DIR=str(short / "head"))
+        head_env = env_for(
+            "ray-head", DUOSPARSE_TUNE_STORAGE=str(tune), RAY_TEMP_DIR=str(short / "head")
+        )
         ns.start("ray-head", ["sh", str(service_script(compose, "ray-head"))], head_env)
         ports = {int(head_env["RAY_GCS_PORT"]), int(head_env["RAY_DASHBOARD_PORT"])}
         _wait(lambda: ports <= {p for _, p in ns.listening()}, 120, "the Ray head", ns)
-        worker_env = env_for("ray-worker", DUOSPARSE_TUNE_STORAGE=str(tune), RAY_TEMP_DIR=str(short / "worker"),
-                             RAY_START_ARGS="--dashboard-agent-listen-port=52366")
+        worker_env = env_for(
+            "ray-worker",
+            DUOSPARSE_TUNE_STORAGE=str(tune),
+            RAY_TEMP_DIR=str(short / "worker"),
+            RAY_START_ARGS="--dashboard-agent-listen-port=52366",
+        )
         ns.start("ray-worker", ["sh", str(service_script(compose, "ray-worker"))], worker_env)
         mlflow_url = head_env["MLFLOW_TRACKING_URI"]
         ns.python(WAIT_HTTP.replace("URL", f"{mlflow_url}/health"), base, timeout=180)
-        yield {"ns": ns, "head_env": head_env, "mlflow_env": mlflow_env, "base": base, "work": work,
-               "mlflow": mlflow_url, "dashboard": f"http://127.0.0.1:{head_env['RAY_DASHBOARD_PORT']}",
-               "gcs": f"127.0.0.1:{head_env['RAY_GCS_PORT']}"}
+        yield {
+            "ns": ns,
+            "head_env": head_env,
+            "mlflow_env": mlflow_env,
+            "base": base,
+            "work": work,
+            "mlflow": mlflow_url,
+            "dashboard": f"http://127.0.0.1:{head_env['RAY_DASHBOARD_PORT']}",
+            "gcs": f"127.0.0.1:{head_env['RAY_GCS_PORT']}",
+        }
     finally:
         ns.close()
         for db in databases.values():
@@ -633,13 +769,23 @@ print(json.dumps({
 @pytest.mark.system
 def test_mlflow_and_ray_refuse_unauthenticated_requests(stack):
     ns, mlflow_env, head_env = stack["ns"], stack["mlflow_env"], stack["head_env"]
-    result = ns.run([sys.executable, "-c", PROBE, stack["mlflow"], stack["dashboard"]],
-                    {**stack["base"], "USER_NAME": mlflow_env["MLFLOW_AUTH_ADMIN_USERNAME"],
-                     "USER_PASSWORD": mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"],
-                     "RAY_AUTH_TOKEN": head_env["RAY_AUTH_TOKEN"]}, timeout=120)
+    result = ns.run(
+        [sys.executable, "-c", PROBE, stack["mlflow"], stack["dashboard"]],
+        {
+            **stack["base"],
+            "USER_NAME": mlflow_env["MLFLOW_AUTH_ADMIN_USERNAME"],
+            "USER_PASSWORD": mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"],
+            "RAY_AUTH_TOKEN": head_env["RAY_AUTH_TOKEN"],
+        },
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     codes = json.loads(result.stdout.strip().splitlines()[-1])
-    assert codes["anonymous"] == 401 and codes["wrong_password"] == 401 and codes["ui_anonymous"] == 401, codes
+    assert (
+        codes["anonymous"] == 401
+        and codes["wrong_password"] == 401
+        and codes["ui_anonymous"] == 401
+    ), codes
     assert codes["admin"] == 200, codes
     assert codes["foreign_host"] in (400, 403), codes  # --allowed-hosts, against DNS rebinding
     assert codes["ray_anonymous"] in (401, 403) and codes["ray_wrong_token"] in (401, 403), codes
@@ -683,7 +829,11 @@ print(json.dumps([n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]]))
 def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow_and_the_object_store(stack):
     ns, head_env, mlflow_env = stack["ns"], stack["head_env"], stack["mlflow_env"]
     # the client holds only the cluster token: MLflow's URL and credentials come from the nodes
-    client_env = {**stack["base"], "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head_env["RAY_AUTH_TOKEN"]}
+    client_env = {
+        **stack["base"],
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": head_env["RAY_AUTH_TOKEN"],
+    }
     deadline = time.monotonic() + 120
     while True:  # the worker node has joined
         nodes = ns.run([sys.executable, "-c", NODES, stack["gcs"]], client_env, timeout=120)
@@ -694,22 +844,52 @@ def test_smoke_sweep_via_ray_job_submit_lands_in_mlflow_and_the_object_store(sta
         time.sleep(2)
     assert addresses == ["127.0.0.1", "127.0.0.1"], addresses
     # what `make cluster-submit SPEC=sweeps/smoke.yaml` runs on the head
-    submit = ns.run([str(BIN / "ray"), "job", "submit", "--address", stack["dashboard"], "--working-dir", str(ROOT),
-                     "--", "duosparse", "sweep", "run", "sweeps/smoke.yaml"], client_env, timeout=900)
+    submit = ns.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            stack["dashboard"],
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "duosparse",
+            "sweep",
+            "run",
+            "sweeps/smoke.yaml",
+        ],
+        client_env,
+        timeout=900,
+    )
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout.lower()
-    probe_env = {**stack["base"], "MLFLOW_TRACKING_USERNAME": head_env["MLFLOW_TRACKING_USERNAME"],
-                 "MLFLOW_TRACKING_PASSWORD": head_env["MLFLOW_TRACKING_PASSWORD"],
-                 **{k: mlflow_env[k] for k in ("MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_S3_ENDPOINT_URL",
-                                               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
+    probe_env = {
+        **stack["base"],
+        "MLFLOW_TRACKING_USERNAME": head_env["MLFLOW_TRACKING_USERNAME"],
+        "MLFLOW_TRACKING_PASSWORD": head_env["MLFLOW_TRACKING_PASSWORD"],
+        **{
+            k: mlflow_env[k]
+            for k in (
+                "MLFLOW_ARTIFACTS_DESTINATION",
+                "MLFLOW_S3_ENDPOINT_URL",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+            )
+        },
+    }
     found = ns.python(SWEEP_RESULT.replace("sys.argv[1]", repr(stack["mlflow"])), probe_env)
     assert len(found["trials"]) == SMOKE_TRIALS, found["trials"]
-    assert all(t["status"] == "FINISHED" and t["test_ppl"] for t in found["trials"]), found["trials"]
+    assert all(t["status"] == "FINISHED" and t["test_ppl"] for t in found["trials"]), found[
+        "trials"
+    ]
     # artifacts went through the server (proxied) into the S3 bucket
     assert found["artifact_location"].startswith("mlflow-artifacts:"), found["artifact_location"]
     assert found["checkpoint"] in found["listed"], found["listed"]
     stored = [k for k in found["keys"] if k.endswith("/" + found["checkpoint"])]
-    assert len(stored) >= SMOKE_TRIALS and all(k.startswith(found["prefix"] + "/") for k in stored), found["keys"]
+    assert len(stored) >= SMOKE_TRIALS and all(
+        k.startswith(found["prefix"] + "/") for k in stored
+    ), found["keys"]
 
 
 @pytest.mark.slow
@@ -719,8 +899,13 @@ def test_nothing_listens_beyond_loopback(stack):
     listening = ns.listening()
     ports = {port for _, port in listening}
     head = stack["head_env"]
-    expected = {5432, int(stack["mlflow_env"]["MLFLOW_PORT"]), 9000, int(head["RAY_GCS_PORT"]),
-                int(head["RAY_DASHBOARD_PORT"])}
+    expected = {
+        5432,
+        int(stack["mlflow_env"]["MLFLOW_PORT"]),
+        9000,
+        int(head["RAY_GCS_PORT"]),
+        int(head["RAY_DASHBOARD_PORT"]),
+    }
     assert expected <= ports, (expected, sorted(listening))  # the services did run in here
     beyond = [(addr, port) for addr, port in listening if not _is_loopback(addr)]
     assert not beyond, f"listening beyond loopback: {beyond}"
@@ -735,5 +920,8 @@ def test_nothing_listens_beyond_loopback(stack):
     # outside the namespace the test started only the relay's host end, on a Unix socket
     outside = [p for _, p in ns.procs if _netns_id(p.pid) != ns.id]
     assert len(outside) == 1
-    assert not [c for c in psutil.Process(outside[0].pid).net_connections(kind="inet")
-                if c.status == psutil.CONN_LISTEN]
+    assert not [
+        c
+        for c in psutil.Process(outside[0].pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]

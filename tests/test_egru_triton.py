@@ -41,11 +41,28 @@ def _outputs_and_gradients(layer: RecurrentLayer, x, y0, c0, weights, sequence=N
         out, (y, c), events = layer(x, (y0, c0))
     else:
         x_proj = torch.nn.functional.linear(x, layer.weight_ih, layer.bias_ih)
-        out, c, events = sequence(x_proj, y0, c0, layer.weight_hh, layer.bias_hh, layer.threshold,
-                                  layer.height, layer.width)
+        out, c, events = sequence(
+            x_proj,
+            y0,
+            c0,
+            layer.weight_hh,
+            layer.bias_hh,
+            layer.threshold,
+            layer.height,
+            layer.width,
+        )
         y = out[-1]
     loss = (out * weights).sum() + (0.3 * c).sum() + (0.2 * y).sum() + (0.7 * events).sum()
-    params = [x, y0, c0, layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh, layer.threshold]
+    params = [
+        x,
+        y0,
+        c0,
+        layer.weight_ih,
+        layer.weight_hh,
+        layer.bias_ih,
+        layer.bias_hh,
+        layer.threshold,
+    ]
     return (out.detach(), c.detach(), events.detach()), torch.autograd.grad(loss, params)
 
 
@@ -65,8 +82,9 @@ def test_triton_kernels_equal_the_reference_cell(interpreted, steps, batch, inpu
     def leaves(dtype):
         return [t.to(dtype).requires_grad_() for t in (x, y0, c0)]
 
-    triton_run = _outputs_and_gradients(layer, *leaves(torch.float32), weights,
-                                        sequence=interpreted.EGRUSequenceTriton.apply)
+    triton_run = _outputs_and_gradients(
+        layer, *leaves(torch.float32), weights, sequence=interpreted.EGRUSequenceTriton.apply
+    )
     reference = _outputs_and_gradients(layer.double(), *leaves(torch.float64), weights.double())
 
     (out, c, events), grads = triton_run
@@ -78,7 +96,9 @@ def test_triton_kernels_equal_the_reference_cell(interpreted, steps, batch, inpu
     names = ["x", "y0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "threshold"]
     for name, g, ref in zip(names, grads, ref_grads):
         assert ref.abs().max() > 0, name  # every gradient is exercised
-        torch.testing.assert_close(g.double(), ref, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            g.double(), ref, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_only_float32_takes_the_kernels(interpreted):
@@ -97,18 +117,26 @@ def test_graph_family_replays_each_length_from_shared_buffers(interpreted):
     gen = torch.Generator().manual_seed(5)
 
     def forward_tensors(steps):
-        inputs = {"x_proj": torch.randn(steps, batch, 3 * hidden, generator=gen),
-                  "y0": torch.randn(batch, hidden, generator=gen).clamp(min=0),
-                  "c0": torch.randn(batch, hidden, generator=gen),
-                  "w_hh": torch.randn(3 * hidden, hidden, generator=gen) * 0.3,
-                  "b_hh": torch.randn(3 * hidden, generator=gen), "theta": torch.rand(hidden, generator=gen) * 0.3}
-        outputs = {"ys": torch.empty(steps, batch, hidden), "cs": torch.empty(steps, batch, hidden),
-                   "c_resets": torch.empty(steps + 1, batch, hidden),
-                   "gates": torch.empty(steps, batch, 4 * hidden), "h": torch.empty(batch, 3 * hidden)}
+        inputs = {
+            "x_proj": torch.randn(steps, batch, 3 * hidden, generator=gen),
+            "y0": torch.randn(batch, hidden, generator=gen).clamp(min=0),
+            "c0": torch.randn(batch, hidden, generator=gen),
+            "w_hh": torch.randn(3 * hidden, hidden, generator=gen) * 0.3,
+            "b_hh": torch.randn(3 * hidden, generator=gen),
+            "theta": torch.rand(hidden, generator=gen) * 0.3,
+        }
+        outputs = {
+            "ys": torch.empty(steps, batch, hidden),
+            "cs": torch.empty(steps, batch, hidden),
+            "c_resets": torch.empty(steps + 1, batch, hidden),
+            "gates": torch.empty(steps, batch, 4 * hidden),
+            "h": torch.empty(batch, 3 * hidden),
+        }
         return inputs, outputs
 
-    family = interpreted._GraphFamily(interpreted._forward_loop, {"height": 1.0, "width": 1.0},
-                                      capture=lambda run: run)
+    family = interpreted._GraphFamily(
+        interpreted._forward_loop, {"height": 1.0, "width": 1.0}, capture=lambda run: run
+    )
     capacities = []
     for steps in (5, 3, 8, 3, 8, 6):
         inputs, outputs = forward_tensors(steps)

@@ -24,14 +24,28 @@ VOCAB = 37
 BACKENDS = ["scipy", "torch"]
 
 
-def _model(sparsity: float, threshold: float, *, tie: bool = False, layers: int = 2,
-           include_embedding: bool = False, dtype=torch.float64, seed: int = 0) -> LanguageModel:
+def _model(
+    sparsity: float,
+    threshold: float,
+    *,
+    tie: bool = False,
+    layers: int = 2,
+    include_embedding: bool = False,
+    dtype=torch.float64,
+    seed: int = 0,
+) -> LanguageModel:
     torch.manual_seed(seed)
-    cfg = load_config(None, [
-        "model.arch=egru", "model.embedding_size=10", "model.hidden_size=16",
-        f"model.num_layers={layers}", f"model.tie_weights={str(tie).lower()}",
-        f"model.threshold={threshold}",
-    ]).model
+    cfg = load_config(
+        None,
+        [
+            "model.arch=egru",
+            "model.embedding_size=10",
+            "model.hidden_size=16",
+            f"model.num_layers={layers}",
+            f"model.tie_weights={str(tie).lower()}",
+            f"model.threshold={threshold}",
+        ],
+    ).model
     model = LanguageModel(cfg, VOCAB).to(dtype).eval()
     with torch.no_grad():  # larger weights than the default init: livelier dynamics
         for layer in model.layers:
@@ -97,10 +111,13 @@ def test_single_precision_is_close_to_the_model(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sparsity,threshold,include_embedding",
-                         [(0.0, 0.0, False), (0.6, 0.1, False), (0.9, 0.05, True)])
-def test_macs_performed_equal_the_accountants_effective_macs(backend, sparsity, threshold,
-                                                             include_embedding):
+@pytest.mark.parametrize(
+    "sparsity,threshold,include_embedding",
+    [(0.0, 0.0, False), (0.6, 0.1, False), (0.9, 0.05, True)],
+)
+def test_macs_performed_equal_the_accountants_effective_macs(
+    backend, sparsity, threshold, include_embedding
+):
     model = _model(sparsity, threshold, include_embedding=include_embedding, seed=4)
     engine = EventDrivenEGRU.from_model(model, backend=backend)
     gen = torch.Generator().manual_seed(5)
@@ -134,7 +151,9 @@ def test_state_carries_over_between_runs_and_from_the_model():
     first = engine.run(tokens[:10])
     second = engine.run(tokens[10:], first.state)
     for l in range(2):
-        torch.testing.assert_close(torch.cat((first.outputs[l], second.outputs[l])), whole.outputs[l])
+        torch.testing.assert_close(
+            torch.cat((first.outputs[l], second.outputs[l])), whole.outputs[l]
+        )
     # one token at a time through step(), and a hand-over from LanguageModel.forward
     state = first.state
     for i, token in enumerate(tokens[10:14].tolist()):
@@ -163,10 +182,17 @@ def test_column_traversal_against_a_dense_product(backend):
     matrix[:, -1] = torch.randn(9, generator=gen, dtype=torch.float64)  # a full last column
     csc = CompressedColumns(matrix, backend)
     assert csc.nnz == int((matrix != 0).sum())
-    vectors = [torch.zeros(12, dtype=torch.float64), torch.randn(12, generator=gen, dtype=torch.float64)]
+    vectors = [
+        torch.zeros(12, dtype=torch.float64),
+        torch.randn(12, generator=gen, dtype=torch.float64),
+    ]
     sparse = torch.randn(12, generator=gen, dtype=torch.float64)
     sparse[[1, 2, 3, 6, 8]] = 0
-    vectors += [sparse, torch.eye(12, dtype=torch.float64)[0], torch.eye(12, dtype=torch.float64)[-1]]
+    vectors += [
+        sparse,
+        torch.eye(12, dtype=torch.float64)[0],
+        torch.eye(12, dtype=torch.float64)[-1],
+    ]
     for v in vectors:
         out = np.full(9, 0.5)
         macs = csc.accumulate(out, v.numpy().copy())
@@ -199,7 +225,9 @@ def test_scipy_kernel_skips_the_gap_columns():
 
 @pytest.mark.parametrize("arch", ["lstm", "gru"])
 def test_refuses_lstm_and_gru(arch):
-    cfg = load_config(None, [f"model.arch={arch}", "model.embedding_size=8", "model.hidden_size=8"]).model
+    cfg = load_config(
+        None, [f"model.arch={arch}", "model.embedding_size=8", "model.hidden_size=8"]
+    ).model
     with pytest.raises(EventDrivenError, match="needs an EGRU model.*no events to skip"):
         EventDrivenEGRU.from_model(LanguageModel(cfg, VOCAB))
 
@@ -215,4 +243,7 @@ def test_refuses_batches_and_bad_arguments():
         engine.run(torch.zeros(2, 1, 1, dtype=torch.long))
     with pytest.raises(EventDrivenError, match="backend"):
         EventDrivenEGRU.from_model(model, backend="cuda")
-    assert engine.run(torch.zeros(4, 1, dtype=torch.long)).outputs[0].shape == (4, 16)  # (T, 1) is fine
+    assert engine.run(torch.zeros(4, 1, dtype=torch.long)).outputs[0].shape == (
+        4,
+        16,
+    )  # (T, 1) is fine

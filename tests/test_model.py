@@ -49,8 +49,16 @@ def test_egru_layer_equals_transcription_of_the_equations():
     c0 = torch.randn(4, 11, dtype=torch.float64) * 0.5
     out, (y, c), events = layer(x, (y0, c0))
     ref_out, ref_y, ref_c = reference_egru(
-        x, y0, c0, layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh,
-        layer.threshold, layer.height, layer.width,
+        x,
+        y0,
+        c0,
+        layer.weight_ih,
+        layer.weight_hh,
+        layer.bias_ih,
+        layer.bias_hh,
+        layer.threshold,
+        layer.height,
+        layer.width,
     )
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
     torch.testing.assert_close(c, ref_c, rtol=0, atol=1e-12)
@@ -113,8 +121,13 @@ def test_a_stacked_model_trains_exactly_as_the_torch_nn_stack(arch):
     model is the configuration's, not duosparse's (docs/results/reproductions.md, section 1)."""
     torch.manual_seed(4)
     corpus = data.synthetic_corpus(seed=5, train_tokens=3000, valid_tokens=300, test_tokens=300)
-    cfg = _model_cfg(f"model.arch={arch}", "model.num_layers=3", "model.hidden_size=12",
-                     "model.embedding_size=8", "model.tie_weights=false")
+    cfg = _model_cfg(
+        f"model.arch={arch}",
+        "model.num_layers=3",
+        "model.hidden_size=12",
+        "model.embedding_size=8",
+        "model.tie_weights=false",
+    )
     ours = LanguageModel(cfg, corpus.vocab_size).double()
     rnn = (torch.nn.LSTM if arch == "lstm" else torch.nn.GRU)(8, 12, num_layers=3).double()
     embedding = torch.nn.Embedding(corpus.vocab_size, 8).double()
@@ -131,9 +144,15 @@ def test_a_stacked_model_trains_exactly_as_the_torch_nn_stack(arch):
     stream = data.batchify(corpus.train, 4)
     state, hidden = ours.initial_state(4), None
     for step in range(12):
-        x, y = stream[step * 10:step * 10 + 10], stream[step * 10 + 1:step * 10 + 11]
+        x, y = stream[step * 10 : step * 10 + 10], stream[step * 10 + 1 : step * 10 + 11]
         state = detach_state(state)
-        hidden = None if hidden is None else tuple(h.detach() for h in hidden) if arch == "lstm" else hidden.detach()
+        hidden = (
+            None
+            if hidden is None
+            else tuple(h.detach() for h in hidden)
+            if arch == "lstm"
+            else hidden.detach()
+        )
         logits, state, _ = ours(x, state)
         out, hidden = rnn(embedding(x), hidden)
         losses = [F.cross_entropy(z.flatten(0, 1), y.flatten()) for z in (logits, decoder(out))]
@@ -150,8 +169,12 @@ def test_one_long_chunk_equals_many_short_chunks(arch):
     """c' and y (or h, c) carry across chunks: evaluation does not depend on BPTT length."""
     torch.manual_seed(2)
     corpus = data.synthetic_corpus(seed=3, train_tokens=2000, valid_tokens=600, test_tokens=600)
-    cfg = _model_cfg(f"model.arch={arch}", "model.hidden_size=24", "model.embedding_size=16",
-                     "model.threshold=0.05").model_copy()
+    cfg = _model_cfg(
+        f"model.arch={arch}",
+        "model.hidden_size=24",
+        "model.embedding_size=16",
+        "model.threshold=0.05",
+    ).model_copy()
     model = LanguageModel(cfg, corpus.vocab_size).double()
     stream = data.batchify(corpus.valid, 4)
     long = evaluate(model, stream, bptt=stream.size(0))
@@ -197,8 +220,14 @@ def test_thresholds_stay_non_negative_and_train():
 
 def test_dropouts_change_training_not_evaluation():
     torch.manual_seed(6)
-    cfg = _model_cfg("model.arch=egru", "model.dropout.embedding=0.2", "model.dropout.input=0.3",
-                     "model.dropout.hidden=0.3", "model.dropout.output=0.3", "model.dropout.weight=0.4")
+    cfg = _model_cfg(
+        "model.arch=egru",
+        "model.dropout.embedding=0.2",
+        "model.dropout.input=0.3",
+        "model.dropout.hidden=0.3",
+        "model.dropout.output=0.3",
+        "model.dropout.weight=0.4",
+    )
     model = LanguageModel(cfg, 50)
     x = torch.randint(0, 50, (10, 3))
     model.train()
@@ -212,7 +241,9 @@ def test_dropouts_change_training_not_evaluation():
 
 
 def test_tied_decoder_shares_the_embedding_and_last_layer_has_its_width():
-    model = LanguageModel(_model_cfg("model.embedding_size=12", "model.hidden_size=20", "model.num_layers=3"), 30)
+    model = LanguageModel(
+        _model_cfg("model.embedding_size=12", "model.hidden_size=20", "model.num_layers=3"), 30
+    )
     assert [layer.hidden_size for layer in model.layers] == [20, 20, 12]
     assert model.decoder_weight() is model.encoder.weight
     untied = LanguageModel(_model_cfg("model.tie_weights=false", "model.num_layers=1"), 30)
@@ -244,8 +275,22 @@ def test_fast_egru_sequence_equals_the_step_by_step_cell():
         out, (y, c), events = layer(x, (y0, c0))
         # every output carries gradient: sequence, final state, events (activity regulariser)
         loss = (out * weights).sum() + (0.3 * c).sum() + (0.2 * y).sum() + (0.7 * events).sum()
-        params = [x, y0, c0, layer.weight_ih, layer.weight_hh, layer.bias_ih, layer.bias_hh, layer.threshold]
-        results[fast] = (out.detach(), c.detach(), events.detach(), torch.autograd.grad(loss, params))
+        params = [
+            x,
+            y0,
+            c0,
+            layer.weight_ih,
+            layer.weight_hh,
+            layer.bias_ih,
+            layer.bias_hh,
+            layer.threshold,
+        ]
+        results[fast] = (
+            out.detach(),
+            c.detach(),
+            events.detach(),
+            torch.autograd.grad(loss, params),
+        )
     (out_a, c_a, ev_a, g_a), (out_b, c_b, ev_b, g_b) = results[False], results[True]
     assert torch.equal(out_a, out_b) and torch.equal(c_a, c_b) and torch.equal(ev_a, ev_b)
     assert 0 < float(ev_a.mean()) < 1
@@ -271,7 +316,13 @@ def test_fast_egru_forward_is_bit_identical_in_float32(batch, hidden):
         layer.fast = fast
         out, (y, c), events = layer(x, (y0, c0))
         params = [layer.weight_ih, layer.weight_hh, layer.bias_hh, layer.threshold]
-        results[fast] = (out.detach(), y.detach(), c.detach(), events.detach(), torch.autograd.grad(out.sum(), params))
+        results[fast] = (
+            out.detach(),
+            y.detach(),
+            c.detach(),
+            events.detach(),
+            torch.autograd.grad(out.sum(), params),
+        )
     (*values_a, g_a), (*values_b, g_b) = results[False], results[True]
     for a, b in zip(values_a, values_b):
         assert torch.equal(a, b)

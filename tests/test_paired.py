@@ -16,16 +16,41 @@ from duosparse.analysis import paired, runs
 from mlflow.tracking import MlflowClient
 
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
-TINY = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
-        "--set", "train.batch_size=8", "--set", "train.eval_batch_size=8", "--set", "train.max_steps_per_epoch=10",
-        "--set", "train.epochs=2", "--set", "model.threshold=0.05", "--set", "prune.schedule=oneshot",
-        "--set", "prune.start_epoch=1"]
+TINY = [
+    "--set",
+    "data.corpus=synthetic",
+    "--set",
+    "model.embedding_size=16",
+    "--set",
+    "model.hidden_size=24",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_batch_size=8",
+    "--set",
+    "train.max_steps_per_epoch=10",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "model.threshold=0.05",
+    "--set",
+    "prune.schedule=oneshot",
+    "--set",
+    "prune.start_epoch=1",
+]
 
 
 def train(folder: Path, *extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    result = subprocess.run([DUOSPARSE, "train", *TINY, *extra, "--experiment", "pc", "--json"], cwd=folder,
-                            capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [DUOSPARSE, "train", *TINY, *extra, "--experiment", "pc", "--json"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout)
 

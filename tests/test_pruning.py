@@ -27,9 +27,18 @@ from duosparse.sensitivity import analyse, magnitude_mask, prune_app
 from duosparse.train import evaluate, load_checkpoint, load_model, train
 from typer.testing import CliRunner
 
-BASE = ["data.corpus=synthetic", "model.embedding_size=8", "model.hidden_size=12",
-        "model.num_layers=2", "model.threshold=0.05", "train.bptt=8", "train.batch_size=4",
-        "train.eval_batch_size=4", "train.max_steps_per_epoch=8", "train.max_eval_batches=3"]
+BASE = [
+    "data.corpus=synthetic",
+    "model.embedding_size=8",
+    "model.hidden_size=12",
+    "model.num_layers=2",
+    "model.threshold=0.05",
+    "train.bptt=8",
+    "train.batch_size=4",
+    "train.eval_batch_size=4",
+    "train.max_steps_per_epoch=8",
+    "train.max_eval_batches=3",
+]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -114,8 +123,9 @@ def test_global_scope_hits_the_target_overall_and_reads_current_magnitudes():
 
 
 def test_gradual_schedule_follows_the_cubic_formula_at_every_update():
-    cfg = PruneConfig(target_sparsity=0.8, schedule="gradual", start_epoch=2, end_epoch=3,
-                      update_every=3)
+    cfg = PruneConfig(
+        target_sparsity=0.8, schedule="gradual", start_epoch=2, end_epoch=3, update_every=3
+    )
     model = tiny_model("model.arch=gru")
     pruner = Pruner(cfg, model, steps_per_epoch=10)
     t0, t1 = 10, 30  # start of epoch 2, end of epoch 3, in global steps
@@ -139,8 +149,9 @@ def test_gradual_schedule_follows_the_cubic_formula_at_every_update():
 
 @pytest.mark.parametrize("schedule", ["oneshot", "iterative"])
 def test_oneshot_and_iterative_schedules(schedule):
-    cfg = PruneConfig(target_sparsity=0.75, schedule=schedule, start_epoch=2, end_epoch=3,
-                      iterative_steps=4)
+    cfg = PruneConfig(
+        target_sparsity=0.75, schedule=schedule, start_epoch=2, end_epoch=3, iterative_steps=4
+    )
     pruner = Pruner(cfg, tiny_model(), steps_per_epoch=10)
     got = [pruner.sparsity_at(s) for s in range(40)]
     if schedule == "oneshot":  # all at the first step of start_epoch, then fine-tuning
@@ -162,7 +173,9 @@ def test_pruned_weights_stay_exactly_zero_through_100_optimiser_steps(corpus, ar
     tensors = model.prunable(include_embedding=True)  # tied embedding/decoder included
     prune_to(tensors, 0.75, "layer")
     saved_masks = {k: v.clone() for k, v in masks(model).items()}
-    orig_before = {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("_orig")}
+    orig_before = {
+        k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("_orig")
+    }
     opt_class = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     opt = opt_class(model.parameters(), lr=1e-2, weight_decay=0.1)
     stream = data.batchify(corpus.train, 4)
@@ -225,16 +238,24 @@ class Killer:
 
 def test_masks_survive_save_load_and_resume_bit_for_bit(tmp_path, corpus):
     cfg = tiny(
-        "model.arch=lstm", "model.dropout.weight=0.2", "train.epochs=3", "train.optimizer=adamw",
-        "train.weight_decay=0.05", "prune.schedule=gradual", "prune.target_sparsity=0.8",
-        "prune.start_epoch=1", "prune.end_epoch=3", "prune.update_every=2",
+        "model.arch=lstm",
+        "model.dropout.weight=0.2",
+        "train.epochs=3",
+        "train.optimizer=adamw",
+        "train.weight_decay=0.05",
+        "prune.schedule=gradual",
+        "prune.target_sparsity=0.8",
+        "prune.start_epoch=1",
+        "prune.end_epoch=3",
+        "prune.update_every=2",
         "prune.include_embedding=true",
     )
     whole = train(cfg, None, tmp_path / "whole", corpus=corpus, progress=False)
     saved = load_checkpoint(tmp_path / "whole" / schema.ARTIFACT_CHECKPOINT)["model"]
     expected = {k: v for k, v in saved.items() if k.endswith("_mask")}
     assert set(expected) == {"encoder.weight_mask"} | {
-        f"layers.{i}.{w}_mask" for i in range(2) for w in ("weight_ih", "weight_hh")}
+        f"layers.{i}.{w}_mask" for i in range(2) for w in ("weight_ih", "weight_hh")
+    }
 
     # load: the masks come back, and the model evaluates as it did at the end of training
     model, _ = load_model(tmp_path / "whole" / schema.ARTIFACT_CHECKPOINT)
@@ -252,7 +273,9 @@ def test_masks_survive_save_load_and_resume_bit_for_bit(tmp_path, corpus):
         train(cfg, Killer(at=2), tmp_path / "resumed", corpus=corpus, progress=False)
     last = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert last["epoch"] in (1, 2)
-    partial = [float((v == 0).double().mean()) for k, v in last["model"].items() if k.endswith("_mask")]
+    partial = [
+        float((v == 0).double().mean()) for k, v in last["model"].items() if k.endswith("_mask")
+    ]
     assert all(0.0 < s < 0.79 for s in partial)  # mid-schedule masks
     resumed = train(cfg, None, tmp_path / "resumed", corpus=corpus, progress=False)
     final = load_checkpoint(tmp_path / "resumed" / schema.ARTIFACT_CHECKPOINT)["model"]
@@ -279,8 +302,10 @@ def test_dense_activity_lstm_effective_macs_equal_weight_sparse_macs(corpus):
     expected = sum(w + r * (tokens - batch) / tokens for w, r in zip(nnz_w, nnz_r, strict=True))
     assert ev.accounting[schema.OPS_EFFECTIVE] == pytest.approx(expected, rel=1e-12)
     # From a non-zero state the effective count equals the weight-sparse count exactly.
-    state = [(torch.rand(batch, layer.hidden_size) + 0.1, torch.rand(batch, layer.hidden_size))
-             for layer in model.layers]
+    state = [
+        (torch.rand(batch, layer.hidden_size) + 0.1, torch.rand(batch, layer.hidden_size))
+        for layer in model.layers
+    ]
     inputs, _ = next(data.bptt_batches(data.batchify(corpus.valid, batch), bptt))
     with torch.no_grad():
         _, _, trace = model.eval()(inputs, state)
@@ -364,7 +389,8 @@ def test_biases_and_thresholds_are_never_pruned(scope):
     model = tiny_model("model.arch=egru", "model.threshold=0.3")
     Pruner(cfg, model, steps_per_epoch=5).step(0)
     assert set(masks(model)) == {"encoder.weight_mask"} | {
-        f"layers.{i}.{w}_mask" for i in range(2) for w in ("weight_ih", "weight_hh")}
+        f"layers.{i}.{w}_mask" for i in range(2) for w in ("weight_ih", "weight_hh")
+    }
     assert weight_sparsity(model, include_embedding=True) == pytest.approx(0.9, abs=1e-3)
     for layer in model.layers:
         for name in ("bias_ih", "bias_hh", "threshold"):
@@ -378,27 +404,67 @@ def test_biases_and_thresholds_are_never_pruned(scope):
 # --- config validation ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["prune.schedule=oneshot", "prune.target_sparsity=1.0"], "prune.target_sparsity"),
-    (["prune.schedule=oneshot", "prune.target_sparsity=-0.1"], "prune.target_sparsity"),
-    (["prune.schedule=gradual", "prune.target_sparsity=0.5", "prune.start_epoch=2",
-      "prune.end_epoch=1", "train.epochs=3"], "prune.end_epoch"),
-    (["prune.schedule=gradual", "prune.target_sparsity=0.5", "prune.end_epoch=3",
-      "train.epochs=2"], "prune.end_epoch"),
-    (["prune.schedule=iterative", "prune.target_sparsity=0.5", "prune.end_epoch=5",
-      "train.epochs=4"], "prune.end_epoch"),
-    (["prune.schedule=oneshot", "prune.target_sparsity=0.5", "prune.start_epoch=3",
-      "train.epochs=2"], "prune.start_epoch"),
-    (["prune.target_sparsity=0.5"], "prune.schedule"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["prune.schedule=oneshot", "prune.target_sparsity=1.0"], "prune.target_sparsity"),
+        (["prune.schedule=oneshot", "prune.target_sparsity=-0.1"], "prune.target_sparsity"),
+        (
+            [
+                "prune.schedule=gradual",
+                "prune.target_sparsity=0.5",
+                "prune.start_epoch=2",
+                "prune.end_epoch=1",
+                "train.epochs=3",
+            ],
+            "prune.end_epoch",
+        ),
+        (
+            [
+                "prune.schedule=gradual",
+                "prune.target_sparsity=0.5",
+                "prune.end_epoch=3",
+                "train.epochs=2",
+            ],
+            "prune.end_epoch",
+        ),
+        (
+            [
+                "prune.schedule=iterative",
+                "prune.target_sparsity=0.5",
+                "prune.end_epoch=5",
+                "train.epochs=4",
+            ],
+            "prune.end_epoch",
+        ),
+        (
+            [
+                "prune.schedule=oneshot",
+                "prune.target_sparsity=0.5",
+                "prune.start_epoch=3",
+                "train.epochs=2",
+            ],
+            "prune.start_epoch",
+        ),
+        (["prune.target_sparsity=0.5"], "prune.schedule"),
+    ],
+)
 def test_config_refuses_unreachable_or_invalid_pruning(overrides, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(None, overrides)
 
 
 def test_config_accepts_schedules_that_end_with_training():
-    cfg = load_config(None, ["prune.schedule=gradual", "prune.target_sparsity=0.95",
-                             "prune.start_epoch=2", "prune.end_epoch=2", "train.epochs=2"])
+    cfg = load_config(
+        None,
+        [
+            "prune.schedule=gradual",
+            "prune.target_sparsity=0.95",
+            "prune.start_epoch=2",
+            "prune.end_epoch=2",
+            "train.epochs=2",
+        ],
+    )
     assert cfg.prune.end_epoch == cfg.train.epochs
 
 
@@ -407,8 +473,13 @@ def test_config_accepts_schedules_that_end_with_training():
 
 @pytest.fixture(scope="module")
 def dense_checkpoint(tmp_path_factory, corpus) -> Path:
-    cfg = tiny("model.arch=lstm", "train.epochs=2", "train.lr=0.01",
-               "train.max_steps_per_epoch=30", "train.max_eval_batches=4")
+    cfg = tiny(
+        "model.arch=lstm",
+        "train.epochs=2",
+        "train.lr=0.01",
+        "train.max_steps_per_epoch=30",
+        "train.max_eval_batches=4",
+    )
     workdir = tmp_path_factory.mktemp("dense")
     train(cfg, None, workdir, corpus=corpus, progress=False)
     return workdir / schema.ARTIFACT_CHECKPOINT
@@ -435,7 +506,8 @@ def test_sensitivity_table_against_brute_force(dense_checkpoint, corpus):
     table = analyse(model, stream, cfg.train.bptt, levels, max_batches=4)
     tensors = [tensor_name(model, m, n) for m, n in model.prunable()]
     assert [(row["tensor"], row["level"]) for row in table["rows"]] == [
-        (t, level) for t in tensors for level in levels]
+        (t, level) for t in tensors for level in levels
+    ]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # restored
     assert table["baseline"]["ppl"] == evaluate(model, stream, cfg.train.bptt, 4).ppl
     by = {(row["tensor"], row["level"]): row for row in table["rows"]}
@@ -454,8 +526,18 @@ def test_sensitivity_table_against_brute_force(dense_checkpoint, corpus):
 
 def test_sensitivity_command_on_a_checkpoint(dense_checkpoint, tmp_path):
     out = tmp_path / "s.json"
-    result = cli([str(dense_checkpoint), "--levels", "0.5,0.95", "--max-batches", "2",
-                  "--json", "--out", str(out)])
+    result = cli(
+        [
+            str(dense_checkpoint),
+            "--levels",
+            "0.5,0.95",
+            "--max-batches",
+            "2",
+            "--json",
+            "--out",
+            str(out),
+        ]
+    )
     assert result.exit_code == 0, result.output
     table = json.loads(result.stdout)
     assert json.loads(out.read_text()) == table
@@ -477,12 +559,24 @@ def test_sensitivity_command_on_a_checkpoint(dense_checkpoint, tmp_path):
 def egru_run(tmp_path_factory) -> tuple[Path, dict]:
     cwd = tmp_path_factory.mktemp("e2e")
     overrides = [
-        "data.corpus=synthetic", "model.arch=egru", "model.embedding_size=16",
-        "model.hidden_size=24", "model.num_layers=2", "model.threshold=0.05",
-        "prune.schedule=gradual", "prune.target_sparsity=0.9", "prune.start_epoch=1",
-        "prune.end_epoch=2", "prune.update_every=4", "train.epochs=2", "train.bptt=10",
-        "train.max_steps_per_epoch=16", "train.batch_size=8", "train.eval_batch_size=8",
-        "train.max_eval_batches=4", "train.lr=0.005",
+        "data.corpus=synthetic",
+        "model.arch=egru",
+        "model.embedding_size=16",
+        "model.hidden_size=24",
+        "model.num_layers=2",
+        "model.threshold=0.05",
+        "prune.schedule=gradual",
+        "prune.target_sparsity=0.9",
+        "prune.start_epoch=1",
+        "prune.end_epoch=2",
+        "prune.update_every=4",
+        "train.epochs=2",
+        "train.bptt=10",
+        "train.max_steps_per_epoch=16",
+        "train.batch_size=8",
+        "train.eval_batch_size=8",
+        "train.max_eval_batches=4",
+        "train.lr=0.005",
     ]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["OMP_NUM_THREADS"] = "1"
@@ -506,7 +600,9 @@ def test_duosparse_train_egru_gradual_to_90_percent(egru_run):
     assert abs(metrics[schema.SPARSITY_WEIGHT] - 0.9) <= len(tensors) / total
     assert metrics[schema.SPARSITY_WEIGHT] == weight_sparsity(model)
     # both sparsities compose: fewer MACs than weight pruning alone would leave
-    assert metrics[schema.OPS_WEIGHT_SPARSE] == pytest.approx(0.1 * metrics[schema.OPS_DENSE], abs=len(tensors))
+    assert metrics[schema.OPS_WEIGHT_SPARSE] == pytest.approx(
+        0.1 * metrics[schema.OPS_DENSE], abs=len(tensors)
+    )
     assert metrics[schema.OPS_EFFECTIVE] < metrics[schema.OPS_WEIGHT_SPARSE]
     assert metrics[schema.OPS_COMPUTE_REDUCTION] > 1 / (1 - 0.9)
 
@@ -515,8 +611,9 @@ def test_sensitivity_command_logs_into_the_mlflow_run(egru_run, monkeypatch):
     cwd, out = egru_run
     monkeypatch.chdir(cwd)
     uri = f"sqlite:///{cwd / 'mlruns.db'}"
-    result = cli([out["run_id"], "--tracking-uri", uri, "--levels", "0.5,0.95",
-                  "--max-batches", "2"])
+    result = cli(
+        [out["run_id"], "--tracking-uri", uri, "--levels", "0.5,0.95", "--max-batches", "2"]
+    )
     assert result.exit_code == 0, result.output
     from mlflow.tracking import MlflowClient
 
@@ -525,12 +622,15 @@ def test_sensitivity_command_logs_into_the_mlflow_run(egru_run, monkeypatch):
     logged = {k: v for k, v in run.data.metrics.items() if k.startswith(schema.SENSITIVITY_PREFIX)}
     names = [f"layers.{i}.{w}" for i in range(2) for w in ("weight_ih", "weight_hh")]
     assert set(logged) == {schema.SENSITIVITY_BASELINE} | {
-        schema.sensitivity_metric(t, level) for t in names for level in (0.5, 0.95)}
+        schema.sensitivity_metric(t, level) for t in names for level in (0.5, 0.95)
+    }
     # 0.5 is below the run's 0.9: nothing changes, the perplexity is the baseline's
     assert logged[schema.sensitivity_metric(names[0], 0.5)] == logged[schema.SENSITIVITY_BASELINE]
     artifacts = [a.path for a in client.list_artifacts(out["run_id"])]
     assert schema.ARTIFACT_SENSITIVITY in artifacts
     # sparsity/weight is logged every epoch and follows the gradual schedule
-    history = sorted((m.step, m.value) for m in client.get_metric_history(out["run_id"], schema.SPARSITY_WEIGHT))
+    history = sorted(
+        (m.step, m.value) for m in client.get_metric_history(out["run_id"], schema.SPARSITY_WEIGHT)
+    )
     assert history[0][0] == 1 and 0.3 < history[0][1] < 0.89
     assert history[-1] == (2, pytest.approx(0.9, abs=0.01))

@@ -35,9 +35,18 @@ from test_train import Recorder  # the reporter that records, and can simulate a
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ["data.corpus=synthetic", "model.embedding_size=16", "model.hidden_size=24",
-        "train.batch_size=8", "train.eval_batch_size=8", "train.max_steps_per_epoch=15",
-        "train.max_eval_batches=5", "model.threshold=0.05", "train.epochs=1", "train.device=cpu"]
+TINY = [
+    "data.corpus=synthetic",
+    "model.embedding_size=16",
+    "model.hidden_size=24",
+    "train.batch_size=8",
+    "train.eval_batch_size=8",
+    "train.max_steps_per_epoch=15",
+    "train.max_eval_batches=5",
+    "model.threshold=0.05",
+    "train.epochs=1",
+    "train.device=cpu",
+]
 SILENT = TINY + ["model.threshold=5.0", "train.max_steps_per_epoch=2"]
 
 
@@ -74,7 +83,9 @@ def test_beta_thresholds_have_the_configured_mean_and_differ_per_unit():
     # At m = 0.5 a wrong alpha shows (a = beta * m would give mean 1/3).
     for beta in (3.0, 30.0):
         torch.manual_seed(1)
-        draws = initial_thresholds(ModelConfig(threshold=0.5, threshold_init="beta", threshold_beta=beta), 20000)
+        draws = initial_thresholds(
+            ModelConfig(threshold=0.5, threshold_init="beta", threshold_beta=beta), 20000
+        )
         assert draws.mean().item() == pytest.approx(0.5, abs=0.01)
         assert draws.var().item() == pytest.approx(0.25 / (beta / 0.5 + 1), rel=0.05)
     constant = initial_thresholds(ModelConfig(threshold=0.07), 500)
@@ -82,8 +93,16 @@ def test_beta_thresholds_have_the_configured_mean_and_differ_per_unit():
 
 
 def test_threshold_max_clamps_thresholds():
-    cfg = load_config(None, ["model.threshold=0.3", "model.threshold_max=0.5", "model.num_layers=2",
-                             "model.hidden_size=3", "model.embedding_size=3"]).model
+    cfg = load_config(
+        None,
+        [
+            "model.threshold=0.3",
+            "model.threshold_max=0.5",
+            "model.num_layers=2",
+            "model.hidden_size=3",
+            "model.embedding_size=3",
+        ],
+    ).model
     model = LanguageModel(cfg, 10)
     for layer in model.layers:
         layer.threshold.data = torch.tensor([-1.0, 0.2, 0.9])
@@ -97,7 +116,9 @@ def test_threshold_max_clamps_thresholds():
 
 
 def test_thresholds_have_their_own_undecayed_optimizer_group():
-    cfg = load_config(None, ["train.weight_decay=0.1", "train.optimizer=adamw", "train.threshold_lr_factor=0.5"])
+    cfg = load_config(
+        None, ["train.weight_decay=0.1", "train.optimizer=adamw", "train.threshold_lr_factor=0.5"]
+    )
     model = build_model(cfg, 20)
     weights, thetas = make_optimizer(cfg, model).param_groups
     theta_ids = {id(layer.threshold) for layer in model.layers}
@@ -112,9 +133,17 @@ def test_thresholds_have_their_own_undecayed_optimizer_group():
 
 @pytest.mark.parametrize("factor", [0.0, 1.0])
 def test_threshold_lr_factor_zero_freezes_thresholds_and_one_trains_them(tmp_path, factor):
-    cfg = load_config(None, TINY + ["model.threshold_init=beta", "train.optimizer=adamw",
-                                    "train.weight_decay=0.1", "train.max_steps_per_epoch=5",
-                                    f"train.threshold_lr_factor={factor}"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "model.threshold_init=beta",
+            "train.optimizer=adamw",
+            "train.weight_decay=0.1",
+            "train.max_steps_per_epoch=5",
+            f"train.threshold_lr_factor={factor}",
+        ],
+    )
     train(cfg, None, tmp_path, progress=False)
     seed_everything(cfg.train.seed)  # as train(): seed, (synthetic corpus: own RNG), build
     initial = build_model(cfg, data.load_corpus("synthetic", seed=cfg.train.seed).vocab_size)
@@ -185,8 +214,12 @@ def _hand_transcribed_default_init(arch, vocab, emb, hidden, num_layers):
     layers = []
     for i, h in zip(inputs, sizes):
         g, bound = GATES[arch], 1 / math.sqrt(h)
-        layers.append([torch.empty(*shape).uniform_(-bound, bound) for shape in
-                       ((g * h, i), (g * h, h), (g * h,), (g * h,))])
+        layers.append(
+            [
+                torch.empty(*shape).uniform_(-bound, bound)
+                for shape in ((g * h, i), (g * h, h), (g * h,), (g * h,))
+            ]
+        )
     decoder_weight = torch.empty(vocab, sizes[-1])
     torch.nn.init.kaiming_uniform_(decoder_weight, a=math.sqrt(5))
     decoder_bias = torch.empty(vocab).uniform_(-1 / math.sqrt(sizes[-1]), 1 / math.sqrt(sizes[-1]))
@@ -196,8 +229,16 @@ def _hand_transcribed_default_init(arch, vocab, emb, hidden, num_layers):
 
 @pytest.mark.parametrize("arch", ["egru", "lstm"])
 def test_default_init_is_bit_identical_to_before(arch):
-    cfg = load_config(None, [f"model.arch={arch}", "model.embedding_size=12", "model.hidden_size=20",
-                             "model.num_layers=3", "model.threshold=0.05"]).model
+    cfg = load_config(
+        None,
+        [
+            f"model.arch={arch}",
+            "model.embedding_size=12",
+            "model.hidden_size=20",
+            "model.num_layers=3",
+            "model.threshold=0.05",
+        ],
+    ).model
     torch.manual_seed(0)
     model = LanguageModel(cfg, 30)
     layers, decoder_bias, encoder = _hand_transcribed_default_init(arch, 30, 12, 20, 3)
@@ -214,9 +255,13 @@ def test_default_init_is_bit_identical_to_before(arch):
 def test_activity_penalty_linear_and_squared():
     events = [torch.tensor([[1.0, 0.0, 0.0, 1.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])]
     rate = 5 / 8  # unit-weighted: all 8 event slots together
-    linear = load_config(None, ["model.activity_regularizer.kind=linear", "model.activity_regularizer.weight=2.0"])
+    linear = load_config(
+        None, ["model.activity_regularizer.kind=linear", "model.activity_regularizer.weight=2.0"]
+    )
     assert _activity_penalty(linear, events).item() == pytest.approx(2.0 * rate)
-    squared = load_config(None, ["model.activity_regularizer.weight=3.0", "model.activity_regularizer.target=0.1"])
+    squared = load_config(
+        None, ["model.activity_regularizer.weight=3.0", "model.activity_regularizer.target=0.1"]
+    )
     assert _activity_penalty(squared, events).item() == pytest.approx(3.0 * (rate - 0.1) ** 2)
     assert _activity_penalty(load_config(None, []), events) is None  # weight 0: off
 
@@ -227,7 +272,11 @@ def test_activity_penalty_linear_and_squared():
 def _grads(model, layer0_scale):
     g = torch.Generator().manual_seed(0)
     for name, p in model.named_parameters():
-        scale = layer0_scale if name.startswith("layers.0.") else (1e-5 if name.startswith("layers.") else 1.0)
+        scale = (
+            layer0_scale
+            if name.startswith("layers.0.")
+            else (1e-5 if name.startswith("layers.") else 1.0)
+        )
         p.grad = torch.randn(p.shape, generator=g) * scale
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -243,7 +292,9 @@ def test_layer_clip_bounds_each_egru_layer_then_the_global_clip_applies():
     clip_gradients(load_config(None, common + ["train.layer_clip=0.1", "train.clip=0"]), model)
     after = {n: p.grad for n, p in model.named_parameters()}
     assert _norm(before[n] for n in before if n.startswith("layers.0.")) > 1  # was above the clip
-    assert _norm(after[n] for n in after if n.startswith("layers.0.")) == pytest.approx(0.1, rel=1e-4)
+    assert _norm(after[n] for n in after if n.startswith("layers.0.")) == pytest.approx(
+        0.1, rel=1e-4
+    )
     for name in before:
         if not name.startswith("layers.0."):  # layer 1 (below the clip), embedding, decoder
             assert torch.equal(after[name], before[name]), name
@@ -251,7 +302,9 @@ def test_layer_clip_bounds_each_egru_layer_then_the_global_clip_applies():
     before = _grads(model, 1.0)
     clip_gradients(load_config(None, common + ["train.layer_clip=0.1", "train.clip=0.05"]), model)
     layer0 = _norm(before[n] for n in before if n.startswith("layers.0."))
-    expected = {n: g * (0.1 / layer0 if n.startswith("layers.0.") else 1.0) for n, g in before.items()}
+    expected = {
+        n: g * (0.1 / layer0 if n.startswith("layers.0.") else 1.0) for n, g in before.items()
+    }
     total = _norm(expected.values())
     assert total > 0.05
     for name, p in model.named_parameters():
@@ -260,8 +313,17 @@ def test_layer_clip_bounds_each_egru_layer_then_the_global_clip_applies():
 
 
 def test_layer_clip_leaves_lstm_layers_alone():
-    cfg = load_config(None, ["model.arch=lstm", "model.embedding_size=8", "model.hidden_size=12",
-                             "model.tie_weights=false", "train.layer_clip=0.1", "train.clip=0"])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=lstm",
+            "model.embedding_size=8",
+            "model.hidden_size=12",
+            "model.tie_weights=false",
+            "train.layer_clip=0.1",
+            "train.clip=0",
+        ],
+    )
     model = build_model(cfg, 40)
     before = _grads(model, 1.0)
     clip_gradients(cfg, model)
@@ -288,7 +350,10 @@ def test_fractional_warmup_never_exceeds_the_base_lr():
 
 
 def test_cosine_is_held_then_half_a_cosine_to_zero():
-    cfg = load_config(None, ["train.epochs=4", "train.lr_schedule=cosine", "train.decay_start_epoch=3", "train.lr=0.5"])
+    cfg = load_config(
+        None,
+        ["train.epochs=4", "train.lr_schedule=cosine", "train.decay_start_epoch=3", "train.lr=0.5"],
+    )
     per_epoch, start, total = 10, 20, 40
 
     def expected(step):
@@ -297,7 +362,9 @@ def test_cosine_is_held_then_half_a_cosine_to_zero():
         return 0.5 * 0.5 * (1 + math.cos(math.pi * (step - start) / (total - start)))
 
     for step in (0, 10, 19, 20, 21, 25, 30, 35, 39):
-        assert lr_at(cfg, step, per_epoch, LrState()) == pytest.approx(expected(step), rel=1e-12), step
+        assert lr_at(cfg, step, per_epoch, LrState()) == pytest.approx(expected(step), rel=1e-12), (
+            step
+        )
     assert lr_at(cfg, 19, per_epoch, LrState()) == 0.5
     assert lr_at(cfg, 30, per_epoch, LrState()) == pytest.approx(0.25)
     assert lr_at(cfg, 39, per_epoch, LrState()) < 0.01 * 0.5
@@ -306,8 +373,16 @@ def test_cosine_is_held_then_half_a_cosine_to_zero():
 
 
 def test_step_schedule_decays_after_each_listed_epoch():
-    cfg = load_config(None, ["train.epochs=5", "train.lr_schedule=step", "train.step_epochs=[2, 4]",
-                             "train.lr_decay_factor=0.5", "train.lr=0.8"])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=5",
+            "train.lr_schedule=step",
+            "train.step_epochs=[2, 4]",
+            "train.lr_decay_factor=0.5",
+            "train.lr=0.8",
+        ],
+    )
     state, lrs = LrState(), []
     for epoch in range(1, 5):
         state.end_of_epoch(cfg, epoch, val_loss=10.0 - epoch)
@@ -316,14 +391,26 @@ def test_step_schedule_decays_after_each_listed_epoch():
 
 
 def test_plateau_divides_after_patience_plus_one_bad_epochs_only():
-    cfg = load_config(None, ["train.epochs=10", "train.lr_schedule=plateau", "train.plateau_patience=1",
-                             "train.lr_decay_factor=0.25", "train.lr=1.0"])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=10",
+            "train.lr_schedule=plateau",
+            "train.plateau_patience=1",
+            "train.lr_decay_factor=0.25",
+            "train.lr=1.0",
+        ],
+    )
     state, scales = LrState(), []
     for epoch, val in enumerate([3.0, 2.0, 2.5, 2.4, 1.0, 1.5, 1.0], start=1):
         state.end_of_epoch(cfg, epoch, val)
         scales.append(lr_at(cfg, 0, 10, state))
-    assert scales == pytest.approx([1, 1, 1, 0.25, 0.25, 0.25, 0.0625])  # an equal loss is no new best
-    eager = load_config(None, ["train.epochs=10", "train.lr_schedule=plateau", "train.lr_decay_factor=0.5"])
+    assert scales == pytest.approx(
+        [1, 1, 1, 0.25, 0.25, 0.25, 0.0625]
+    )  # an equal loss is no new best
+    eager = load_config(
+        None, ["train.epochs=10", "train.lr_schedule=plateau", "train.lr_decay_factor=0.5"]
+    )
     state = LrState()
     for epoch, val in enumerate([3.0, 3.5, 2.0, 2.0], start=1):
         state.end_of_epoch(eager, epoch, val)
@@ -334,10 +421,20 @@ def test_a_plateau_run_resumed_after_a_kill_ends_exactly_as_an_uninterrupted_one
     # SGD at lr 50 makes epoch 2 worse (val 4.09 -> 4.13; at lr 100 the divergence rule would
     # end the run), so the plateau has divided the lr when the run is killed: the resumed run
     # needs lr_state, the data position and the rng.
-    cfg = load_config(None, TINY + ["train.epochs=3", "train.optimizer=sgd", "train.lr=50",
-                                    "train.max_steps_per_epoch=4", "train.max_eval_batches=3",
-                                    "train.lr_schedule=plateau", "train.variable_bptt=true",
-                                    "model.dropout.hidden=0.2"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "train.epochs=3",
+            "train.optimizer=sgd",
+            "train.lr=50",
+            "train.max_steps_per_epoch=4",
+            "train.max_eval_batches=3",
+            "train.lr_schedule=plateau",
+            "train.variable_bptt=true",
+            "model.dropout.hidden=0.2",
+        ],
+    )
     whole = Recorder()
     expected = train(cfg, whole, tmp_path / "whole", progress=False)
     with pytest.raises(KeyboardInterrupt):
@@ -363,8 +460,12 @@ def test_capped_epochs_walk_the_whole_stream_before_repeating(variable):
     generator = torch.Generator().manual_seed(0)
     position, seen, wraps = 0, [], []
     for _ in range(8):  # 8 capped epochs of 3 chunks: more than one pass
-        for inputs, targets, next_position in data.epoch_batches(source, 7, 3, position, variable, generator):
-            assert torch.equal(targets, source[inputs[0, 0] + 1 : inputs[0, 0] + 1 + inputs.size(0)])
+        for inputs, targets, next_position in data.epoch_batches(
+            source, 7, 3, position, variable, generator
+        ):
+            assert torch.equal(
+                targets, source[inputs[0, 0] + 1 : inputs[0, 0] + 1 + inputs.size(0)]
+            )
             seen += inputs[:, 0].tolist()
             wraps.append(next_position == 0)
         position = next_position  # the next capped epoch starts where this one stopped
@@ -375,16 +476,28 @@ def test_capped_epochs_walk_the_whole_stream_before_repeating(variable):
 
 def test_fixed_bptt_capped_epochs_hand_over_their_position():
     source = data.batchify(torch.arange(101 * 2), 2)
-    got = [[(x[0, 0].item(), len(x), nxt) for x, _, nxt in data.epoch_batches(source, 7, 4, start)]
-           for start in (0, 28, 56, 84)]
+    got = [
+        [(x[0, 0].item(), len(x), nxt) for x, _, nxt in data.epoch_batches(source, 7, 4, start)]
+        for start in (0, 28, 56, 84)
+    ]
     assert got[0] == [(0, 7, 7), (7, 7, 14), (14, 7, 21), (21, 7, 28)]
     assert got[3] == [(84, 7, 91), (91, 7, 98), (98, 2, 0), (0, 7, 7)]  # short last chunk, wrap
 
 
 def test_train_checkpoints_the_capped_epoch_position(tmp_path):
     # batch 200: 200 rows, 5 full chunks of 35 per pass (and a short one); capped at 4.
-    cfg = load_config(None, TINY + ["train.batch_size=200", "train.bptt=35", "train.max_steps_per_epoch=4",
-                                    "train.epochs=2", "model.embedding_size=8", "model.hidden_size=8"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "train.batch_size=200",
+            "train.bptt=35",
+            "train.max_steps_per_epoch=4",
+            "train.epochs=2",
+            "model.embedding_size=8",
+            "model.hidden_size=8",
+        ],
+    )
     with pytest.raises(KeyboardInterrupt):
         train(cfg, Recorder(stop_after_epoch=1), tmp_path, progress=False)
     assert load_checkpoint(tmp_path / "last.pt")["position"] == (4 * 35) % 199
@@ -400,12 +513,25 @@ def test_uncapped_epochs_start_at_row_zero(tmp_path, monkeypatch):
         if source.size(1) == 2000:  # the training stream (evaluation runs at batch 8)
             starts.append(start)
             first = next(iter(original(source, bptt, variable, generator, max_batches, start)))[0]
-            starts.append(first[0, 0].item() == source[0, 0].item() and torch.equal(first, source[: len(first)]))
+            starts.append(
+                first[0, 0].item() == source[0, 0].item()
+                and torch.equal(first, source[: len(first)])
+            )
         return original(source, bptt, variable, generator, max_batches, start)
 
     monkeypatch.setattr(data, "bptt_batches", recording)
-    cfg = load_config(None, TINY + ["train.batch_size=2000", "train.bptt=5", "train.max_steps_per_epoch=null",
-                                    "train.epochs=2", "model.embedding_size=8", "model.hidden_size=8"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "train.batch_size=2000",
+            "train.bptt=5",
+            "train.max_steps_per_epoch=null",
+            "train.epochs=2",
+            "model.embedding_size=8",
+            "model.hidden_size=8",
+        ],
+    )
     train(cfg, None, tmp_path, progress=False)
     assert starts == [0, True, 0, True]  # one pass per epoch, each from the first row
     assert load_checkpoint(tmp_path / "last.pt")["position"] == 0
@@ -415,13 +541,25 @@ def test_uncapped_epochs_start_at_row_zero(tmp_path, monkeypatch):
 
 
 def test_test_batch_size_one_evaluates_the_best_model_at_batch_one(tmp_path):
-    cfg = load_config(None, TINY + ["train.test_batch_size=1", "train.eval_batch_size=10",
-                                    "train.max_eval_batches=20", "train.max_steps_per_epoch=10"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "train.test_batch_size=1",
+            "train.eval_batch_size=10",
+            "train.max_eval_batches=20",
+            "train.max_steps_per_epoch=10",
+        ],
+    )
     final = train(cfg, None, tmp_path, progress=False)
     model, loaded = load_model(tmp_path / schema.ARTIFACT_CHECKPOINT)
     corpus = data.load_corpus("synthetic", seed=cfg.train.seed)
-    at_one = evaluate(model, data.batchify(corpus.test, 1), cfg.train.bptt, cfg.train.max_eval_batches)
-    at_ten = evaluate(model, data.batchify(corpus.test, 10), cfg.train.bptt, cfg.train.max_eval_batches)
+    at_one = evaluate(
+        model, data.batchify(corpus.test, 1), cfg.train.bptt, cfg.train.max_eval_batches
+    )
+    at_ten = evaluate(
+        model, data.batchify(corpus.test, 10), cfg.train.bptt, cfg.train.max_eval_batches
+    )
     assert final[schema.TEST_LOSS] == pytest.approx(at_one.loss, rel=1e-9)
     assert final[schema.TEST_PPL] == pytest.approx(at_one.ppl, rel=1e-9)
     assert at_ten.ppl != pytest.approx(at_one.ppl, rel=1e-4)
@@ -449,11 +587,22 @@ def test_evnn_recipe_is_alive_on_ptb_and_the_old_configuration_is_not(data_dir):
         other, _, _ = model(changed, model.initial_state(4))
     assert not torch.allclose(logits[-1], other[-1])  # the history reaches the output
 
-    old = load_config(None, [
-        "data.corpus=ptb", "model.arch=egru", "model.embedding_size=750", "model.hidden_size=1350",
-        "model.num_layers=3", "model.tie_weights=true", "model.weight_init=uniform",
-        "model.threshold_init=constant", "model.threshold=0.05", "train.batch_size=64", "train.bptt=70",
-    ])
+    old = load_config(
+        None,
+        [
+            "data.corpus=ptb",
+            "model.arch=egru",
+            "model.embedding_size=750",
+            "model.hidden_size=1350",
+            "model.num_layers=3",
+            "model.tie_weights=true",
+            "model.weight_init=uniform",
+            "model.threshold_init=constant",
+            "model.threshold=0.05",
+            "train.batch_size=64",
+            "train.bptt=70",
+        ],
+    )
     message = probe_silent_start(old, corpus)
     assert message is not None and "layer 2 is silent" in message and "layer 1 " not in message
     assert "model.threshold" in message
@@ -480,22 +629,28 @@ def test_a_silent_start_warns_or_refuses_before_any_step(tmp_path):
 # --- 9. validation ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tree, field", [
-    ({"model": {"threshold_init": "beta", "threshold": 0.0}}, "model.threshold"),
-    ({"model": {"threshold_init": "beta", "threshold": 1.0}}, "model.threshold"),
-    ({"model": {"threshold_init": "beta", "threshold": 1.5}}, "model.threshold"),
-    ({"model": {"threshold": 0.5, "threshold_max": 0.4}}, "model.threshold_max"),
-    ({"model": {"hidden_size": True}}, "model.hidden_size"),
-    ({"train": {"epochs": 3, "warmup_epochs": 3}}, "train.warmup_epochs"),
-    ({"train": {"epochs": 3, "warmup_epochs": 4.5}}, "train.warmup_epochs"),
-    ({"train": {"lr_decay_factor": 0}}, "train.lr_decay_factor"),
-    ({"train": {"lr_decay_factor": 1.5}}, "train.lr_decay_factor"),
-    ({"train": {"lr_schedule": "step", "step_epochs": []}}, "train.step_epochs"),
-    ({"train": {"lr_schedule": "step", "epochs": 4, "step_epochs": [2, 4]}}, "train.step_epochs"),
-    ({"train": {"betas": [1.0, 0.999]}}, "train.betas"),
-    ({"train": {"betas": [0.9, -0.1]}}, "train.betas"),
-    ({"train": {"lr": yaml.safe_load(".inf")}}, "train.lr"),
-])
+@pytest.mark.parametrize(
+    "tree, field",
+    [
+        ({"model": {"threshold_init": "beta", "threshold": 0.0}}, "model.threshold"),
+        ({"model": {"threshold_init": "beta", "threshold": 1.0}}, "model.threshold"),
+        ({"model": {"threshold_init": "beta", "threshold": 1.5}}, "model.threshold"),
+        ({"model": {"threshold": 0.5, "threshold_max": 0.4}}, "model.threshold_max"),
+        ({"model": {"hidden_size": True}}, "model.hidden_size"),
+        ({"train": {"epochs": 3, "warmup_epochs": 3}}, "train.warmup_epochs"),
+        ({"train": {"epochs": 3, "warmup_epochs": 4.5}}, "train.warmup_epochs"),
+        ({"train": {"lr_decay_factor": 0}}, "train.lr_decay_factor"),
+        ({"train": {"lr_decay_factor": 1.5}}, "train.lr_decay_factor"),
+        ({"train": {"lr_schedule": "step", "step_epochs": []}}, "train.step_epochs"),
+        (
+            {"train": {"lr_schedule": "step", "epochs": 4, "step_epochs": [2, 4]}},
+            "train.step_epochs",
+        ),
+        ({"train": {"betas": [1.0, 0.999]}}, "train.betas"),
+        ({"train": {"betas": [0.9, -0.1]}}, "train.betas"),
+        ({"train": {"lr": yaml.safe_load(".inf")}}, "train.lr"),
+    ],
+)
 def test_invalid_recipe_values_are_refused_naming_the_field(tree, field):
     with pytest.raises(ConfigError, match=re.escape(field)):
         build_config(tree)
@@ -504,7 +659,10 @@ def test_invalid_recipe_values_are_refused_naming_the_field(tree, field):
 def test_valid_edge_values_are_accepted():
     assert build_config({"train": {"betas": [0.0, 0.999]}}).train.betas == (0.0, 0.999)
     assert build_config({"train": {"epochs": 3, "warmup_epochs": 2.5}}).train.warmup_epochs == 2.5
-    assert build_config({"model": {"threshold_init": "beta", "threshold": 0.01}}).model.threshold == 0.01
+    assert (
+        build_config({"model": {"threshold_init": "beta", "threshold": 0.01}}).model.threshold
+        == 0.01
+    )
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(None, ["train.lr=.inf"])
 
@@ -515,17 +673,31 @@ def test_valid_edge_values_are_accepted():
 def test_a_recipe_is_merged_under_base_relative_to_the_spec(tmp_path, monkeypatch):
     (tmp_path / "recipes").mkdir()
     (tmp_path / "specs").mkdir()
-    (tmp_path / "recipes" / "r.yaml").write_text(yaml.safe_dump({
-        "data": {"corpus": "synthetic"},
-        "model": {"arch": "egru", "hidden_size": 64, "threshold": 0.2, "weight_init": "xavier_normal"},
-        "train": {"lr": 0.0012, "epochs": 5},
-    }))
+    (tmp_path / "recipes" / "r.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data": {"corpus": "synthetic"},
+                "model": {
+                    "arch": "egru",
+                    "hidden_size": 64,
+                    "threshold": 0.2,
+                    "weight_init": "xavier_normal",
+                },
+                "train": {"lr": 0.0012, "epochs": 5},
+            }
+        )
+    )
     spec_path = tmp_path / "specs" / "s.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": "r", "recipe": "../recipes/r.yaml",
-        "base": {"model": {"hidden_size": 32}, "train": {"epochs": 2}},
-        "grid": {"prune.target_sparsity": [0.0]},
-    }))
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "r",
+                "recipe": "../recipes/r.yaml",
+                "base": {"model": {"hidden_size": 32}, "train": {"epochs": 2}},
+                "grid": {"prune.target_sparsity": [0.0]},
+            }
+        )
+    )
     elsewhere = tmp_path / "a" / "b"  # ../recipes/r.yaml does not exist from here
     elsewhere.mkdir(parents=True)
     monkeypatch.chdir(elsewhere)
@@ -550,7 +722,9 @@ def test_a_missing_or_invalid_recipe_is_refused_naming_it(tmp_path):
 def test_ptb_paper_sweep_carries_the_evnn_recipe():
     trials = expand(load_spec(ROOT / "sweeps" / "ptb_paper.yaml"))
     assert len(trials) == 90
-    by_arch = {arch: [t for t in trials if t.model.arch == arch] for arch in ("lstm", "gru", "egru")}
+    by_arch = {
+        arch: [t for t in trials if t.model.arch == arch] for arch in ("lstm", "gru", "egru")
+    }
     assert [len(v) for v in by_arch.values()] == [18, 18, 54]
     for t in by_arch["egru"]:
         assert t.model.threshold_init == "beta" and t.model.weight_init == "xavier_normal"
@@ -563,16 +737,25 @@ def test_ptb_paper_sweep_carries_the_evnn_recipe():
         assert t.train.lr == 0.0012
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "recipes").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_recipe_loads_and_documents_its_source(path):
     load_config(path)
-    comments = "\n".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
+    comments = "\n".join(
+        line for line in path.read_text().splitlines() if line.lstrip().startswith("#")
+    )
     assert re.search(r"python \S+\.py --", comments), "names no published command"
     claim = re.search(r"(Published|Should reach)[^\n]*", comments)
     assert claim, "says neither what was published nor what it should reach"
-    stated = re.search(r"(Published|Should reach)[^\n]*?(\d+(\.\d+)?|unknown|not reproducible)",
-                       comments, re.IGNORECASE)
-    assert stated and (stated.group(2)[0].isdigit() or stated.group(2).lower() in ("unknown", "not reproducible"))
+    stated = re.search(
+        r"(Published|Should reach)[^\n]*?(\d+(\.\d+)?|unknown|not reproducible)",
+        comments,
+        re.IGNORECASE,
+    )
+    assert stated and (
+        stated.group(2)[0].isdigit() or stated.group(2).lower() in ("unknown", "not reproducible")
+    )
 
 
 def test_recipe_directory_is_not_empty():
@@ -593,13 +776,24 @@ def test_sweep_run_warns_of_silent_trials_and_refuses_them_before_ray(tmp_path, 
     monkeypatch.setattr(tuning, "run_sweep", no_ray)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
-        "name": "silent",
-        "base": {"data": {"corpus": "synthetic"},
-                 "model": {"embedding_size": 8, "hidden_size": 8, "num_layers": 1, "threshold": 5.0},
-                 "train": {"epochs": 1, "max_steps_per_epoch": 2}},
-        "grid": {"model.arch": ["gru", "egru"]},
-    }))
+    (tmp_path / "s.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "silent",
+                "base": {
+                    "data": {"corpus": "synthetic"},
+                    "model": {
+                        "embedding_size": 8,
+                        "hidden_size": 8,
+                        "num_layers": 1,
+                        "threshold": 5.0,
+                    },
+                    "train": {"epochs": 1, "max_steps_per_epoch": 2},
+                },
+                "grid": {"model.arch": ["gru", "egru"]},
+            }
+        )
+    )
     runner = CliRunner()
     dry = runner.invoke(app, ["sweep", "run", "s.yaml", "--dry-run"])
     assert dry.exit_code == 0, dry.output
@@ -622,7 +816,9 @@ def test_carry_gate_bias_shifts_only_the_gate_that_keeps_the_state(arch):
     expected = torch.zeros_like(delta)
     expected[1] = 1.0  # LSTM forget gate, GRU z, EGRU u: the second block in each layout
     assert torch.allclose(delta, expected, atol=1e-6)
-    assert torch.equal(shifted.bias_hh, plain.bias_hh) and torch.equal(shifted.weight_hh, plain.weight_hh)
+    assert torch.equal(shifted.bias_hh, plain.bias_hh) and torch.equal(
+        shifted.weight_hh, plain.weight_hh
+    )
     if arch == "lstm":
         return  # torch.lstm's gate order is (i, f, g, o); c = f c + i g moves even when f = 1
     # and it is the carry gate: with a large bias the state barely moves in one step

@@ -22,10 +22,14 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return cli_run(*args, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["train.lr=100", "train.clip=0"],  # Adam thrown far out: val/loss ~1e3, ppl at the cap
-    ["train.optimizer=sgd", "train.lr=1e30"],  # clipped SGD: finite, ~1e28 nats
-], ids=["adam-lr100-noclip", "sgd-lr1e30"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.lr=100", "train.clip=0"],  # Adam thrown far out: val/loss ~1e3, ppl at the cap
+        ["train.optimizer=sgd", "train.lr=1e30"],  # clipped SGD: finite, ~1e28 nats
+    ],
+    ids=["adam-lr100-noclip", "sgd-lr1e30"],
+)
 @pytest.mark.slow
 def test_finite_divergence_ends_the_run_failed_through_the_cli(tmp_path, overrides):
     args = [a for o in overrides for a in ("--set", o)]
@@ -53,9 +57,17 @@ def test_the_rule_is_the_perplexity_cap_or_one_nat_above_a_uniform_guess():
         check_divergence(config, LOSS_CAP, 10**30, 3)
 
 
-def _finished_run(client, experiment: str, config: RunConfig, val_ppl: float, test_ppl: float,
-                  status: str = "FINISHED") -> str:
-    run_id = tracking.start_run(client, experiment, config, kind="trial", tags={schema.TAG_SWEEP: "capped"})
+def _finished_run(
+    client,
+    experiment: str,
+    config: RunConfig,
+    val_ppl: float,
+    test_ppl: float,
+    status: str = "FINISHED",
+) -> str:
+    run_id = tracking.start_run(
+        client, experiment, config, kind="trial", tags={schema.TAG_SWEEP: "capped"}
+    )
     reporter = tracking.MlflowReporter(client, run_id)
     given = (schema.VAL_PPL, schema.VAL_LOSS, schema.TEST_PPL, schema.TEST_LOSS)
     reporter.log_metrics({name: 1.0 for name in schema.RUN_METRICS if name not in given}, step=1)
@@ -71,18 +83,25 @@ def test_analysis_never_counts_a_failed_run_or_a_perplexity_at_the_cap(tmp_path)
     experiment = client.create_experiment("capped", artifact_location=(tmp_path / "art").as_uri())
     cap = math.exp(LOSS_CAP)
     ids = {}
-    for i, (name, val, test, status) in enumerate([
-        ("good", 80.0, 85.0, "FINISHED"),
-        ("capped_test", 90.0, cap, "FINISHED"),  # logged before the divergence rule existed
-        ("capped_val", cap, 95.0, "FINISHED"),
-        ("failed", 70.0, 75.0, "FAILED"),
-    ]):
+    for i, (name, val, test, status) in enumerate(
+        [
+            ("good", 80.0, 85.0, "FINISHED"),
+            ("capped_test", 90.0, cap, "FINISHED"),  # logged before the divergence rule existed
+            ("capped_val", cap, 95.0, "FINISHED"),
+            ("failed", 70.0, 75.0, "FAILED"),
+        ]
+    ):
         config = RunConfig.model_validate({"model": {"hidden_size": 32 + i}})
         ids[name] = _finished_run(client, experiment, config, val, test, status)
         time.sleep(0.01)
     table = runs.runs_table("capped", client=client)
     ok = dict(zip(table[runs.RUN_ID], table[runs.OK]))
-    assert ok == {ids["good"]: True, ids["capped_test"]: False, ids["capped_val"]: False, ids["failed"]: False}
+    assert ok == {
+        ids["good"]: True,
+        ids["capped_test"]: False,
+        ids["capped_val"]: False,
+        ids["failed"]: False,
+    }
 
     # A table exported by an older version, with the capped runs marked ok, is corrected on read.
     old = table.copy()
@@ -90,7 +109,10 @@ def test_analysis_never_counts_a_failed_run_or_a_perplexity_at_the_cap(tmp_path)
     path = runs.write_table(old, tmp_path / "runs.csv")
     again = runs.read_table(path)
     assert dict(zip(again[runs.RUN_ID], again[runs.OK])) == {
-        ids["good"]: True, ids["capped_test"]: False, ids["capped_val"]: False, ids["failed"]: False,
+        ids["good"]: True,
+        ids["capped_test"]: False,
+        ids["capped_val"]: False,
+        ids["failed"]: False,
     }
 
 
@@ -99,8 +121,9 @@ def test_analyze_reports_only_the_usable_run(tmp_path):
     client = tracking.open_store(f"sqlite:///{tmp_path / 'mlruns.db'}")
     experiment = client.create_experiment("capped", artifact_location=(tmp_path / "art").as_uri())
     cap = math.exp(LOSS_CAP)
-    for i, (val, test, status) in enumerate([(80.0, 85.0, "FINISHED"), (90.0, cap, "FINISHED"),
-                                             (70.0, 75.0, "FAILED")]):
+    for i, (val, test, status) in enumerate(
+        [(80.0, 85.0, "FINISHED"), (90.0, cap, "FINISHED"), (70.0, 75.0, "FAILED")]
+    ):
         config = RunConfig.model_validate({"model": {"hidden_size": 32 + i}})
         _finished_run(client, experiment, config, val, test, status)
     result = run("analyze", "capped", "--out", str(tmp_path / "out"), cwd=tmp_path)

@@ -20,9 +20,26 @@ from mlflow.tracking import MlflowClient
 pytestmark = pytest.mark.slow
 
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
-TINY = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
-        "--set", "train.batch_size=8", "--set", "train.eval_batch_size=8", "--set", "train.max_steps_per_epoch=5",
-        "--set", "train.max_eval_batches=2", "--set", "train.epochs=1", "--set", "model.arch=lstm"]
+TINY = [
+    "--set",
+    "data.corpus=synthetic",
+    "--set",
+    "model.embedding_size=16",
+    "--set",
+    "model.hidden_size=24",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_batch_size=8",
+    "--set",
+    "train.max_steps_per_epoch=5",
+    "--set",
+    "train.max_eval_batches=2",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "model.arch=lstm",
+]
 FAKE_RUN = "0123456789abcdef0123456789abcdef"
 
 
@@ -33,8 +50,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def run(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([DUOSPARSE, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env=_env(**env), stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [DUOSPARSE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(**env),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def message(result: subprocess.CompletedProcess) -> str:
@@ -68,19 +92,26 @@ def test_train_to_a_store_under_a_file_is_refused_before_any_work(tmp_path):
 @pytest.fixture
 def spec(tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"name": "tiny", "base": {"data": {"corpus": "synthetic"}},
-                                    "grid": {}, "seeds": [0]}))
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "tiny", "base": {"data": {"corpus": "synthetic"}}, "grid": {}, "seeds": [0]}
+        )
+    )
     return path
 
 
-@pytest.mark.parametrize("command", [
-    ["train", *TINY],
-    ["sweep", "status", "tiny.yaml"],
-    ["analyze", "tiny"],
-    ["simulate", "spinnaker2", FAKE_RUN],
-    ["prune", "sensitivity", FAKE_RUN],
-    ["ui", "--port", "1"],
-], ids=lambda c: " ".join(c[:2]))
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", *TINY],
+        ["sweep", "status", "tiny.yaml"],
+        ["analyze", "tiny"],
+        ["simulate", "spinnaker2", FAKE_RUN],
+        ["prune", "sensitivity", FAKE_RUN],
+        ["ui", "--port", "1"],
+    ],
+    ids=lambda c: " ".join(c[:2]),
+)
 def test_every_command_refuses_an_unwritable_tracking_uri_cleanly(tmp_path, spec, command):
     uri = "sqlite:////proc/duosparse-nowhere/mlruns.db"  # /proc: not writable, even by root
     result = run(*command, cwd=tmp_path, MLFLOW_TRACKING_URI=uri)
@@ -104,14 +135,24 @@ def _readonly_runner(folder: Path):
         return run_readonly
     unshare = shutil.which("unshare")
     script = 'mount --bind -o ro "$0" "$0" && cd "$0" && exec "$@"'
-    require(unshare is not None and subprocess.run([unshare, "-m", "sh", "-c", script, str(folder), "true"],
-                                                   capture_output=True).returncode == 0,
-            "as root, a read-only folder needs `unshare -m` and mount rights")
+    require(
+        unshare is not None
+        and subprocess.run(
+            [unshare, "-m", "sh", "-c", script, str(folder), "true"], capture_output=True
+        ).returncode
+        == 0,
+        "as root, a read-only folder needs `unshare -m` and mount rights",
+    )
 
     def run_readonly(*args: str, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([unshare, "-m", "sh", "-c", script, str(folder), DUOSPARSE, *args],
-                              capture_output=True, text=True, timeout=600, env=_env(**env),
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [unshare, "-m", "sh", "-c", script, str(folder), DUOSPARSE, *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=_env(**env),
+            stdin=subprocess.DEVNULL,
+        )
 
     return run_readonly
 
@@ -133,7 +174,9 @@ def test_train_in_a_readonly_folder_with_the_embedded_store_is_refused(readonly)
     assert list(folder.iterdir()) == []
 
 
-def test_train_in_a_readonly_folder_with_a_store_elsewhere_is_refused_before_any_run(tmp_path, readonly):
+def test_train_in_a_readonly_folder_with_a_store_elsewhere_is_refused_before_any_run(
+    tmp_path, readonly
+):
     folder, run_readonly = readonly
     uri = f"sqlite:///{tmp_path / 'store' / 'mlruns.db'}"
     result = run_readonly("train", *TINY, "--tracking-uri", uri)
@@ -143,7 +186,9 @@ def test_train_in_a_readonly_folder_with_a_store_elsewhere_is_refused_before_any
     client = MlflowClient(uri)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
     # and with --workdir elsewhere the same run trains, its artifacts beside the store
-    result = run_readonly("train", *TINY, "--tracking-uri", uri, "--workdir", str(tmp_path / "work"))
+    result = run_readonly(
+        "train", *TINY, "--tracking-uri", uri, "--workdir", str(tmp_path / "work")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "store" / "mlartifacts").is_dir()
 
@@ -166,7 +211,9 @@ def trained(tmp_path_factory):
 @pytest.fixture(params=["truncated", "garbage"])
 def corrupted(request, trained):
     folder, run_id, checkpoint, good = trained
-    checkpoint.write_bytes(good[: len(good) // 2] if request.param == "truncated" else b"not a checkpoint\n")
+    checkpoint.write_bytes(
+        good[: len(good) // 2] if request.param == "truncated" else b"not a checkpoint\n"
+    )
     client = MlflowClient(f"sqlite:///{folder / 'mlruns.db'}")
     before = client.get_run(run_id)
     yield folder, run_id
@@ -180,14 +227,20 @@ def corrupted(request, trained):
 def test_simulate_a_run_with_a_corrupted_checkpoint_fails_cleanly(corrupted):
     folder, run_id = corrupted
     result = run("simulate", "spinnaker2", run_id, cwd=folder)
-    assert_clean_failure(result, f"model.pt artifact of run {run_id}", "cannot be loaded", "Train the run again")
+    assert_clean_failure(
+        result, f"model.pt artifact of run {run_id}", "cannot be loaded", "Train the run again"
+    )
     assert result.returncode == 2
 
 
-def test_prune_sensitivity_of_a_run_with_a_corrupted_checkpoint_names_the_run_not_a_temp_file(corrupted):
+def test_prune_sensitivity_of_a_run_with_a_corrupted_checkpoint_names_the_run_not_a_temp_file(
+    corrupted,
+):
     folder, run_id = corrupted
     result = run("prune", "sensitivity", run_id, "--levels", "0.5", cwd=folder)
-    text = assert_clean_failure(result, f"model.pt artifact of MLflow run {run_id}", "cannot be loaded")
+    text = assert_clean_failure(
+        result, f"model.pt artifact of MLflow run {run_id}", "cannot be loaded"
+    )
     assert result.returncode == 2
     assert "duosparse-sensitivity-" not in text and "/tmp" not in text
     assert text.endswith("or train the run again.")  # the whole message, not cut off

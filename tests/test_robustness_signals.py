@@ -27,9 +27,26 @@ pytestmark = pytest.mark.slow
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
 EPOCHS = 6
 # ~20 s or more here: long enough that a signal lands after the first epoch, before the last
-SLOW = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
-        "--set", "train.batch_size=8", "--set", "train.eval_batch_size=8", "--set", "train.max_steps_per_epoch=30",
-        "--set", "train.max_eval_batches=4", "--set", f"train.epochs={EPOCHS}", "--set", "model.arch=lstm"]
+SLOW = [
+    "--set",
+    "data.corpus=synthetic",
+    "--set",
+    "model.embedding_size=16",
+    "--set",
+    "model.hidden_size=24",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_batch_size=8",
+    "--set",
+    "train.max_steps_per_epoch=30",
+    "--set",
+    "train.max_eval_batches=4",
+    "--set",
+    f"train.epochs={EPOCHS}",
+    "--set",
+    "model.arch=lstm",
+]
 
 
 def _env() -> dict[str, str]:
@@ -37,13 +54,27 @@ def _env() -> dict[str, str]:
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([DUOSPARSE, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env=_env(), stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [DUOSPARSE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def start_train(cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([DUOSPARSE, "train", *SLOW, "--json"], cwd=cwd, env=_env(), text=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [DUOSPARSE, "train", *SLOW, "--json"],
+        cwd=cwd,
+        env=_env(),
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def store(folder: Path):
@@ -62,7 +93,9 @@ def wait_for_first_epoch(folder: Path, proc: subprocess.Popen, timeout_s: float 
     """The run id, once the run has logged epoch 1 (a generous deadline, not a timing)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"train ended early ({proc.returncode}): {proc.communicate()[1][-3000:]}"
+        assert proc.poll() is None, (
+            f"train ended early ({proc.returncode}): {proc.communicate()[1][-3000:]}"
+        )
         if (folder / "mlruns.db").exists():
             client = store(folder)
             experiment = client.get_experiment_by_name("duosparse")
@@ -135,8 +168,11 @@ def test_the_same_config_twice_at_once_is_refused_and_the_first_run_is_untouched
 
 def test_a_train_killed_outright_is_marked_killed_by_the_next_command_and_resumed(tmp_path):
     spec = tmp_path / "other.yaml"  # any spec: `sweep status` opens the same store
-    spec.write_text(yaml.safe_dump({"name": "other", "base": {"data": {"corpus": "synthetic"}},
-                                    "grid": {}, "seeds": [0]}))
+    spec.write_text(
+        yaml.safe_dump(
+            {"name": "other", "base": {"data": {"corpus": "synthetic"}}, "grid": {}, "seeds": [0]}
+        )
+    )
     proc = start_train(tmp_path)
     run_id = wait_for_first_epoch(tmp_path, proc)
     proc.send_signal(signal.SIGKILL)
@@ -184,9 +220,16 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 def test_sigterm_to_ui_stops_the_whole_server_tree(tmp_path):
     port = _free_port()
-    ui = subprocess.Popen([DUOSPARSE, "ui", "--port", str(port)], cwd=tmp_path, env=_env(),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True)
+    ui = subprocess.Popen(
+        [DUOSPARSE, "ui", "--port", str(port)],
+        cwd=tmp_path,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     tree: list[psutil.Process] = []
     try:
         wait_for_ui(port, ui)

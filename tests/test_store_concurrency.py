@@ -17,9 +17,26 @@ from mlflow.tracking import MlflowClient
 pytestmark = pytest.mark.slow
 
 DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
-TINY = ["--set", "data.corpus=synthetic", "--set", "model.embedding_size=16", "--set", "model.hidden_size=24",
-        "--set", "train.batch_size=8", "--set", "train.eval_batch_size=8", "--set", "train.max_steps_per_epoch=4",
-        "--set", "train.max_eval_batches=2", "--set", "train.epochs=1", "--set", "model.arch=lstm"]
+TINY = [
+    "--set",
+    "data.corpus=synthetic",
+    "--set",
+    "model.embedding_size=16",
+    "--set",
+    "model.hidden_size=24",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.eval_batch_size=8",
+    "--set",
+    "train.max_steps_per_epoch=4",
+    "--set",
+    "train.max_eval_batches=2",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "model.arch=lstm",
+]
 
 # Each process waits for the gate file, so all of them reach the store in the same instant.
 OPEN_AT_THE_GATE = """
@@ -59,9 +76,18 @@ def test_eight_processes_opening_a_fresh_store_in_the_same_instant_all_succeed(t
     """Without the schema lock, MLflow's schema creation loses all but one of these
     (`duplicate column name`, `table ... already exists`)."""
     uri, gate = f"sqlite:///{tmp_path / 'store' / 'mlruns.db'}", tmp_path / "gate"
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_THE_GATE, uri, str(gate)], cwd=tmp_path,
-                              env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_AT_THE_GATE, uri, str(gate)],
+            cwd=tmp_path,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
     deadline = time.monotonic() + 300  # until every interpreter has imported MLflow
     while len(list(tmp_path.glob("gate.ready.*"))) < len(procs) and time.monotonic() < deadline:
         assert all(p.poll() is None for p in procs), "a process ended before the gate opened"
@@ -79,8 +105,13 @@ def _one_trial_spec(folder: Path, name: str) -> Path:
         "base": {
             "data": {"corpus": "synthetic"},
             "model": {"arch": "lstm", "embedding_size": 16, "hidden_size": 24},
-            "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 8, "max_steps_per_epoch": 4,
-                      "max_eval_batches": 2},
+            "train": {
+                "epochs": 1,
+                "batch_size": 8,
+                "eval_batch_size": 8,
+                "max_steps_per_epoch": 4,
+                "max_eval_batches": 2,
+            },
         },
         "grid": {},
         "seeds": [0],
@@ -95,11 +126,22 @@ def _one_trial_spec(folder: Path, name: str) -> Path:
 
 def test_six_trains_and_two_sweeps_started_at_once_on_a_fresh_folder_all_finish(tmp_path):
     specs = [_one_trial_spec(tmp_path, name) for name in ("race_a", "race_b")]
-    commands = [[DUOSPARSE, "train", *TINY, "--set", f"train.seed={seed}", "--json"] for seed in range(6)]
+    commands = [
+        [DUOSPARSE, "train", *TINY, "--set", f"train.seed={seed}", "--json"] for seed in range(6)
+    ]
     commands += [[DUOSPARSE, "sweep", "run", str(spec), "--json"] for spec in specs]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for cmd in commands]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cmd in commands
+    ]
     results = _wait_all(procs, 900)
     for cmd, (code, err) in zip(commands, results):
         assert code == 0, f"{' '.join(cmd[1:3])} exited {code}:\n{err[-3000:]}"
@@ -112,7 +154,16 @@ def test_six_trains_and_two_sweeps_started_at_once_on_a_fresh_folder_all_finish(
     kinds = [r.data.tags.get(schema.TAG_KIND) for r in runs]
     assert kinds.count("train") == 6 and kinds.count("trial") == 2 and kinds.count("sweep") == 2
     assert {r.info.status for r in runs} == {"FINISHED"}
-    assert len({r.data.tags[schema.TAG_RUN_KEY] for r in runs if r.data.tags.get(schema.TAG_KIND) == "train"}) == 6
+    assert (
+        len(
+            {
+                r.data.tags[schema.TAG_RUN_KEY]
+                for r in runs
+                if r.data.tags.get(schema.TAG_KIND) == "train"
+            }
+        )
+        == 6
+    )
 
 
 def test_a_run_continued_after_its_params_were_lost_gets_them_all(tmp_path):
@@ -126,7 +177,9 @@ def test_a_run_continued_after_its_params_were_lost_gets_them_all(tmp_path):
     experiment_id = tracking.ensure_experiment(client, "lost")
     config = RunConfig.model_validate({"data": {"corpus": "synthetic"}, "model": {"arch": "gru"}})
     run = client.create_run(experiment_id, tags=tracking.run_tags(config, "trial"))
-    client.log_batch(run.info.run_id, params=[Param("model.arch", "gru")])  # one batch of several got through
+    client.log_batch(
+        run.info.run_id, params=[Param("model.arch", "gru")]
+    )  # one batch of several got through
     client.set_terminated(run.info.run_id, "FAILED")
     continued = tuning._trial_run(client, {}, config, client.get_run(run.info.run_id))
     assert continued == run.info.run_id

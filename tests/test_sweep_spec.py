@@ -48,18 +48,30 @@ def test_adding_a_grid_value_adds_exactly_its_trials():
     before = {t.run_key for t in expand(spec())}
     grid = {"model.arch": ["lstm", "gru", "egru"], "prune.target_sparsity": [0.0, 0.5, 0.9, 0.95]}
     after = {t.run_key for t in expand(spec(grid=grid))}
-    assert before < after and len(after - before) == 2 + 2 + 2 * 2  # lstm, gru x 2 seeds; egru x 2 thresholds x 2 seeds
+    assert (
+        before < after and len(after - before) == 2 + 2 + 2 * 2
+    )  # lstm, gru x 2 seeds; egru x 2 thresholds x 2 seeds
 
 
-@pytest.mark.parametrize("tree_update, needle", [
-    ({"grid": {"model.hiden_size": [1]}}, "model.hiden_size"),
-    ({"grid": {"model.hidden_size": ["big"]}}, "model.hidden_size"),
-    ({"grid": {"model.arch": []}}, "model.arch"),
-    ({"conditional": [{"when": {"model.arch": "transformer"}, "grid": {"model.threshold": [0.1]}}]}, "conditional[0]"),
-    ({"max_concurent": 2}, "max_concurent"),
-    ({"resources": {"gpu": -1}}, "resources.gpu"),
-    ({"base": {"train": {"epochz": 1}}}, "train.epochz"),
-])
+@pytest.mark.parametrize(
+    "tree_update, needle",
+    [
+        ({"grid": {"model.hiden_size": [1]}}, "model.hiden_size"),
+        ({"grid": {"model.hidden_size": ["big"]}}, "model.hidden_size"),
+        ({"grid": {"model.arch": []}}, "model.arch"),
+        (
+            {
+                "conditional": [
+                    {"when": {"model.arch": "transformer"}, "grid": {"model.threshold": [0.1]}}
+                ]
+            },
+            "conditional[0]",
+        ),
+        ({"max_concurent": 2}, "max_concurent"),
+        ({"resources": {"gpu": -1}}, "resources.gpu"),
+        ({"base": {"train": {"epochz": 1}}}, "train.epochz"),
+    ],
+)
 def test_invalid_specs_name_the_field(tree_update, needle):
     with pytest.raises(SpecError) as info:
         expand(spec(**tree_update))
@@ -75,7 +87,9 @@ def test_shipped_specs_are_valid(path):
 def test_quick_study_is_dense_then_pruned_from_the_dense_weights():
     from duosparse.sweep import expand_stages
 
-    (dense_name, dense), (prune_name, pruned) = expand_stages(load_spec(ROOT / "sweeps" / "ptb_quick.yaml"))
+    (dense_name, dense), (prune_name, pruned) = expand_stages(
+        load_spec(ROOT / "sweeps" / "ptb_quick.yaml")
+    )
     assert (dense_name, prune_name) == ("dense", "prune")
     assert {t.model.arch for t in dense} == {"lstm", "gru", "egru"}
     assert len({t.model.threshold for t in dense if t.model.arch == "egru"}) >= 2
@@ -93,7 +107,12 @@ def test_paper_studies_have_paper_sizes():
     for name in ("ptb_paper.yaml", "wt2_paper.yaml"):
         trials = expand(load_spec(ROOT / "sweeps" / name))
         egru = [t for t in trials if t.model.arch == "egru"]
-        assert any(t.model.num_layers == 3 and t.model.hidden_size == 1350 and t.model.embedding_size == 750 for t in egru)
+        assert any(
+            t.model.num_layers == 3
+            and t.model.hidden_size == 1350
+            and t.model.embedding_size == 750
+            for t in egru
+        )
         assert max(t.prune.target_sparsity for t in trials) == 0.95
 
 
@@ -101,8 +120,13 @@ def test_paper_studies_have_paper_sizes():
 def test_invalid_spec_on_the_command_line_fails_before_ray(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "bad", "grid": {"model.arch": []}}))
-    result = subprocess.run([DUOSPARSE, "sweep", "run", str(bad)], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [DUOSPARSE, "sweep", "run", str(bad)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "model.arch" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # Ray never started: no Tune state

@@ -11,9 +11,16 @@ from duosparse import data, schema
 from duosparse.config import load_config
 from duosparse.train import TrainingDiverged, evaluate, load_checkpoint, load_model, train
 
-TINY = ["data.corpus=synthetic", "model.embedding_size=16", "model.hidden_size=24",
-        "train.batch_size=8", "train.eval_batch_size=8", "train.max_steps_per_epoch=15",
-        "train.max_eval_batches=5", "model.threshold=0.05"]
+TINY = [
+    "data.corpus=synthetic",
+    "model.embedding_size=16",
+    "model.hidden_size=24",
+    "train.batch_size=8",
+    "train.eval_batch_size=8",
+    "train.max_steps_per_epoch=15",
+    "train.max_eval_batches=5",
+    "model.threshold=0.05",
+]
 
 
 class Recorder:
@@ -37,12 +44,23 @@ def ptb_run(tmp_path_factory):
 
     if not os.environ.get("DUOSPARSE_DATA_DIR"):
         pytest.fail("DUOSPARSE_DATA_DIR must point at the shared data (make test sets it)")
-    cfg = load_config(None, [
-        "data.corpus=ptb", "model.arch=egru", "model.threshold=0.05", "model.num_layers=1",
-        "model.embedding_size=200", "model.hidden_size=200", "train.batch_size=16",
-        "train.lr=0.003", "train.epochs=1", "train.max_steps_per_epoch=300",
-        "train.eval_batch_size=20", "train.max_eval_batches=40",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.corpus=ptb",
+            "model.arch=egru",
+            "model.threshold=0.05",
+            "model.num_layers=1",
+            "model.embedding_size=200",
+            "model.hidden_size=200",
+            "train.batch_size=16",
+            "train.lr=0.003",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=300",
+            "train.eval_batch_size=20",
+            "train.max_eval_batches=40",
+        ],
+    )
     workdir = tmp_path_factory.mktemp("ptb")
     recorder = Recorder()
     final = train(cfg, recorder, workdir, progress=False)
@@ -69,7 +87,11 @@ def test_every_schema_metric_is_reported_each_epoch_and_at_the_end(ptb_run):
         else:
             assert name in epoch_metrics or name in final, name
     assert schema.layer_activity(0) in epoch_metrics
-    assert recorder.artifacts == [schema.ARTIFACT_CONFIG, schema.ARTIFACT_CHECKPOINT, schema.ARTIFACT_ACTIVITY]
+    assert recorder.artifacts == [
+        schema.ARTIFACT_CONFIG,
+        schema.ARTIFACT_CHECKPOINT,
+        schema.ARTIFACT_ACTIVITY,
+    ]
 
 
 def test_checkpoint_reloads_with_weights_only_and_evaluates_the_same(ptb_run):
@@ -77,10 +99,16 @@ def test_checkpoint_reloads_with_weights_only_and_evaluates_the_same(ptb_run):
     model, loaded_cfg = load_model(workdir / schema.ARTIFACT_CHECKPOINT)
     assert loaded_cfg == cfg
     corpus = data.load_corpus("ptb")
-    test = evaluate(model, data.batchify(corpus.test, cfg.train.eval_batch_size), cfg.train.bptt,
-                    cfg.train.max_eval_batches)
+    test = evaluate(
+        model,
+        data.batchify(corpus.test, cfg.train.eval_batch_size),
+        cfg.train.bptt,
+        cfg.train.max_eval_batches,
+    )
     assert test.loss == pytest.approx(final[schema.TEST_LOSS], rel=1e-6)
-    assert test.accounting[schema.OPS_EFFECTIVE] == pytest.approx(final[schema.OPS_EFFECTIVE], rel=1e-6)
+    assert test.accounting[schema.OPS_EFFECTIVE] == pytest.approx(
+        final[schema.OPS_EFFECTIVE], rel=1e-6
+    )
     activity = json.loads((workdir / schema.ARTIFACT_ACTIVITY).read_text())
     assert len(activity["unit_event_rates"][0]) == 200
     rates = torch.tensor(activity["unit_event_rates"][0])
@@ -95,11 +123,18 @@ def test_a_nan_loss_ends_the_run_with_the_reason(tmp_path):
 
 @pytest.mark.parametrize("arch", ["lstm", "gru", "egru"])
 def test_same_seed_same_run_other_seed_other_run(tmp_path, arch):
-    cfg = load_config(None, TINY + [f"model.arch={arch}", "model.dropout.hidden=0.2", "model.dropout.weight=0.2"])
+    cfg = load_config(
+        None, TINY + [f"model.arch={arch}", "model.dropout.hidden=0.2", "model.dropout.weight=0.2"]
+    )
     a = train(cfg, None, tmp_path / "a", progress=False)
     b = train(cfg, None, tmp_path / "b", progress=False)
-    c = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})}), None,
-              tmp_path / "c", progress=False)
+    c = train(
+        cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})}),
+        None,
+        tmp_path / "c",
+        progress=False,
+    )
+
     def no_timing(m):
         return {k: v for k, v in m.items() if not k.startswith("perf/")}
 
@@ -119,20 +154,41 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path):
     result = train(cfg, resumed, tmp_path / "resumed", progress=False)
     assert [step for step, _ in resumed.metrics] == [3, 3]  # only epoch 3, then the final figures
     assert result[schema.TEST_LOSS] == pytest.approx(expected[schema.TEST_LOSS], rel=1e-9)
-    assert resumed.metrics[0][1][schema.VAL_LOSS] == pytest.approx(whole.metrics[2][1][schema.VAL_LOSS], rel=1e-9)
+    assert resumed.metrics[0][1][schema.VAL_LOSS] == pytest.approx(
+        whole.metrics[2][1][schema.VAL_LOSS], rel=1e-9
+    )
 
 
 def test_variable_bptt_and_cosine_schedule_train(tmp_path):
-    cfg = load_config(None, TINY + ["train.variable_bptt=true", "train.lr_schedule=cosine",
-                                    "train.optimizer=adamw", "train.weight_decay=0.01", "train.epochs=2"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "train.variable_bptt=true",
+            "train.lr_schedule=cosine",
+            "train.optimizer=adamw",
+            "train.weight_decay=0.01",
+            "train.epochs=2",
+        ],
+    )
     result = train(cfg, None, tmp_path, progress=False)
     assert math.isfinite(result[schema.TEST_LOSS])
 
 
 def _ntasgd(*extra: str):
     # lr high enough that validation stalls within a few epochs, so the trigger fires
-    return load_config(None, TINY + ["model.arch=lstm", "train.optimizer=ntasgd", "train.nonmono=1",
-                                     "train.lr=20", "train.epochs=6", *extra])
+    return load_config(
+        None,
+        TINY
+        + [
+            "model.arch=lstm",
+            "train.optimizer=ntasgd",
+            "train.nonmono=1",
+            "train.lr=20",
+            "train.epochs=6",
+            *extra,
+        ],
+    )
 
 
 def test_ntasgd_switches_to_averaging_when_validation_stalls_and_validates_the_average(tmp_path):
@@ -151,7 +207,12 @@ def test_ntasgd_switches_to_averaging_when_validation_stalls_and_validates_the_a
     model, _ = load_model(tmp_path / "model.pt")
     iterate = ckpt["model"]
     averaged = [s["ax"] for s in ckpt["optimizer"]["state"].values()]
-    assert not all(torch.equal(a, b) for a, b in zip(averaged, [v for k, v in iterate.items() if k in dict(model.named_parameters())]))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(
+            averaged, [v for k, v in iterate.items() if k in dict(model.named_parameters())]
+        )
+    )
 
 
 def test_ntasgd_resumes_exactly_across_the_switch(tmp_path):
@@ -172,7 +233,9 @@ def test_awd_activation_regularisers_are_the_published_formulas():
     raw = torch.randn(7, 3, 5)
     dropped = raw * (torch.rand(1, 3, 5) > 0.3) / 0.7
     trace = Trace(outputs=[torch.randn(7, 3, 5), raw], decoder_input=dropped)
-    cfg = load_config(None, ["model.activation_regularizer.ar=2", "model.activation_regularizer.tar=1"])
+    cfg = load_config(
+        None, ["model.activation_regularizer.ar=2", "model.activation_regularizer.tar=1"]
+    )
     ar = sum(float(v) ** 2 for v in dropped.flatten()) / dropped.numel()
     tar = sum(float(v) ** 2 for v in (raw[1:] - raw[:-1]).flatten()) / (6 * 3 * 5)
     assert _activation_penalty(cfg, trace).item() == pytest.approx(2 * ar + tar, rel=1e-5)

@@ -19,9 +19,16 @@ def burn() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("files", nargs="*", default=["tests/test_cluster.py", "tests/test_deployment.py"])
+    parser.add_argument(
+        "files", nargs="*", default=["tests/test_cluster.py", "tests/test_deployment.py"]
+    )
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--burners", type=int, default=os.cpu_count() or 2, help="busy processes (default: one per core)")
+    parser.add_argument(
+        "--burners",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="busy processes (default: one per core)",
+    )
     args = parser.parse_args()
     burners = [multiprocessing.Process(target=burn, daemon=True) for _ in range(args.burners)]
     for b in burners:
@@ -30,10 +37,15 @@ def main() -> int:
     try:
         for round_ in range(1, args.rounds + 1):
             started = time.monotonic()
-            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.files])
+            result = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.files]
+            )
             took = time.monotonic() - started
-            print(f"round {round_}/{args.rounds}: {'passed' if result.returncode == 0 else 'FAILED'} "
-                  f"in {took:.0f} s with {args.burners} busy processes", flush=True)
+            print(
+                f"round {round_}/{args.rounds}: {'passed' if result.returncode == 0 else 'FAILED'} "
+                f"in {took:.0f} s with {args.burners} busy processes",
+                flush=True,
+            )
             if result.returncode != 0:
                 break
             passed += 1

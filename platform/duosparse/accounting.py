@@ -76,9 +76,13 @@ class Accountant:
             active_in = (x != 0).sum((0, 1)).double().cpu()
             # y_{t-1} for t = 0..T-1: the carried output, then this chunk's outputs but the last
             active_out = (y != 0).sum((0, 1)).double().cpu()
-            active_prev = active_out - (y[-1] != 0).sum(0).double().cpu() + (y0 != 0).sum(0).double().cpu()
+            active_prev = (
+                active_out - (y[-1] != 0).sum(0).double().cpu() + (y0 != 0).sum(0).double().cpu()
+            )
             self.nonzero_per_unit[l] += active_out
-            self.effective[l] += float(active_in @ self.w[l].column_nnz + active_prev @ self.r[l].column_nnz)
+            self.effective[l] += float(
+                active_in @ self.w[l].column_nnz + active_prev @ self.r[l].column_nnz
+            )
         self.decoder_effective += float(active_out @ self.decoder.column_nnz)
 
     def unit_event_rates(self) -> list[list[float]]:
@@ -88,8 +92,12 @@ class Accountant:
     def metrics(self) -> dict[str, float]:
         tokens = max(self.tokens, 1)
         units = [h for _, h in self.sizes]
-        layer_activity = [1.0 - float(nz.sum()) / (tokens * h) for nz, h in zip(self.nonzero_per_unit, units)]
-        activity = 1.0 - float(sum(nz.sum() for nz in self.nonzero_per_unit)) / (tokens * sum(units))
+        layer_activity = [
+            1.0 - float(nz.sum()) / (tokens * h) for nz, h in zip(self.nonzero_per_unit, units)
+        ]
+        activity = 1.0 - float(sum(nz.sum() for nz in self.nonzero_per_unit)) / (
+            tokens * sum(units)
+        )
         dense = float(sum(self.gates * h * (i + h) for i, h in self.sizes))
         weight_sparse = float(sum(w.nnz + r.nnz for w, r in zip(self.w, self.r)))
         effective = sum(self.effective) / tokens
@@ -111,8 +119,10 @@ class Accountant:
             schema.OPS_TOTAL_WEIGHT_SPARSE: weight_sparse + decoder_sparse,
             schema.OPS_TOTAL_EFFECTIVE: effective + decoder_effective,
             schema.OPS_COMPUTE_REDUCTION: dense / effective if effective > 0 else float("inf"),
-            schema.OPS_TOTAL_COMPUTE_REDUCTION: (dense + decoder_dense) / (effective + decoder_effective)
-            if effective + decoder_effective > 0 else float("inf"),
+            schema.OPS_TOTAL_COMPUTE_REDUCTION: (dense + decoder_dense)
+            / (effective + decoder_effective)
+            if effective + decoder_effective > 0
+            else float("inf"),
         }
         for l, value in enumerate(layer_activity):
             out[schema.layer_activity(l)] = value

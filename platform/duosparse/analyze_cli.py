@@ -219,7 +219,9 @@ def analyze(
     if source.client is not None:  # the models themselves are in the store: a paired test
         from duosparse.analysis import paired
 
-        results["pruning_cost"] = study.jsonable(paired.pruning_cost(table, source.client, n_boot=bootstrap))
+        results["pruning_cost"] = study.jsonable(
+            paired.pruning_cost(table, source.client, n_boot=bootstrap)
+        )
     directory = _out_dir(out, source.sweep)
     _check_out(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -325,15 +327,28 @@ def _print_summary(results: dict[str, Any]) -> None:
         )
     out.print(mult)
     if results.get("pruning_cost"):
-        cost = Table("model", "pruned to", "dense test ppl", "pruned test ppl", "rise [95% interval]",
-                     title="What the highest prune level costs (paired block bootstrap over test chunks)")
+        cost = Table(
+            "model",
+            "pruned to",
+            "dense test ppl",
+            "pruned test ppl",
+            "rise [95% interval]",
+            title="What the highest prune level costs (paired block bootstrap over test chunks)",
+        )
         for e in results["pruning_cost"]:
-            model = e["model.arch"] + (f" θ={e['model.threshold']:g}" if e["model.arch"] == "egru" else "")
+            model = e["model.arch"] + (
+                f" θ={e['model.threshold']:g}" if e["model.arch"] == "egru" else ""
+            )
             if "skipped" in e:
                 cost.add_row(model, f"{e['target_sparsity']:g}", f"[dim]{e['skipped']}[/]", "", "")
                 continue
-            cost.add_row(model, f"{e['target_sparsity']:g}", f"{e['ppl_dense']:.4g}", f"{e['ppl_pruned']:.4g}",
-                         f"{e['difference']:+.4g} [{e['ci_low']:+.4g}, {e['ci_high']:+.4g}]")
+            cost.add_row(
+                model,
+                f"{e['target_sparsity']:g}",
+                f"{e['ppl_dense']:.4g}",
+                f"{e['ppl_pruned']:.4g}",
+                f"{e['difference']:+.4g} [{e['ci_low']:+.4g}, {e['ci_high']:+.4g}]",
+            )
         out.print(cost)
 
 

@@ -32,11 +32,15 @@ from .simulate import simulate_app
 app = typer.Typer(
     help="duosparse: sweeps over activity sparsity (EGRU) x weight sparsity (pruning) "
     "for recurrent language models, tracked in MLflow.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
 )
 data_app = typer.Typer(help="Find, verify and download the corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-sweep_app = typer.Typer(help="Run and inspect sweeps declared in sweeps/*.yaml.", no_args_is_help=True)
+sweep_app = typer.Typer(
+    help="Run and inspect sweeps declared in sweeps/*.yaml.", no_args_is_help=True
+)
 app.add_typer(sweep_app, name="sweep")
 app.add_typer(prune_app, name="prune")
 app.add_typer(simulate_app, name="simulate")
@@ -63,14 +67,32 @@ def _jsonable(metrics: dict[str, float]) -> dict[str, float | None]:
 
 @app.command()
 def train(
-    config: Annotated[Path | None, typer.Argument(help="RunConfig YAML (defaults if omitted)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key=value, e.g. model.arch=gru")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Folder holding <corpus>/{train,valid,test}.txt")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="RunConfig YAML (defaults if omitted)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override: key=value, e.g. model.arch=gru")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder holding <corpus>/{train,valid,test}.txt")
+    ] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "duosparse",
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")] = None,
-    workdir: Annotated[Path | None, typer.Option(help="Checkpoints and artifacts (default: runs/<run_key[:12]>)")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the final metrics as JSON on stdout")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No per-epoch lines or progress bar (errors and warnings only)")] = False,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)"),
+    ] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Checkpoints and artifacts (default: runs/<run_key[:12]>)")
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the final metrics as JSON on stdout")
+    ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", help="No per-epoch lines or progress bar (errors and warnings only)"
+        ),
+    ] = False,
 ) -> None:
     """Train one model from CONFIG, logged as one MLflow run."""
     from . import tracking, warmstart
@@ -78,7 +100,9 @@ def train(
     from .train import train as run_training
 
     if not experiment.strip():
-        fail("--experiment is empty; give the MLflow experiment a name (the default is 'duosparse').")
+        fail(
+            "--experiment is empty; give the MLflow experiment a name (the default is 'duosparse')."
+        )
     terminal.setup_logging(console, quiet)
     terminal.quiet_libraries()
     overrides = list(set_ or [])
@@ -94,32 +118,61 @@ def train(
         _check_writable(workdir)
         _hold_workdir(workdir, tracking.process_id())
         init = warmstart.fetch_checkpoint(client, source, workdir / "init") if source else None
-    except (ConfigError, data_module.DataNotFoundError, data_module.DataIntegrityError, tracking.TrackingError,
-            warmstart.WarmStartError, DeviceUnavailable) as e:
+    except (
+        ConfigError,
+        data_module.DataNotFoundError,
+        data_module.DataIntegrityError,
+        tracking.TrackingError,
+        warmstart.WarmStartError,
+        DeviceUnavailable,
+    ) as e:
         fail(str(e))
-    experiment_id = tracking.ensure_experiment(client, experiment, (
-        "Runs of `duosparse train`: one run per command, its params the whole config, its metrics per "
-        f"epoch and then on the test split. Useful columns: {', '.join(f'`{c}`' for c in schema.UI_COLUMNS)}."))
+    experiment_id = tracking.ensure_experiment(
+        client,
+        experiment,
+        (
+            "Runs of `duosparse train`: one run per command, its params the whole config, its metrics per "
+            f"epoch and then on the test split. Useful columns: {', '.join(f'`{c}`' for c in schema.UI_COLUMNS)}."
+        ),
+    )
     checkpoint = workdir / "last.pt"
-    killed = tracking.resumable_train_run(client, experiment_id, cfg.run_key) if checkpoint.is_file() else None
+    killed = (
+        tracking.resumable_train_run(client, experiment_id, cfg.run_key)
+        if checkpoint.is_file()
+        else None
+    )
     if killed is not None:  # the same config was interrupted: continue its run, epochs and all
         run_id = killed.info.run_id
         tracking.reopen_run(client, run_id)
         tracking.complete_params(client, killed, cfg)
-        console.print(f"MLflow run {run_id} in experiment '{experiment}' ({client.tracking_uri}), "
-                      f"continued from {checkpoint}")
+        console.print(
+            f"MLflow run {run_id} in experiment '{experiment}' ({client.tracking_uri}), "
+            f"continued from {checkpoint}"
+        )
     else:
         run_name = f"{cfg.model.arch}-h{cfg.model.hidden_size}-p{cfg.prune.target_sparsity:g}-t{cfg.model.threshold:g}"
-        run_id = tracking.start_run(client, experiment_id, cfg, kind="train", run_name=run_name,
-                                    tags={schema.TAG_DRIVER: tracking.process_id()})
+        run_id = tracking.start_run(
+            client,
+            experiment_id,
+            cfg,
+            kind="train",
+            run_name=run_name,
+            tags={schema.TAG_DRIVER: tracking.process_id()},
+        )
         console.print(f"MLflow run {run_id} in experiment '{experiment}' ({client.tracking_uri})")
     reporter = tracking.MlflowReporter(client, run_id)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            metrics = run_training(cfg, reporter, workdir, corpus=corpus, progress=not (json_out or quiet) and sys.stderr.isatty(),
-                                   init_checkpoint=init)
+            metrics = run_training(
+                cfg,
+                reporter,
+                workdir,
+                corpus=corpus,
+                progress=not (json_out or quiet) and sys.stderr.isatty(),
+                init_checkpoint=init,
+            )
     except SilentStart as e:
         tracking.finish_run(client, run_id, "FAILED", str(e))
         fail(str(e), code=1)
@@ -134,8 +187,11 @@ def train(
         tracking.finish_run(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
         if e.filename is None:  # not a file: a network or system error, shown as it is
             raise
-        fail(f"could not write '{e.filename}' ({e.strerror}); the run is marked FAILED in MLflow. "
-             "Free some space or pass --workdir a writable folder.", code=1)
+        fail(
+            f"could not write '{e.filename}' ({e.strerror}); the run is marked FAILED in MLflow. "
+            "Free some space or pass --workdir a writable folder.",
+            code=1,
+        )
     except Exception as e:
         tracking.finish_run(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
         raise
@@ -143,12 +199,23 @@ def train(
         signal.signal(signal.SIGTERM, previous_sigterm)
     tracking.finish_run(client, run_id, "FINISHED")
     if json_out:
-        print(json.dumps({"run_id": run_id, "run_key": cfg.run_key, "metrics": _jsonable(metrics)}, indent=2))
+        print(
+            json.dumps(
+                {"run_id": run_id, "run_key": cfg.run_key, "metrics": _jsonable(metrics)}, indent=2
+            )
+        )
         return
     table = Table(title=f"run {run_id}", show_header=False)
-    for key in (schema.VAL_PPL, schema.TEST_PPL, schema.SPARSITY_WEIGHT, schema.SPARSITY_ACTIVITY,
-                schema.OPS_DENSE, schema.OPS_EFFECTIVE, schema.OPS_COMPUTE_REDUCTION,
-                schema.OPS_TOTAL_EFFECTIVE):
+    for key in (
+        schema.VAL_PPL,
+        schema.TEST_PPL,
+        schema.SPARSITY_WEIGHT,
+        schema.SPARSITY_ACTIVITY,
+        schema.OPS_DENSE,
+        schema.OPS_EFFECTIVE,
+        schema.OPS_COMPUTE_REDUCTION,
+        schema.OPS_TOTAL_EFFECTIVE,
+    ):
         table.add_row(key, f"{metrics[key]:,.4g}")
     terminal.stdout().print(table)
     console.print("Browse it with: make ui  (or: duosparse ui)")
@@ -167,10 +234,14 @@ def _raise_terminated(signum: int, frame: object) -> None:
 def _resume_line(signal_name: str, checkpoint: Path) -> str:
     command = shlex.join(["duosparse", *sys.argv[1:]])
     if checkpoint.is_file():
-        return (f"interrupted by {signal_name}; the run is marked KILLED in MLflow and its last "
-                f"checkpoint is kept in {checkpoint}. Resume it with the same command: {command}")
-    return (f"interrupted by {signal_name} before its first epoch ended; the run is marked KILLED in "
-            f"MLflow. Start it again with: {command}")
+        return (
+            f"interrupted by {signal_name}; the run is marked KILLED in MLflow and its last "
+            f"checkpoint is kept in {checkpoint}. Resume it with the same command: {command}"
+        )
+    return (
+        f"interrupted by {signal_name} before its first epoch ended; the run is marked KILLED in "
+        f"MLflow. Start it again with: {command}"
+    )
 
 
 def _check_writable(folder: Path) -> None:
@@ -181,8 +252,10 @@ def _check_writable(folder: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        fail(f"cannot write the run's folder '{folder}' ({e.strerror or e}: '{e.filename}'); run "
-             "from a writable folder or pass --workdir DIR.")
+        fail(
+            f"cannot write the run's folder '{folder}' ({e.strerror or e}: '{e.filename}'); run "
+            "from a writable folder or pass --workdir DIR."
+        )
 
 
 def _hold_workdir(folder: Path, owner: str) -> None:
@@ -195,9 +268,11 @@ def _hold_workdir(folder: Path, owner: str) -> None:
     except BlockingIOError:
         os.close(fd)
         holder = path.read_text().strip() or "another process"
-        fail(f"'{folder}' is in use by {holder}, which is training the same config; wait for it to "
-             "end (running this command again then continues or repeats it), or pass --workdir DIR "
-             "to train a separate copy as its own MLflow run.")
+        fail(
+            f"'{folder}' is in use by {holder}, which is training the same config; wait for it to "
+            "end (running this command again then continues or repeats it), or pass --workdir DIR "
+            "to train a separate copy as its own MLflow run."
+        )
     os.ftruncate(fd, 0)
     os.write(fd, owner.encode())
     _HELD.append(fd)
@@ -225,19 +300,31 @@ def data_check(
             if not files:
                 table.add_row(entry["corpus"], "[red]not found[/]", "", "", "")
             for split, info in files.items():
-                table.add_row(entry["corpus"], str(entry.get("path")), split, str(info.get("bytes")),
-                              "yes" if info.get("ok") else "[red]no[/]")
+                table.add_row(
+                    entry["corpus"],
+                    str(entry.get("path")),
+                    split,
+                    str(info.get("bytes")),
+                    "yes" if info.get("ok") else "[red]no[/]",
+                )
         terminal.stdout().print(table)
-    ok = all(entry.get("files") and all(f.get("ok") for f in entry["files"].values()) for entry in report)
+    ok = all(
+        entry.get("files") and all(f.get("ok") for f in entry["files"].values()) for entry in report
+    )
     if not ok:
-        fail("some corpora are missing or do not verify; set DUOSPARSE_DATA_DIR (or --data-dir) to a "
-             "folder holding <corpus>/{train,valid,test}.txt, or run `duosparse data download <corpus>`.", 1)
+        fail(
+            "some corpora are missing or do not verify; set DUOSPARSE_DATA_DIR (or --data-dir) to a "
+            "folder holding <corpus>/{train,valid,test}.txt, or run `duosparse data download <corpus>`.",
+            1,
+        )
 
 
 @data_app.command("download")
 def data_download(
     corpus: Annotated[str, typer.Argument(help="ptb or wikitext-2")],
-    data_dir: Annotated[Path | None, typer.Option(help="Where to put it (default: the user cache)")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Where to put it (default: the user cache)")
+    ] = None,
 ) -> None:
     """Download a corpus from its canonical source and verify it by sha256."""
     if corpus not in data_module.CORPORA:
@@ -283,14 +370,36 @@ def _counts(plan) -> dict[str, int]:
 @sweep_app.command("run")
 def sweep_run(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="sweeps/<study>.yaml")],
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted launch (Tuner.restore)")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the trial table and stop")] = False,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, ./mlruns.db)")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted launch (Tuner.restore)")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the trial table and stop")
+    ] = False,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI (default: spec, $MLFLOW_TRACKING_URI, ./mlruns.db)"),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,
-    allow_silent_start: Annotated[bool, typer.Option("--allow-silent-start", help="Run EGRU trials even where a layer emits no event at init")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress or ETA lines (errors, warnings and the final table only)")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Keep Ray's and MLflow's own banners and hints")] = False,
+    allow_silent_start: Annotated[
+        bool,
+        typer.Option(
+            "--allow-silent-start", help="Run EGRU trials even where a layer emits no event at init"
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", help="No progress or ETA lines (errors, warnings and the final table only)"
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Keep Ray's and MLflow's own banners and hints")
+    ] = False,
 ) -> None:
     """Run every trial of SPEC that has not FINISHED yet, on Ray Tune, logged to MLflow."""
     from . import tuning
@@ -303,34 +412,56 @@ def sweep_run(
     silent = tuning.silent_starts(plan.todo)
     if silent:
         first = next(iter(silent.values()))
-        console.print(f"[bold yellow]warning:[/] {len(silent)} EGRU trial(s) would start silent, for "
-                      f"example: {first}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold yellow]warning:[/] {len(silent)} EGRU trial(s) would start silent, for "
+            f"example: {first}",
+            highlight=False,
+            soft_wrap=True,
+        )
         if not dry_run and not allow_silent_start:
-            fail(f"refusing to start sweep {spec.name}: {len(silent)} trial(s) have an EGRU layer "
-                 "without events at initialisation (above). Fix the thresholds or the initialisation "
-                 "in the spec, or pass --allow-silent-start to run them anyway.")
+            fail(
+                f"refusing to start sweep {spec.name}: {len(silent)} trial(s) have an EGRU layer "
+                "without events at initialisation (above). Fix the thresholds or the initialisation "
+                "in the spec, or pass --allow-silent-start to run them anyway."
+            )
     if dry_run:
         if json_out:
             print(json.dumps({"sweep": spec.name, "trials": plan.rows()}, indent=2))
         else:
-            terminal.stdout().print(_plan_table(plan, f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run"))
+            terminal.stdout().print(
+                _plan_table(
+                    plan, f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run"
+                )
+            )
         return
-    console.print(f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run; MLflow {uri}, experiment '{spec.experiment}'")
+    console.print(
+        f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run; MLflow {uri}, experiment '{spec.experiment}'"
+    )
     try:
         with contextlib.redirect_stdout(sys.stderr):  # Ray Tune's own prints; stdout is ours
-            final = tuning.run_sweep(spec, address=address, resume=resume, tracking_uri=tracking_uri,
-                                     show_progress=not (json_out or quiet))
+            final = tuning.run_sweep(
+                spec,
+                address=address,
+                resume=resume,
+                tracking_uri=tracking_uri,
+                show_progress=not (json_out or quiet),
+            )
     except tuning.SweepError as e:
         fail(str(e))
     except tuning.SweepInterrupted as e:
         words = ["duosparse", "sweep", "run", str(spec_path), "--resume"]
-        words += [*(["--address", address] if address else []), *(["--tracking-uri", tracking_uri] if tracking_uri else []),
-                  *(["--allow-silent-start"] if allow_silent_start else [])]
+        words += [
+            *(["--address", address] if address else []),
+            *(["--tracking-uri", tracking_uri] if tracking_uri else []),
+            *(["--allow-silent-start"] if allow_silent_start else []),
+        ]
         command = shlex.join(words)
-        fail(f"sweep {spec.name} was interrupted by {e.signal_name}: the launch and its {e.killed} trial(s) in "
-             "progress are marked KILLED in MLflow, finished trials are kept, and each unfinished trial "
-             f"continues from its last epoch. Resume it with: {command}",
-             code=128 + signal.Signals[e.signal_name].value)
+        fail(
+            f"sweep {spec.name} was interrupted by {e.signal_name}: the launch and its {e.killed} trial(s) in "
+            "progress are marked KILLED in MLflow, finished trials are kept, and each unfinished trial "
+            f"continues from its last epoch. Resume it with: {command}",
+            code=128 + signal.Signals[e.signal_name].value,
+        )
     counts = _counts(final)
     if json_out:
         print(json.dumps({"sweep": spec.name, "counts": counts, "trials": final.rows()}, indent=2))
@@ -350,7 +481,11 @@ def sweep_status(
     """Finished / running / failed / pending trials of SPEC, with failure reasons."""
     spec, _, plan = _load_plan(spec_path, tracking_uri)
     if json_out:
-        print(json.dumps({"sweep": spec.name, "counts": _counts(plan), "trials": plan.rows()}, indent=2))
+        print(
+            json.dumps(
+                {"sweep": spec.name, "counts": _counts(plan), "trials": plan.rows()}, indent=2
+            )
+        )
     else:
         terminal.stdout().print(_plan_table(plan, f"sweep {spec.name}"))
         console.print(str(_counts(plan)))
@@ -362,8 +497,12 @@ def sweep_status(
 @app.command()
 def ui(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1", min=1, max=65535)] = 5000,
-    host: Annotated[str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean it)")] = "127.0.0.1",
-    tracking_uri: Annotated[str | None, typer.Option(help="Store to browse (default: as `train`)")] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (keep 127.0.0.1 unless you mean it)")
+    ] = "127.0.0.1",
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="Store to browse (default: as `train`)")
+    ] = None,
 ) -> None:
     """Open the MLflow UI over the same store that runs are logged to."""
     from . import tracking
@@ -378,17 +517,34 @@ def ui(
     artifacts = tracking.artifacts_root(uri)
     # MLflow 3 opens in its GenAI view unless told otherwise; this link selects model training
     # (the browser then keeps that choice)
-    console.print(f"MLflow UI over {uri} (Ctrl-C to stop): http://{host}:{port}/#/experiments?workflowType=machine_learning",
-                  highlight=False, soft_wrap=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--default-artifact-root", artifacts.as_uri(), "--host", host, "--port", str(port)]
+    console.print(
+        f"MLflow UI over {uri} (Ctrl-C to stop): http://{host}:{port}/#/experiments?workflowType=machine_learning",
+        highlight=False,
+        soft_wrap=True,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        artifacts.as_uri(),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     # The server and its workers get a process group of their own, stopped as one whatever
     # ends this process (Ctrl-C, SIGTERM, SIGHUP, an error): nothing is left on the port.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_terminated_ui)
     server: subprocess.Popen | None = None
     try:
-        server = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
+        server = subprocess.Popen(
+            cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True
+        )
         code = server.wait()
     except KeyboardInterrupt:
         code = 0

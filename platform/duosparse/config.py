@@ -194,7 +194,9 @@ class TrainConfig(_Section):
     @classmethod
     def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
         if not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"each of train.betas must be in [0, 1), got {list(betas)}; EvNN uses [0, 0.999]")
+            raise ValueError(
+                f"each of train.betas must be in [0, 1), got {list(betas)}; EvNN uses [0, 0.999]"
+            )
         return betas
 
     @model_validator(mode="after")
@@ -206,10 +208,14 @@ class TrainConfig(_Section):
             )
         if self.lr_schedule == "step":
             if not self.step_epochs:
-                raise ValueError("train.step_epochs is empty under lr_schedule: step; list the epochs after which the lr drops, e.g. [4, 6]")
+                raise ValueError(
+                    "train.step_epochs is empty under lr_schedule: step; list the epochs after which the lr drops, e.g. [4, 6]"
+                )
             bad = [e for e in self.step_epochs if not 1 <= e < self.epochs]
             if bad:
-                raise ValueError(f"train.step_epochs {bad} must lie in [1, train.epochs) = [1, {self.epochs})")
+                raise ValueError(
+                    f"train.step_epochs {bad} must lie in [1, train.epochs) = [1, {self.epochs})"
+                )
         if self.lr_schedule == "cosine" and self.decay_start_epoch > self.epochs:
             raise ValueError(
                 f"train.decay_start_epoch ({self.decay_start_epoch}) is after train.epochs "
@@ -220,8 +226,14 @@ class TrainConfig(_Section):
 
 # The keys a warm start must share with the run it starts from: they fix the parameters'
 # shapes and the vocabulary. Everything else (training, pruning, dropout) may change.
-WARM_START_KEYS = ("data.corpus", "model.arch", "model.embedding_size", "model.hidden_size",
-                   "model.num_layers", "model.tie_weights")
+WARM_START_KEYS = (
+    "data.corpus",
+    "model.arch",
+    "model.embedding_size",
+    "model.hidden_size",
+    "model.num_layers",
+    "model.tie_weights",
+)
 
 
 class InitConfig(_Section):
@@ -325,7 +337,9 @@ def _section_keys(loc: tuple) -> list[str]:
     model: type[BaseModel] = RunConfig
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
             return []
         model = field.annotation
     return list(model.model_fields)
@@ -343,8 +357,10 @@ def _describe(error: ValidationError) -> str:
             lines.append(message if message.startswith(field) else f"'{field}': {message}")
         elif e["type"] == "model_type":  # a value where a section belongs
             keys = ", ".join(_section_keys((*e["loc"], "")))
-            lines.append(f"'{field}' is a section, not a value (got {e.get('input')!r}); set one of its keys "
-                         f"instead: {keys}")
+            lines.append(
+                f"'{field}' is a section, not a value (got {e.get('input')!r}); set one of its keys "
+                f"instead: {keys}"
+            )
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -370,7 +386,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' appears twice in the same mapping; keep one", key_node.start_mark)
+                    None,
+                    None,
+                    f"key '{key}' appears twice in the same mapping; keep one",
+                    key_node.start_mark,
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -382,10 +402,14 @@ def read_yaml(path: Path, what: str, example: str, error: type[Exception]) -> An
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise error(f"{what} '{path}' is not a text file (not UTF-8: byte {e.start}); pass the path of "
-                    f"{example}.") from None
+        raise error(
+            f"{what} '{path}' is not a text file (not UTF-8: byte {e.start}); pass the path of "
+            f"{example}."
+        ) from None
     except OSError as e:
-        raise error(f"{what} '{path}' cannot be read ({e.strerror}); check its permissions.") from None
+        raise error(
+            f"{what} '{path}' cannot be read ({e.strerror}); check its permissions."
+        ) from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
@@ -399,9 +423,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         source = str(path)
-        loaded = read_yaml(path, "Config file", "a YAML RunConfig such as configs/default.yaml", ConfigError)
+        loaded = read_yaml(
+            path, "Config file", "a YAML RunConfig such as configs/default.yaml", ConfigError
+        )
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"Config file '{path}' must hold a mapping of sections (data, model, prune, train).")
+            raise ConfigError(
+                f"Config file '{path}' must hold a mapping of sections (data, model, prune, train)."
+            )
         tree = loaded or {}
     for text in overrides or []:
         key, value = parse_override(text)

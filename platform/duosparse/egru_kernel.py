@@ -56,8 +56,17 @@ _GRAIN_SIZE = 32768
 
 class EGRUSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_proj: Tensor, y0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Tensor,
-                theta: Tensor, height: float, width: float):
+    def forward(
+        ctx,
+        x_proj: Tensor,
+        y0: Tensor,
+        c0: Tensor,
+        w_hh: Tensor,
+        b_hh: Tensor,
+        theta: Tensor,
+        height: float,
+        width: float,
+    ):
         steps, (batch, hidden) = x_proj.size(0), y0.shape
         n = batch * hidden
         new = x_proj.new_empty
@@ -75,18 +84,31 @@ class EGRUSequence(torch.autograd.Function):
         rh_z, z_all, cs = (new(steps, batch, hidden) for _ in range(3))
         ys = _aligned_steps(x_proj, steps, batch, hidden)  # y_t is the next step's matmul operand
         h = new(batch, 3 * hidden)  # R y_{t-1} + b_hh of the current step
-        h_ru, h_z = h[:, : 2 * hidden].unflatten(-1, (2, hidden)).transpose(0, 1), h[:, 2 * hidden :]
+        h_ru, h_z = (
+            h[:, : 2 * hidden].unflatten(-1, (2, hidden)).transpose(0, 1),
+            h[:, 2 * hidden :],
+        )
         c_last, pair = new(batch, hidden), (new(batch, hidden), new(batch, hidden))
-        c_resets = [pair[t % 2] for t in range(steps - 1)] + [c_last]  # c'_t, alternating; c'_T returned
+        c_resets = [pair[t % 2] for t in range(steps - 1)] + [
+            c_last
+        ]  # c'_t, alternating; c'_T returned
         one, one_minus_u_z, o = x_proj.new_ones(()), new(batch, hidden), new(batch, hidden)
 
         # per-step views, made once (indexing inside the loop would cost a call each)
         views = (
-            x_proj[..., : 2 * hidden].unflatten(-1, (2, hidden)).transpose(1, 2), x_proj[..., 2 * hidden :],
-            ru, *ru.unbind(1), rh_z, z_all, cs, ys,
+            x_proj[..., : 2 * hidden].unflatten(-1, (2, hidden)).transpose(1, 2),
+            x_proj[..., 2 * hidden :],
+            ru,
+            *ru.unbind(1),
+            rh_z,
+            z_all,
+            cs,
+            ys,
         )
         w_hh_t, y, c_prev = w_hh.t(), y0, c0
-        for x_ru, x_z, ru_t, r, u, rh_z_t, z, c, y_t, c_next in zip(*(v.unbind(0) for v in views), c_resets):
+        for x_ru, x_z, ru_t, r, u, rh_z_t, z, c, y_t, c_next in zip(
+            *(v.unbind(0) for v in views), c_resets
+        ):
             torch.addmm(b_hh, y, w_hh_t, out=h)  # as F.linear(y, w_hh, b_hh)
             torch.add(x_ru, h_ru, out=ru_t)  # r, u = s(x + h)
             if one_sigmoid:
@@ -121,7 +143,8 @@ class EGRUSequence(torch.autograd.Function):
             d_ys = torch.zeros_like(ys)
         seq, seq3 = (steps, batch, hidden), (steps, batch, 3, hidden)
         one_minus_u, p, coef_a, coef_u, d_az, a, d_c, d_c_reset, tmp, e, c_prev, k = _scratch(
-            c, *[seq] * 11, seq3)
+            c, *[seq] * 11, seq3
+        )
         c_prev[0] = c0  # c'_{t-1}, recomputed: c' = c - o theta
         torch.addcmul(c[:-1], o[:-1], theta, value=-1, out=c_prev[1:])
         d_h3 = c.new_empty(seq3)  # becomes dL/dx_proj, returned: not scratch
@@ -152,9 +175,15 @@ class EGRUSequence(torch.autograd.Function):
         a[-1] = d_ys[-1]
         e_steps = e.unbind(0) if d_events is not None else [None] * steps
         d_c_next, d_h_next = d_c_last, None  # d_c_last None: c'_T is not used
-        for a_t, d_ys_t, e_t, coef_a_t, coef_u_t, k_t, d_c_t, d_c3_t, d_h3_t, d_h_t in reversed(list(zip(
-                *(v.unbind(0) for v in (a, d_ys)), e_steps,
-                *(v.unbind(0) for v in (coef_a, coef_u, k, d_c, d_c3, d_h3, d_h))))):
+        for a_t, d_ys_t, e_t, coef_a_t, coef_u_t, k_t, d_c_t, d_c3_t, d_h3_t, d_h_t in reversed(
+            list(
+                zip(
+                    *(v.unbind(0) for v in (a, d_ys)),
+                    e_steps,
+                    *(v.unbind(0) for v in (coef_a, coef_u, k, d_c, d_c3, d_h3, d_h)),
+                )
+            )
+        ):
             if d_h_next is not None:
                 torch.addmm(d_ys_t, d_h_next, w_hh, out=a_t)  # dL/dy_t: loss + through R
             if e_t is None:
@@ -179,7 +208,9 @@ class EGRUSequence(torch.autograd.Function):
             d_c_reset[-1] = 0
         else:
             d_c_reset[-1] = d_c_last
-        d_o = torch.mul(a, c, out=tmp).sub_(torch.mul(d_c_reset, theta, out=coef_a))  # coef_a is free
+        d_o = torch.mul(a, c, out=tmp).sub_(
+            torch.mul(d_c_reset, theta, out=coef_a)
+        )  # coef_a is free
         if d_events is not None:
             d_o += d_events
         d_theta = d_o.mul_(p).addcmul_(d_c_reset, o).sum((0, 1)).neg_()
@@ -218,8 +249,16 @@ def _aligned_steps(like: Tensor, steps: int, batch: int, width: int) -> Tensor:
     return like.new_empty(steps, stride)[:, :n].unflatten(-1, (batch, width))
 
 
-def egru_sequence(x_proj: Tensor, y0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Tensor,
-                  theta: Tensor, height: float, width: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def egru_sequence(
+    x_proj: Tensor,
+    y0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor,
+    theta: Tensor,
+    height: float,
+    width: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(outputs (T,B,H), y_T, c'_T, events (T,B,H)) for a whole sequence."""
     ys, c_last, events = EGRUSequence.apply(x_proj, y0, c0, w_hh, b_hh, theta, height, width)
     return ys, ys[-1], c_last, events

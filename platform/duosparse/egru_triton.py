@@ -36,9 +36,21 @@ def _tanh(a):
 
 
 @triton.jit
-def _forward_step(x_ptr, h_ptr, c_prev_ptr, theta_ptr,  # inputs: W x_t + b_ih, R y_{t-1} + b_hh, c'_{t-1}, theta
-                  y_ptr, c_ptr, c_next_ptr, gates_ptr,  # outputs: y_t, c_t, c'_t, (r, u, z, h_z)
-                  n, hidden, height, width, BLOCK: tl.constexpr):
+def _forward_step(
+    x_ptr,
+    h_ptr,
+    c_prev_ptr,
+    theta_ptr,  # inputs: W x_t + b_ih, R y_{t-1} + b_hh, c'_{t-1}, theta
+    y_ptr,
+    c_ptr,
+    c_next_ptr,
+    gates_ptr,  # outputs: y_t, c_t, c'_t, (r, u, z, h_z)
+    n,
+    hidden,
+    height,
+    width,
+    BLOCK: tl.constexpr,
+):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     b, j = i // hidden, i % hidden
@@ -70,11 +82,24 @@ def _forward_step(x_ptr, h_ptr, c_prev_ptr, theta_ptr,  # inputs: W x_t + b_ih, 
 
 
 @triton.jit
-def _backward_step(d_y_out_ptr, d_y_rec_ptr, d_event_ptr,  # dL/dy_t from above, through R, dL/do_t
-                   d_c_next_ptr, d_theta_ptr,  # dL/dc'_t (in: from step t+1, out: for step t-1); sum of dL/dtheta
-                   gates_ptr, c_ptr, c_prev_ptr, theta_ptr,  # saved: (r, u, z, h_z), c_t, c'_{t-1}
-                   d_x_ptr, d_h_ptr,  # outputs: dL/d(W x_t + b_ih), dL/d(R y_{t-1} + b_hh)
-                   n, hidden, height, width, BLOCK: tl.constexpr):
+def _backward_step(
+    d_y_out_ptr,
+    d_y_rec_ptr,
+    d_event_ptr,  # dL/dy_t from above, through R, dL/do_t
+    d_c_next_ptr,
+    d_theta_ptr,  # dL/dc'_t (in: from step t+1, out: for step t-1); sum of dL/dtheta
+    gates_ptr,
+    c_ptr,
+    c_prev_ptr,
+    theta_ptr,  # saved: (r, u, z, h_z), c_t, c'_{t-1}
+    d_x_ptr,
+    d_h_ptr,  # outputs: dL/d(W x_t + b_ih), dL/d(R y_{t-1} + b_hh)
+    n,
+    hidden,
+    height,
+    width,
+    BLOCK: tl.constexpr,
+):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     b, j = i // hidden, i % hidden
@@ -111,8 +136,17 @@ def _backward_step(d_y_out_ptr, d_y_rec_ptr, d_event_ptr,  # dL/dy_t from above,
     tl.store(d_h_ptr + row3 + 2 * hidden, d_az * r, mask=mask)
 
 
-def _forward_loop(x_proj: Tensor, y0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Tensor, theta: Tensor,
-                  height: float, width: float, out: dict[str, Tensor]) -> None:
+def _forward_loop(
+    x_proj: Tensor,
+    y0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor,
+    theta: Tensor,
+    height: float,
+    width: float,
+    out: dict[str, Tensor],
+) -> None:
     """Fill out["ys"], out["cs"] (c_t), out["c_resets"] (c'_{-1} = c0, c'_0, ...), out["gates"]."""
     steps, batch, hidden = out["ys"].shape
     n = batch * hidden
@@ -122,14 +156,37 @@ def _forward_loop(x_proj: Tensor, y0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Te
     y_prev = y0
     for t in range(steps):
         torch.addmm(b_hh, y_prev, w_hh.t(), out=h)
-        _forward_step[grid](x_proj[t], h, c_resets[t], theta, out["ys"][t], out["cs"][t],
-                            c_resets[t + 1], out["gates"][t], n, hidden, height, width, BLOCK=BLOCK)
+        _forward_step[grid](
+            x_proj[t],
+            h,
+            c_resets[t],
+            theta,
+            out["ys"][t],
+            out["cs"][t],
+            c_resets[t + 1],
+            out["gates"][t],
+            n,
+            hidden,
+            height,
+            width,
+            BLOCK=BLOCK,
+        )
         y_prev = out["ys"][t]
 
 
-def _backward_loop(d_ys: Tensor, d_c_last: Tensor, d_events: Tensor, gates: Tensor, cs: Tensor,
-                   c_resets: Tensor, w_hh: Tensor, theta: Tensor, height: float, width: float,
-                   out: dict[str, Tensor]) -> None:
+def _backward_loop(
+    d_ys: Tensor,
+    d_c_last: Tensor,
+    d_events: Tensor,
+    gates: Tensor,
+    cs: Tensor,
+    c_resets: Tensor,
+    w_hh: Tensor,
+    theta: Tensor,
+    height: float,
+    width: float,
+    out: dict[str, Tensor],
+) -> None:
     """Fill out["d_x"] and out["d_h"] (per step), out["d_y"] (dL/dy0), out["d_c"] (dL/dc0) and
     out["d_theta"] (per batch row)."""
     steps, batch, hidden = d_ys.shape
@@ -140,8 +197,24 @@ def _backward_loop(d_ys: Tensor, d_c_last: Tensor, d_events: Tensor, gates: Tens
     d_c.copy_(d_c_last)
     d_theta.zero_()
     for t in range(steps - 1, -1, -1):
-        _backward_step[grid](d_ys[t], d_y_rec, d_events[t], d_c, d_theta, gates[t], cs[t], c_resets[t],
-                             theta, out["d_x"][t], out["d_h"][t], n, hidden, height, width, BLOCK=BLOCK)
+        _backward_step[grid](
+            d_ys[t],
+            d_y_rec,
+            d_events[t],
+            d_c,
+            d_theta,
+            gates[t],
+            cs[t],
+            c_resets[t],
+            theta,
+            out["d_x"][t],
+            out["d_h"][t],
+            n,
+            hidden,
+            height,
+            width,
+            BLOCK=BLOCK,
+        )
         torch.mm(out["d_h"][t], w_hh, out=d_y_rec)
 
 
@@ -168,23 +241,31 @@ class _GraphFamily:
     variable BPTT length (AWD-LSTM's) costs a graph per length but memory only once.
     `capture(run) -> replay` is CUDA graph capture (tests pass `lambda run: run`)."""
 
-    def __init__(self, loop, scalars: dict, capture: Callable[[Callable[[], None]], Callable[[], None]]):
+    def __init__(
+        self, loop, scalars: dict, capture: Callable[[Callable[[], None]], Callable[[], None]]
+    ):
         self.loop, self.scalars, self.capture = loop, scalars, capture
         self.capacity = 0  # time steps the buffers hold
         self.buffers: dict[str, Tensor] = {}
         self.graphs: dict[int, tuple[Callable[[], None], dict, dict]] = {}
 
-    def __call__(self, steps: int, inputs: dict[str, Tensor], outputs: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    def __call__(
+        self, steps: int, inputs: dict[str, Tensor], outputs: dict[str, tuple[int, ...]]
+    ) -> dict[str, Tensor]:
         if steps > self.capacity:  # (re)allocate, with room to grow after the first time
             self.capacity = steps if not self.capacity else max(steps, self.capacity * 5 // 4)
             shapes = {**{k: v.shape for k, v in inputs.items()}, **outputs}
             like = next(iter(inputs.values()))
-            self.buffers = {k: like.new_empty(self._shape(k, shape, steps)) for k, shape in shapes.items()}
+            self.buffers = {
+                k: like.new_empty(self._shape(k, shape, steps)) for k, shape in shapes.items()
+            }
             self.graphs.clear()  # they point at the old buffers
         if steps not in self.graphs:
             static_inputs = {k: self._view(k, steps) for k in inputs}
             static_outputs = {k: self._view(k, steps) for k in outputs}
-            replay = self.capture(lambda: self.loop(**static_inputs, **self.scalars, out=static_outputs))
+            replay = self.capture(
+                lambda: self.loop(**static_inputs, **self.scalars, out=static_outputs)
+            )
             self.graphs[steps] = replay, static_inputs, static_outputs
         replay, static_inputs, static_outputs = self.graphs[steps]
         for k, v in inputs.items():
@@ -205,8 +286,9 @@ class _GraphFamily:
 _graphs: dict[tuple, _GraphFamily] = {}
 
 
-def _run(loop, steps: int, inputs: dict[str, Tensor], outputs: dict[str, tuple[int, ...]],
-         **scalars) -> dict[str, Tensor]:
+def _run(
+    loop, steps: int, inputs: dict[str, Tensor], outputs: dict[str, tuple[int, ...]], **scalars
+) -> dict[str, Tensor]:
     """loop(**inputs, **scalars, out=) into new tensors of the `outputs` shapes, on CUDA (where
     enabled) through a graph captured once per shape; returns tensors the caller owns."""
     first = next(iter(inputs.values()))
@@ -215,8 +297,14 @@ def _run(loop, steps: int, inputs: dict[str, Tensor], outputs: dict[str, tuple[i
         loop(**inputs, **scalars, out=out)
         return out
     sizes = tuple(v.shape[1:] if k in _PER_STEP else v.shape for k, v in inputs.items())
-    key = (loop.__name__, first.device, first.dtype, sizes, *scalars.values(),
-           torch.backends.cuda.matmul.allow_tf32)  # a graph keeps the math mode it was captured with
+    key = (
+        loop.__name__,
+        first.device,
+        first.dtype,
+        sizes,
+        *scalars.values(),
+        torch.backends.cuda.matmul.allow_tf32,
+    )  # a graph keeps the math mode it was captured with
     if key not in _graphs:
         _graphs[key] = _GraphFamily(loop, scalars, _cuda_graph)
     return _graphs[key](steps, inputs, outputs)
@@ -226,17 +314,38 @@ class EGRUSequenceTriton(torch.autograd.Function):
     """`egru_kernel.EGRUSequence` with fused steps: the same inputs, outputs and gradients."""
 
     @staticmethod
-    def forward(ctx, x_proj: Tensor, y0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Tensor,
-                theta: Tensor, height: float, width: float):
+    def forward(
+        ctx,
+        x_proj: Tensor,
+        y0: Tensor,
+        c0: Tensor,
+        w_hh: Tensor,
+        b_hh: Tensor,
+        theta: Tensor,
+        height: float,
+        width: float,
+    ):
         steps, batch, hidden = x_proj.size(0), x_proj.size(1), x_proj.size(2) // 3
         out = _run(
-            _forward_loop, steps,
-            {"x_proj": x_proj.contiguous(), "y0": y0.contiguous(), "c0": c0.contiguous(),
-             "w_hh": w_hh.contiguous(), "b_hh": b_hh.contiguous(), "theta": theta.contiguous()},
-            {"ys": (steps, batch, hidden), "cs": (steps, batch, hidden),
-             "c_resets": (steps + 1, batch, hidden), "gates": (steps, batch, 4 * hidden),
-             "h": (batch, 3 * hidden)},
-            height=height, width=width,
+            _forward_loop,
+            steps,
+            {
+                "x_proj": x_proj.contiguous(),
+                "y0": y0.contiguous(),
+                "c0": c0.contiguous(),
+                "w_hh": w_hh.contiguous(),
+                "b_hh": b_hh.contiguous(),
+                "theta": theta.contiguous(),
+            },
+            {
+                "ys": (steps, batch, hidden),
+                "cs": (steps, batch, hidden),
+                "c_resets": (steps + 1, batch, hidden),
+                "gates": (steps, batch, 4 * hidden),
+                "h": (batch, 3 * hidden),
+            },
+            height=height,
+            width=width,
         )
         ys, cs, c_resets = out["ys"], out["cs"], out["c_resets"]
         events = (cs > theta).to(ys.dtype)
@@ -249,18 +358,41 @@ class EGRUSequenceTriton(torch.autograd.Function):
         ys, cs, c_resets, gates, y0, w_hh, theta = ctx.saved_tensors
         steps, batch, hidden = ys.shape
         out = _run(
-            _backward_loop, steps,
-            {"d_ys": d_ys.contiguous(), "d_c_last": d_c_last.contiguous(), "d_events": d_events.contiguous(),
-             "gates": gates, "cs": cs, "c_resets": c_resets, "w_hh": w_hh.contiguous(),
-             "theta": theta.contiguous()},
-            {"d_x": (steps, batch, 3 * hidden), "d_h": (steps, batch, 3 * hidden),
-             "d_y": (batch, hidden), "d_c": (batch, hidden), "d_theta": (batch, hidden)},
-            height=ctx.height, width=ctx.width,
+            _backward_loop,
+            steps,
+            {
+                "d_ys": d_ys.contiguous(),
+                "d_c_last": d_c_last.contiguous(),
+                "d_events": d_events.contiguous(),
+                "gates": gates,
+                "cs": cs,
+                "c_resets": c_resets,
+                "w_hh": w_hh.contiguous(),
+                "theta": theta.contiguous(),
+            },
+            {
+                "d_x": (steps, batch, 3 * hidden),
+                "d_h": (steps, batch, 3 * hidden),
+                "d_y": (batch, hidden),
+                "d_c": (batch, hidden),
+                "d_theta": (batch, hidden),
+            },
+            height=ctx.height,
+            width=ctx.width,
         )
         d_h = out["d_h"]
         y_prev = torch.cat((y0[None], ys[:-1]))
         d_w_hh = d_h.flatten(0, 1).t() @ y_prev.flatten(0, 1)  # all steps in one product
-        return out["d_x"], out["d_y"], out["d_c"], d_w_hh, d_h.sum((0, 1)), out["d_theta"].sum(0), None, None
+        return (
+            out["d_x"],
+            out["d_y"],
+            out["d_c"],
+            d_w_hh,
+            d_h.sum((0, 1)),
+            out["d_theta"].sum(0),
+            None,
+            None,
+        )
 
 
 def supported(x_proj: Tensor, w_hh: Tensor) -> bool:
@@ -269,8 +401,16 @@ def supported(x_proj: Tensor, w_hh: Tensor) -> bool:
     return ENABLED and x_proj.dtype == w_hh.dtype == torch.float32
 
 
-def egru_sequence(x_proj: Tensor, y0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Tensor,
-                  theta: Tensor, height: float, width: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def egru_sequence(
+    x_proj: Tensor,
+    y0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor,
+    theta: Tensor,
+    height: float,
+    width: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(outputs (T,B,H), y_T, c'_T, events (T,B,H)), as egru_kernel.egru_sequence."""
     ys, c_last, events = EGRUSequenceTriton.apply(x_proj, y0, c0, w_hh, b_hh, theta, height, width)
     return ys, ys[-1], c_last, events

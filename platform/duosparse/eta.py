@@ -50,7 +50,9 @@ def epoch_work(config: RunConfig, sizes: tuple[int, int, int] | None) -> list[fl
         full = _tokens(train_len, t.batch_size, t.bptt, None)
         train_tokens = min(full, (t.max_steps_per_epoch or math.inf) * t.batch_size * t.bptt)
         val_tokens = _tokens(valid_len, t.eval_batch_size, t.bptt, t.max_eval_batches)
-        test_tokens = _tokens(test_len, t.test_batch_size or t.eval_batch_size, t.bptt, t.max_eval_batches)
+        test_tokens = _tokens(
+            test_len, t.test_batch_size or t.eval_batch_size, t.bptt, t.max_eval_batches
+        )
     work = [float(TRAIN_PASSES * train_tokens + val_tokens)] * t.epochs
     work[-1] += test_tokens
     return work
@@ -59,8 +61,12 @@ def epoch_work(config: RunConfig, sizes: tuple[int, int, int] | None) -> list[fl
 class SweepEta:
     """Tracks the work of a launch's trials (by run_key) as their epochs are reported."""
 
-    def __init__(self, trials: list[RunConfig], sizes: Callable[[RunConfig], tuple[int, int, int] | None],
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        trials: list[RunConfig],
+        sizes: Callable[[RunConfig], tuple[int, int, int] | None],
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.work = {c.run_key: epoch_work(c, sizes(c)) for c in trials}
         self.total = sum(sum(w) + TRIAL_OVERHEAD for w in self.work.values())
         self.done = 0.0
@@ -110,9 +116,15 @@ class SweepEta:
 
     def summary(self) -> str:
         left = self.remaining()
-        eta = "ETA unknown until the first epoch ends" if left is None else f"about {clock_text(left)} left"
-        return (f"{self.trials_done}/{self.trials_total} trials done, {100 * self.done / max(self.total, 1):.0f}% "
-                f"of the work, {clock_text(self.elapsed())} elapsed, {eta}")
+        eta = (
+            "ETA unknown until the first epoch ends"
+            if left is None
+            else f"about {clock_text(left)} left"
+        )
+        return (
+            f"{self.trials_done}/{self.trials_total} trials done, {100 * self.done / max(self.total, 1):.0f}% "
+            f"of the work, {clock_text(self.elapsed())} elapsed, {eta}"
+        )
 
 
 def clock_text(seconds: float) -> str:

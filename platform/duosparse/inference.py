@@ -138,8 +138,9 @@ class CompressedColumns:
             return 0
         # position of each gathered entry: its column's start + its offset within the column
         first = counts.cumsum(0) - counts  # where each column's run begins in the gathered list
-        positions = torch.repeat_interleave(self._start_t.index_select(0, active) - first, counts,
-                                            output_size=total)
+        positions = torch.repeat_interleave(
+            self._start_t.index_select(0, active) - first, counts, output_size=total
+        )
         positions += torch.arange(total)
         scale = torch.repeat_interleave(v.index_select(0, active), counts, output_size=total)
         products = self._values_t.index_select(0, positions) * scale
@@ -166,8 +167,13 @@ class DenseColumns:
         active = v.nonzero().squeeze(1)
         if active.numel() == 0:
             return 0
-        summed = F.embedding_bag(active, self._transpose, self._offsets, mode="sum",
-                                 per_sample_weights=v.index_select(0, active))
+        summed = F.embedding_bag(
+            active,
+            self._transpose,
+            self._offsets,
+            mode="sum",
+            per_sample_weights=v.index_select(0, active),
+        )
         torch.from_numpy(out).add_(summed[0])
         return active.numel() * self.shape[0]
 
@@ -207,8 +213,10 @@ class InferenceState:
 
     def to_model_state(self) -> list[tuple[Tensor, Tensor]]:
         """The `LanguageModel` state format, batch 1: per layer (y (1, H), c' (1, H))."""
-        return [(torch.from_numpy(y.copy())[None], torch.from_numpy(c.copy())[None])
-                for y, c in zip(self.y, self.c)]
+        return [
+            (torch.from_numpy(y.copy())[None], torch.from_numpy(c.copy())[None])
+            for y, c in zip(self.y, self.c)
+        ]
 
 
 @dataclass
@@ -232,9 +240,15 @@ class EventDrivenEGRU:
     Holds CPU copies of the weights: the compressed matrices, and the dense masked ones for
     the dense reference path. One engine serves one caller at a time (it reuses buffers)."""
 
-    def __init__(self, layers: list[_Layer], embedding: Tensor,
-                 decoder: CompressedColumns | DenseColumns, decoder_weight: Tensor,
-                 decoder_bias: np.ndarray, backend: str):
+    def __init__(
+        self,
+        layers: list[_Layer],
+        embedding: Tensor,
+        decoder: CompressedColumns | DenseColumns,
+        decoder_weight: Tensor,
+        decoder_bias: np.ndarray,
+        backend: str,
+    ):
         self.layers, self.embedding, self.decoder = layers, embedding, decoder
         self.decoder_weight, self.decoder_bias = decoder_weight, decoder_bias
         self.backend = backend
@@ -256,10 +270,14 @@ class EventDrivenEGRU:
         if backend not in BACKENDS:
             raise EventDrivenError(f"backend must be 'auto', 'scipy' or 'torch', got {backend!r}")
         if backend == "scipy" and _csc_matvec is None:
-            raise EventDrivenError("backend 'scipy' needs scipy.sparse._sparsetools; use backend='torch'")
+            raise EventDrivenError(
+                "backend 'scipy' needs scipy.sparse._sparsetools; use backend='torch'"
+            )
         dtype = model.encoder.weight.dtype
         if dtype not in (torch.float32, torch.float64):
-            raise EventDrivenError(f"event-driven inference runs in float32 or float64, not {dtype}")
+            raise EventDrivenError(
+                f"event-driven inference runs in float32 or float64, not {dtype}"
+            )
         layers = []
         with torch.no_grad():
             for layer in model.layers:
@@ -272,16 +290,30 @@ class EventDrivenEGRU:
                 stacked[3 * h :, i:] = r[2 * h :]  # R_z apart: it is scaled by r
                 b_ih, b_hh = layer.bias_ih.detach().cpu(), layer.bias_hh.detach().cpu()
                 bias = torch.cat((b_ih[: 2 * h] + b_hh[: 2 * h], b_ih[2 * h :], b_hh[2 * h :]))
-                layers.append(_Layer(
-                    i, h, CompressedColumns(stacked, backend), bias.numpy().copy(),
-                    layer.threshold.detach().cpu().numpy().copy(),
-                    w.contiguous().clone(), r.contiguous().clone(), b_ih.clone(), b_hh.clone(),
-                ))
+                layers.append(
+                    _Layer(
+                        i,
+                        h,
+                        CompressedColumns(stacked, backend),
+                        bias.numpy().copy(),
+                        layer.threshold.detach().cpu().numpy().copy(),
+                        w.contiguous().clone(),
+                        r.contiguous().clone(),
+                        b_ih.clone(),
+                        b_hh.clone(),
+                    )
+                )
             embedding = model.embedding_weight().detach().cpu().clone()
             decoder_weight = model.decoder_weight().detach().cpu().contiguous().clone()
             decoder_bias = model.decoder.bias.detach().cpu().numpy().copy()
-        return cls(layers, embedding, column_traversal(decoder_weight, backend),
-                   decoder_weight, decoder_bias, backend)
+        return cls(
+            layers,
+            embedding,
+            column_traversal(decoder_weight, backend),
+            decoder_weight,
+            decoder_bias,
+            backend,
+        )
 
     # --- state ----------------------------------------------------------------------------
 
@@ -291,8 +323,10 @@ class EventDrivenEGRU:
 
     def initial_state(self) -> InferenceState:
         dt = self._np_dtype
-        return InferenceState([np.zeros(l.hidden_size, dt) for l in self.layers],
-                              [np.zeros(l.hidden_size, dt) for l in self.layers])
+        return InferenceState(
+            [np.zeros(l.hidden_size, dt) for l in self.layers],
+            [np.zeros(l.hidden_size, dt) for l in self.layers],
+        )
 
     def state_from_model(self, state: list[tuple[Tensor, ...]]) -> InferenceState:
         """Take over a `LanguageModel` state of batch 1 (per layer (y, c'), each (1, H))."""
@@ -312,13 +346,19 @@ class EventDrivenEGRU:
         """One token, event-driven."""
         return self.run(torch.tensor([int(token)]), state, logits)
 
-    def dense_step(self, token: int, state: InferenceState | None = None,
-                   logits: bool = True) -> Result:
+    def dense_step(
+        self, token: int, state: InferenceState | None = None, logits: bool = True
+    ) -> Result:
         """One token through the dense batch-1 reference (plain mat-vecs over all columns)."""
         return self.run(torch.tensor([int(token)]), state, logits, dense=True)
 
-    def run(self, tokens: Tensor, state: InferenceState | None = None, logits: bool = True,
-            dense: bool = False) -> Result:
+    def run(
+        self,
+        tokens: Tensor,
+        state: InferenceState | None = None,
+        logits: bool = True,
+        dense: bool = False,
+    ) -> Result:
         """Tokens (T,) or (T, 1), one by one from `state` (default: zeros), which is not
         modified; `dense=True` runs the dense reference instead of the event-driven path."""
         tokens = self._check_tokens(tokens)
@@ -350,8 +390,12 @@ class EventDrivenEGRU:
             if logits:
                 row = out_logits[t]
                 if dense:
-                    torch.addmv(torch.from_numpy(self.decoder_bias), self.decoder_weight,
-                                torch.from_numpy(x), out=torch.from_numpy(row))
+                    torch.addmv(
+                        torch.from_numpy(self.decoder_bias),
+                        self.decoder_weight,
+                        torch.from_numpy(x),
+                        out=torch.from_numpy(row),
+                    )
                 else:
                     row[:] = self.decoder_bias
                     decoder_macs += self.decoder.accumulate(row, x)
@@ -363,7 +407,10 @@ class EventDrivenEGRU:
         return Result(
             outputs=[torch.from_numpy(o) for o in outputs],
             logits=torch.from_numpy(out_logits) if logits else None,
-            state=state, macs=macs, decoder_macs=decoder_macs, tokens=steps,
+            state=state,
+            macs=macs,
+            decoder_macs=decoder_macs,
+            tokens=steps,
         )
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
@@ -377,7 +424,9 @@ class EventDrivenEGRU:
                 )
             tokens = tokens[:, 0]
         if tokens.dim() != 1:
-            raise EventDrivenError(f"tokens must have shape (T,) or (T, 1), got {tuple(tokens.shape)}")
+            raise EventDrivenError(
+                f"tokens must have shape (T,) or (T, 1), got {tuple(tokens.shape)}"
+            )
         return tokens.long()
 
 
@@ -392,8 +441,9 @@ def _dense_preactivations(layer: _Layer, vec: np.ndarray, a: np.ndarray) -> None
     a[3 * h :] = h_proj[2 * h :]
 
 
-def _egru_gates(a: np.ndarray, h: int, c_prev: np.ndarray, theta: np.ndarray,
-                y: np.ndarray) -> np.ndarray:
+def _egru_gates(
+    a: np.ndarray, h: int, c_prev: np.ndarray, theta: np.ndarray, y: np.ndarray
+) -> np.ndarray:
     """One EGRU step from the stacked pre-activations a (overwritten) = [r, u with both
     biases; W_z x + b_iz; R_z y + b_hz]: writes y_t into `y`, returns c'_t.
     docs/design.md section 3, as model.egru_cell."""

@@ -48,8 +48,14 @@ class HeavisideTriangle(torch.autograd.Function):
 
 
 def egru_cell(
-    x_proj: Tensor, y_prev: Tensor, c_prev: Tensor, w_hh: Tensor, b_hh: Tensor,
-    theta: Tensor, height: float, width: float,
+    x_proj: Tensor,
+    y_prev: Tensor,
+    c_prev: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor,
+    theta: Tensor,
+    height: float,
+    width: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One EGRU step. x_proj = W x + b_ih (precomputed for the whole sequence).
 
@@ -87,7 +93,9 @@ class RecurrentLayer(nn.Module):
         self.carry_gate_bias = cfg.carry_gate_bias
         if arch == "egru":
             # clamped from the start, as EvNN clamps before every use
-            self.threshold = nn.Parameter(initial_thresholds(cfg, hidden_size).clamp(0.0, cfg.threshold_max))
+            self.threshold = nn.Parameter(
+                initial_thresholds(cfg, hidden_size).clamp(0.0, cfg.threshold_max)
+            )
             self.threshold_max = cfg.threshold_max
             self.height = cfg.pseudo_derivative.height
             self.width = cfg.pseudo_derivative.width
@@ -131,7 +139,9 @@ class RecurrentLayer(nn.Module):
         weights = [self.weight_ih, w_hh, self.bias_ih, self.bias_hh]
         if self.arch == "lstm":
             h0, c0 = state
-            out, h, c = torch.lstm(x, (h0[None], c0[None]), weights, True, 1, 0.0, self.training, False, False)
+            out, h, c = torch.lstm(
+                x, (h0[None], c0[None]), weights, True, 1, 0.0, self.training, False, False
+            )
             return out, (h[0], c[0]), None
         out, h = torch.gru(x, state[0][None], weights, True, 1, 0.0, self.training, False, False)
         return out, (h[0],), None
@@ -143,11 +153,15 @@ class RecurrentLayer(nn.Module):
             sequence = egru_sequence  # egru_kernel: a PyTorch loop, any device
             if x_proj.is_cuda and (kernels := _egru_triton()) and kernels.supported(x_proj, w_hh):
                 sequence = kernels.egru_sequence  # fused Triton kernels
-            out, y, c, events = sequence(x_proj, y, c, w_hh, self.bias_hh, self.threshold, self.height, self.width)
+            out, y, c, events = sequence(
+                x_proj, y, c, w_hh, self.bias_hh, self.threshold, self.height, self.width
+            )
             return out, (y, c), events
         outputs, events = [], []
         for x_t in x_proj:
-            y, c, o = egru_cell(x_t, y, c, w_hh, self.bias_hh, self.threshold, self.height, self.width)
+            y, c, o = egru_cell(
+                x_t, y, c, w_hh, self.bias_hh, self.threshold, self.height, self.width
+            )
             outputs.append(y)
             events.append(o)
         return torch.stack(outputs), (y, c), torch.stack(events)
@@ -163,7 +177,9 @@ def initial_thresholds(cfg: ModelConfig, hidden_size: int) -> Tensor:
     if cfg.threshold_init == "beta":
         beta = cfg.threshold_beta
         alpha = beta * cfg.threshold / (1 - cfg.threshold)  # mean alpha / (alpha + beta)
-        return torch.distributions.Beta(torch.tensor(alpha), torch.tensor(beta)).sample((hidden_size,))
+        return torch.distributions.Beta(torch.tensor(alpha), torch.tensor(beta)).sample(
+            (hidden_size,)
+        )
     return torch.full((hidden_size,), float(cfg.threshold))
 
 
@@ -264,7 +280,11 @@ class LanguageModel(nn.Module):
         return current_weight(self.encoder, "weight")
 
     def decoder_weight(self) -> Tensor:
-        return self.embedding_weight() if self.cfg.tie_weights else current_weight(self.decoder, "weight")
+        return (
+            self.embedding_weight()
+            if self.cfg.tie_weights
+            else current_weight(self.decoder, "weight")
+        )
 
     def clamp_thresholds(self) -> None:
         for layer in self.layers:

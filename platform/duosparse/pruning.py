@@ -67,14 +67,16 @@ def prune_to(tensors: list[tuple[nn.Module, str]], sparsity: float, scope: str) 
             numel = scores[(module, name)].numel()
             extra = round(sparsity * numel) - _pruned_count(module, name)
             if extra > 0:
-                prune.l1_unstructured(module, name, amount=extra,
-                                      importance_scores=scores[(module, name)])
+                prune.l1_unstructured(
+                    module, name, amount=extra, importance_scores=scores[(module, name)]
+                )
         return
     total = sum(s.numel() for s in scores.values())
     extra = round(sparsity * total) - sum(_pruned_count(m, n) for m, n in tensors)
     if extra > 0:
-        prune.global_unstructured(tensors, pruning_method=prune.L1Unstructured, amount=extra,
-                                  importance_scores=scores)
+        prune.global_unstructured(
+            tensors, pruning_method=prune.L1Unstructured, amount=extra, importance_scores=scores
+        )
 
 
 def tensor_name(model: nn.Module, module: nn.Module, name: str) -> str:
@@ -168,8 +170,11 @@ def make_permanent(model: nn.Module) -> None:
     A tied decoder is re-tied to the new embedding parameter (`prune.remove` replaces it).
     """
     for module in list(model.modules()):
-        names = [k[: -len("_orig")] for k, _ in module.named_parameters(recurse=False)
-                 if k.endswith("_orig")]
+        names = [
+            k[: -len("_orig")]
+            for k, _ in module.named_parameters(recurse=False)
+            if k.endswith("_orig")
+        ]
         for name in names:
             prune.remove(module, name)
     if isinstance(model, LanguageModel) and model.cfg.tie_weights:

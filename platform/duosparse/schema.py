@@ -27,8 +27,14 @@ TAG_NOTE = "mlflow.note.content"  # MLflow's own: the description of a run or an
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
 # the columns worth showing first in the runs table (the launch note names them)
-UI_COLUMNS = ("val/ppl", "test/ppl", "sparsity/activity", "sparsity/weight", "ops/effective_macs_per_token",
-              "ops/compute_reduction")
+UI_COLUMNS = (
+    "val/ppl",
+    "test/ppl",
+    "sparsity/activity",
+    "sparsity/weight",
+    "ops/effective_macs_per_token",
+    "ops/compute_reduction",
+)
 
 # --- metrics: language modelling ------------------------------------------------------
 TRAIN_LOSS = "train/loss"
@@ -75,10 +81,22 @@ def spinnaker2(figure: str) -> str:
 # The figures `duosparse simulate spinnaker2` logs as hw/spinnaker2/<figure>; per token unless
 # the name says otherwise.
 SPINNAKER2_FIGURES = (
-    "energy_per_token_j", "latency_per_token_s", "compute_latency_per_token_s", "power_w",
-    "pes", "chips", "chips_needed", "fits", "max_pe_bytes", "macs_per_token",
-    "events_per_token", "gpu_energy_per_token_j", "gpu_latency_per_token_s", "gpu_power_w",
-    "energy_gain_vs_gpu", "speedup_vs_gpu",
+    "energy_per_token_j",
+    "latency_per_token_s",
+    "compute_latency_per_token_s",
+    "power_w",
+    "pes",
+    "chips",
+    "chips_needed",
+    "fits",
+    "max_pe_bytes",
+    "macs_per_token",
+    "events_per_token",
+    "gpu_energy_per_token_j",
+    "gpu_latency_per_token_s",
+    "gpu_power_w",
+    "energy_gain_vs_gpu",
+    "speedup_vs_gpu",
 )
 
 
@@ -93,9 +111,21 @@ ARTIFACTS_PARETO = "analysis/pareto"  # folder for `duosparse export pareto`
 
 # The metrics every finished training run has (DESIGN section 5), for tests and the run table.
 RUN_METRICS = (
-    TRAIN_LOSS, VAL_LOSS, VAL_PPL, TEST_LOSS, TEST_PPL, SPARSITY_WEIGHT, SPARSITY_ACTIVITY,
-    OPS_DENSE, OPS_WEIGHT_SPARSE, OPS_EFFECTIVE, OPS_MULTIPLICATIVE, OPS_TOTAL_EFFECTIVE,
-    OPS_COMPUTE_REDUCTION, PERF_TOKENS_PER_S, PERF_EPOCH_S,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    VAL_PPL,
+    TEST_LOSS,
+    TEST_PPL,
+    SPARSITY_WEIGHT,
+    SPARSITY_ACTIVITY,
+    OPS_DENSE,
+    OPS_WEIGHT_SPARSE,
+    OPS_EFFECTIVE,
+    OPS_MULTIPLICATIVE,
+    OPS_TOTAL_EFFECTIVE,
+    OPS_COMPUTE_REDUCTION,
+    PERF_TOKENS_PER_S,
+    PERF_EPOCH_S,
 )
 
 # --- pruning sensitivity (`duosparse prune sensitivity`, logged into the analysed run) ----

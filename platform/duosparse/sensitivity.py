@@ -107,8 +107,12 @@ def pruned_alone(module: nn.Module, name: str, level: float) -> Iterator[float]:
 
 
 def analyse(
-    model: LanguageModel, stream: Tensor, bptt: int, levels: list[float],
-    max_batches: int | None = None, include_embedding: bool = False,
+    model: LanguageModel,
+    stream: Tensor,
+    bptt: int,
+    levels: list[float],
+    max_batches: int | None = None,
+    include_embedding: bool = False,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The sensitivity table of `model` on a batchified validation `stream`.
@@ -127,18 +131,29 @@ def analyse(
             with pruned_alone(module, name, level) as sparsity:
                 ev = evaluate(model, stream, bptt, max_batches, include_embedding)
             row = {
-                "tensor": tensor_name(model, module, name), "shape": list(weight.shape),
-                "level": level, "sparsity_before": before, "sparsity": sparsity,
-                "loss": ev.loss, "ppl": ev.ppl, "delta_ppl": ev.ppl - base.ppl,
+                "tensor": tensor_name(model, module, name),
+                "shape": list(weight.shape),
+                "level": level,
+                "sparsity_before": before,
+                "sparsity": sparsity,
+                "loss": ev.loss,
+                "ppl": ev.ppl,
+                "delta_ppl": ev.ppl - base.ppl,
             }
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return {
-        "split": "valid", "bptt": bptt, "max_batches": max_batches,
-        "include_embedding": include_embedding, "levels": levels,
-        "baseline": {"loss": base.loss, "ppl": base.ppl,
-                     "weight_sparsity": base.accounting[schema.SPARSITY_WEIGHT]},
+        "split": "valid",
+        "bptt": bptt,
+        "max_batches": max_batches,
+        "include_embedding": include_embedding,
+        "levels": levels,
+        "baseline": {
+            "loss": base.loss,
+            "ppl": base.ppl,
+            "weight_sparsity": base.accounting[schema.SPARSITY_WEIGHT],
+        },
         "rows": rows,
     }
 
@@ -164,7 +179,9 @@ def _jsonable(value: Any) -> Any:
 # --- where the model comes from -----------------------------------------------------------
 
 
-def resolve_source(source: str, tracking_uri: str | None, tmpdir: Path) -> tuple[Path, str | None, Any]:
+def resolve_source(
+    source: str, tracking_uri: str | None, tmpdir: Path
+) -> tuple[Path, str | None, Any]:
     """(local checkpoint path, MLflow run id or None, MLflow client or None)."""
     path = Path(source)
     if path.is_dir():
@@ -241,7 +258,9 @@ def load(path: Path, label: str | None = None) -> tuple[LanguageModel, Any]:
 
 prune_app = typer.Typer(
     help="Weight pruning: analyses of trained (pruned or dense) models.",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
 )
 
 
@@ -252,23 +271,44 @@ def _prune() -> None:
 
 @prune_app.command("sensitivity")
 def sensitivity_command(
-    source: Annotated[str, typer.Argument(
-        metavar="CHECKPOINT_OR_RUN",
-        help="model.pt (or the run folder holding it), or an MLflow run id")],
-    levels: Annotated[str, typer.Option(
-        help="Comma-separated sparsity levels in [0, 1) to prune each tensor to")] = DEFAULT_LEVELS,
-    data_dir: Annotated[Path | None, typer.Option(
-        help="Folder holding <corpus>/{train,valid,test}.txt (default: as the run)")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(
-        help="MLflow store holding the run (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")] = None,
-    max_batches: Annotated[int | None, typer.Option(
-        min=1, help="Cap on validation chunks per evaluation (default: the whole split)")] = None,
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="CHECKPOINT_OR_RUN",
+            help="model.pt (or the run folder holding it), or an MLflow run id",
+        ),
+    ],
+    levels: Annotated[
+        str, typer.Option(help="Comma-separated sparsity levels in [0, 1) to prune each tensor to")
+    ] = DEFAULT_LEVELS,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder holding <corpus>/{train,valid,test}.txt (default: as the run)"),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow store holding the run (default: $MLFLOW_TRACKING_URI or ./mlruns.db)"
+        ),
+    ] = None,
+    max_batches: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Cap on validation chunks per evaluation (default: the whole split)"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    include_embedding: Annotated[bool | None, typer.Option(
-        "--include-embedding/--no-include-embedding",
-        help="Also test the embedding/decoder (default: as the run's prune.include_embedding)")] = None,
+    include_embedding: Annotated[
+        bool | None,
+        typer.Option(
+            "--include-embedding/--no-include-embedding",
+            help="Also test the embedding/decoder (default: as the run's prune.include_embedding)",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the table as JSON to FILE")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the table as JSON on stdout")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the table as JSON on stdout")
+    ] = False,
 ) -> None:
     """Validation perplexity with each prunable tensor pruned alone to each level.
 
@@ -292,22 +332,44 @@ def sensitivity_command(
         try:
             checkpoint, run_id, client = resolve_source(source, tracking_uri, Path(tmp))
             # a downloaded artifact is named by its run, not by the temporary folder it is in
-            label = f"the {schema.ARTIFACT_CHECKPOINT} artifact of MLflow run {run_id}" if run_id else None
+            label = (
+                f"the {schema.ARTIFACT_CHECKPOINT} artifact of MLflow run {run_id}"
+                if run_id
+                else None
+            )
             model, config = load(checkpoint, label)
-            corpus = data.load_corpus(config.data.corpus, data_dir or config.data.dir,
-                                      seed=config.train.seed)
-        except (SensitivityError, tracking.TrackingError, data.DataNotFoundError,
-                data.DataIntegrityError) as e:
+            corpus = data.load_corpus(
+                config.data.corpus, data_dir or config.data.dir, seed=config.train.seed
+            )
+        except (
+            SensitivityError,
+            tracking.TrackingError,
+            data.DataNotFoundError,
+            data.DataIntegrityError,
+        ) as e:
             fail(str(e))
         model.to(target_device)
-        embedding = config.prune.include_embedding if include_embedding is None else include_embedding
+        embedding = (
+            config.prune.include_embedding if include_embedding is None else include_embedding
+        )
         stream = data.batchify(corpus.valid, config.train.eval_batch_size).to(target_device)
         tensors = len(model.prunable(embedding))
         origin = f"MLflow run {run_id}" if run_id else str(checkpoint)
-        err.print(f"{tensors} tensors x {len(parsed)} levels from {origin} "
-                  f"({config.model.arch}, {config.data.corpus} valid)", highlight=False)
-        table = _run_with_progress(model, stream, config.train.bptt, parsed, max_batches,
-                                   embedding, tensors * len(parsed), err)
+        err.print(
+            f"{tensors} tensors x {len(parsed)} levels from {origin} "
+            f"({config.model.arch}, {config.data.corpus} valid)",
+            highlight=False,
+        )
+        table = _run_with_progress(
+            model,
+            stream,
+            config.train.bptt,
+            parsed,
+            max_batches,
+            embedding,
+            tensors * len(parsed),
+            err,
+        )
         table.update({"source": source, "run_id": run_id, "run_key": config.run_key})
         metrics = metrics_of(table)
         table = _jsonable(table)
@@ -323,11 +385,17 @@ def sensitivity_command(
                 reporter.log_metrics(metrics, step=config.train.epochs)
                 reporter.log_artifact(artifact)
             except Exception as e:  # noqa: BLE001 - MLflow raises many types
-                fail(f"the analysis ran but could not be logged to MLflow run {run_id} "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                     "check the tracking store, or rerun with --out FILE to keep the table.", 1)
-            err.print(f"logged {schema.ARTIFACT_SENSITIVITY} and {schema.SENSITIVITY_PREFIX}* "
-                      f"metrics to MLflow run {run_id}", highlight=False)
+                fail(
+                    f"the analysis ran but could not be logged to MLflow run {run_id} "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                    "check the tracking store, or rerun with --out FILE to keep the table.",
+                    1,
+                )
+            err.print(
+                f"logged {schema.ARTIFACT_SENSITIVITY} and {schema.SENSITIVITY_PREFIX}* "
+                f"metrics to MLflow run {run_id}",
+                highlight=False,
+            )
     if json_out:
         print(text)
     else:
@@ -345,32 +413,60 @@ def _device(name: str) -> torch.device:
 
 
 def _run_with_progress(
-    model: LanguageModel, stream: Tensor, bptt: int, levels: list[float],
-    max_batches: int | None, include_embedding: bool, total: int, err: Any,
+    model: LanguageModel,
+    stream: Tensor,
+    bptt: int,
+    levels: list[float],
+    max_batches: int | None,
+    include_embedding: bool,
+    total: int,
+    err: Any,
 ) -> dict[str, Any]:
     if not sys.stderr.isatty():
         return analyse(model, stream, bptt, levels, max_batches, include_embedding)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeRemainingColumn(), console=err, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
         task = bar.add_task("sensitivity", total=total)
-        return analyse(model, stream, bptt, levels, max_batches, include_embedding,
-                       on_row=lambda row: bar.update(task, advance=1,
-                                                     description=f"{row['tensor']} @ {row['level']:g}"))
+        return analyse(
+            model,
+            stream,
+            bptt,
+            levels,
+            max_batches,
+            include_embedding,
+            on_row=lambda row: bar.update(
+                task, advance=1, description=f"{row['tensor']} @ {row['level']:g}"
+            ),
+        )
 
 
 def _rich_table(table: dict[str, Any]) -> Any:
     from rich.table import Table
 
     base = table["baseline"]
-    out = Table(title=f"pruning sensitivity, valid ppl (baseline {_num(base['ppl'])}, "
-                      f"weight sparsity {base['weight_sparsity']:.3f})")
+    out = Table(
+        title=f"pruning sensitivity, valid ppl (baseline {_num(base['ppl'])}, "
+        f"weight sparsity {base['weight_sparsity']:.3f})"
+    )
     for column in ("tensor", "shape", "level", "sparsity", "val ppl", "Δ ppl"):
         out.add_column(column, justify="left" if column in ("tensor", "shape") else "right")
     for row in table["rows"]:
-        out.add_row(row["tensor"], "x".join(map(str, row["shape"])), f"{row['level']:g}",
-                    f"{row['sparsity']:.3f}", _num(row["ppl"]), _num(row["delta_ppl"], signed=True))
+        out.add_row(
+            row["tensor"],
+            "x".join(map(str, row["shape"])),
+            f"{row['level']:g}",
+            f"{row['sparsity']:.3f}",
+            _num(row["ppl"]),
+            _num(row["delta_ppl"], signed=True),
+        )
     return out
 
 

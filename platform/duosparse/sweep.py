@@ -134,12 +134,18 @@ _CONFIG_KEYS = set(flatten(RunConfig().model_dump(mode="json")))
 
 def _check_key(key: str, where: str) -> None:
     if key not in _CONFIG_KEYS:
-        close = sorted(k for k in _CONFIG_KEYS if k.split(".")[-1] == key.split(".")[-1] or k.startswith(key.split(".")[0] + "."))
+        close = sorted(
+            k
+            for k in _CONFIG_KEYS
+            if k.split(".")[-1] == key.split(".")[-1] or k.startswith(key.split(".")[0] + ".")
+        )
         hint = f" (keys in that section: {', '.join(close)})" if close else ""
         raise SpecError(f"{where}: '{key}' is not a RunConfig key{hint}.")
     if key == "train.seed" and not where.endswith(".when"):
         # `seeds` sets every trial's seed; an axis over it would be overridden without a word
-        raise SpecError(f"{where}: 'train.seed' is set by the spec's 'seeds' list; write seeds: [0, 1] instead of a grid axis.")
+        raise SpecError(
+            f"{where}: 'train.seed' is set by the spec's 'seeds' list; write seeds: [0, 1] instead of a grid axis."
+        )
 
 
 def deep_merge(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -160,11 +166,20 @@ def _with_recipe(tree: dict[str, Any], source: str, folder: Path) -> dict[str, A
     if recipe is None:
         return tree
     if not isinstance(recipe, str):
-        raise SpecError(f"{source}: 'recipe' must be the path of a RunConfig YAML, e.g. ../configs/recipes/evnn_ptb.yaml.")
+        raise SpecError(
+            f"{source}: 'recipe' must be the path of a RunConfig YAML, e.g. ../configs/recipes/evnn_ptb.yaml."
+        )
     path = folder / recipe if (folder / recipe).is_file() else Path(recipe)
-    loaded = read_yaml(path, f"{source}: recipe", "a RunConfig YAML such as configs/recipes/evnn_ptb.yaml", SpecError)
+    loaded = read_yaml(
+        path,
+        f"{source}: recipe",
+        "a RunConfig YAML such as configs/recipes/evnn_ptb.yaml",
+        SpecError,
+    )
     if not isinstance(loaded, dict):
-        raise SpecError(f"{source}: recipe '{recipe}' must hold a mapping of sections (data, model, prune, train).")
+        raise SpecError(
+            f"{source}: recipe '{recipe}' must hold a mapping of sections (data, model, prune, train)."
+        )
     try:
         build_config(loaded, f"{source}: recipe '{recipe}'")
     except ConfigError as e:
@@ -186,7 +201,9 @@ def parse_spec(tree: Any, source: str = "spec", folder: Path | None = None) -> S
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
-                parts.append(f"'{field}' is not a spec field (valid: {', '.join(SweepSpec.model_fields)})")
+                parts.append(
+                    f"'{field}' is not a spec field (valid: {', '.join(SweepSpec.model_fields)})"
+                )
             else:
                 parts.append(f"'{field}': {err['msg'].removeprefix('Value error, ')}")
         raise SpecError(f"Invalid sweep spec {source}: " + "; ".join(parts) + ".") from None
@@ -222,7 +239,9 @@ def _check_stages(spec: SweepSpec, source: str) -> None:
         if stage.name in seen:
             raise SpecError(f"{where}: another stage has this name; give each stage its own name.")
         if i == 0 and stage.from_stage is not None:
-            raise SpecError(f"{where}: the first stage cannot start 'from' another; remove 'from: {stage.from_stage}'.")
+            raise SpecError(
+                f"{where}: the first stage cannot start 'from' another; remove 'from: {stage.from_stage}'."
+            )
         if stage.from_stage is not None and stage.from_stage not in seen:
             earlier = ", ".join(seen) or "none"
             raise SpecError(
@@ -230,7 +249,9 @@ def _check_stages(spec: SweepSpec, source: str) -> None:
                 f"{earlier}); a stage warm-starts from a stage declared before it."
             )
         if stage.when and stage.from_stage is None:
-            raise SpecError(f"{where}: 'when' selects runs of the stage named in 'from'; add 'from' or remove 'when'.")
+            raise SpecError(
+                f"{where}: 'when' selects runs of the stage named in 'from'; add 'from' or remove 'when'."
+            )
         for key in stage.grid:
             _check_key(key, f"{where}.grid")
         for j, cond in enumerate(stage.conditional):
@@ -241,7 +262,11 @@ def _check_stages(spec: SweepSpec, source: str) -> None:
         for key in stage.when:
             _check_key(key, f"{where}.when")
         if stage.from_stage is not None:
-            changed = set(stage.grid) | {k for c in stage.conditional for k in c.grid} | set(flatten(stage.base))
+            changed = (
+                set(stage.grid)
+                | {k for c in stage.conditional for k in c.grid}
+                | set(flatten(stage.base))
+            )
             fixed = sorted(changed & {*WARM_START_KEYS, "train.seed", "init.from_run_key"})
             if fixed:
                 raise SpecError(
@@ -279,7 +304,9 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
 def expand_stages(spec: SweepSpec) -> list[tuple[str | None, list[RunConfig]]]:
     """The trials of each stage in order (one unnamed stage for a spec without stages)."""
     if not spec.stages:
-        return [(None, _grow(spec.name, "", [(spec.base, spec.seeds)], spec.grid, spec.conditional))]
+        return [
+            (None, _grow(spec.name, "", [(spec.base, spec.seeds)], spec.grid, spec.conditional))
+        ]
     out: list[tuple[str | None, list[RunConfig]]] = []
     done: dict[str, list[RunConfig]] = {}
     for stage in spec.stages:
@@ -287,8 +314,11 @@ def expand_stages(spec: SweepSpec) -> list[tuple[str | None, list[RunConfig]]]:
         if stage.from_stage is None:
             bases = [(deep_merge(spec.base, stage.base), spec.seeds)]
         else:
-            parents = [c for c in done[stage.from_stage]
-                       if all(c.flat().get(k) == v for k, v in stage.when.items())]
+            parents = [
+                c
+                for c in done[stage.from_stage]
+                if all(c.flat().get(k) == v for k, v in stage.when.items())
+            ]
             if not parents:
                 raise SpecError(
                     f"Sweep '{spec.name}', {where}'when' {stage.when} matches no run of stage "
@@ -305,8 +335,11 @@ def expand_stages(spec: SweepSpec) -> list[tuple[str | None, list[RunConfig]]]:
 
 
 def _grow(
-    name: str, where: str, bases: list[tuple[dict[str, Any], list[int] | None]],
-    grid: dict[str, list[Any]], conditional: list[Conditional],
+    name: str,
+    where: str,
+    bases: list[tuple[dict[str, Any], list[int] | None]],
+    grid: dict[str, list[Any]],
+    conditional: list[Conditional],
 ) -> list[RunConfig]:
     """Each base tree x the grid x the conditionals (in order: a `when` sees earlier axes) x
     its seeds (None: keep the tree's seed); validated, equal trials collapsed."""
@@ -338,7 +371,9 @@ def _grow(
                     try:
                         config = build_config(tree, f"{where}trial ({label}, seed {seed})")
                     except ConfigError as e:
-                        raise SpecError(f"In sweep '{name}': {e} Fix the axis values or the base.") from None
+                        raise SpecError(
+                            f"In sweep '{name}': {e} Fix the axis values or the base."
+                        ) from None
                     trials.setdefault(config.run_key, config)
     for i, hit in enumerate(matched):
         if not hit:

@@ -46,7 +46,7 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI (relative or absolute), else None."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None
 
 
@@ -112,11 +112,15 @@ def open_store(uri: str | None = None, reconcile: bool = True):
         if len(first) > 300:  # a server may answer with a whole page: say where it was shortened
             first = first[:300].rsplit(" ", 1)[0] + " [...]"
         if is_local_uri(uri):
-            fix = ("Check that its folder exists and is writable (or point --tracking-uri / "
-                   "MLFLOW_TRACKING_URI at one), and that the file is an MLflow store.")
+            fix = (
+                "Check that its folder exists and is writable (or point --tracking-uri / "
+                "MLFLOW_TRACKING_URI at one), and that the file is an MLflow store."
+            )
         else:
-            fix = ("Check that the server is running and reachable, or unset MLFLOW_TRACKING_URI "
-                   "to use the embedded SQLite store in this folder.")
+            fix = (
+                "Check that the server is running and reachable, or unset MLFLOW_TRACKING_URI "
+                "to use the embedded SQLite store in this folder."
+            )
         raise TrackingError(
             f"The MLflow tracking store '{uri}' cannot be used ({type(e).__name__}: {first}). {fix}"
         ) from None
@@ -124,8 +128,11 @@ def open_store(uri: str | None = None, reconcile: bool = True):
         try:
             mark_dead_train_runs_killed(client)
         except Exception as e:  # noqa: BLE001 - a store that can only be read is still useful
-            warnings.warn(f"could not mark the train runs of dead processes KILLED in {uri} "
-                          f"({type(e).__name__}: {e})", stacklevel=2)
+            warnings.warn(
+                f"could not mark the train runs of dead processes KILLED in {uri} "
+                f"({type(e).__name__}: {e})",
+                stacklevel=2,
+            )
     return client
 
 
@@ -173,7 +180,8 @@ def mark_dead_train_runs_killed(client: Any) -> int:
     if not experiments:
         return 0
     running = client.search_runs(
-        experiments, f"attributes.status = 'RUNNING' and tags.`{schema.TAG_KIND}` = 'train'",
+        experiments,
+        f"attributes.status = 'RUNNING' and tags.`{schema.TAG_KIND}` = 'train'",
         max_results=50_000,
     )
     count = 0
@@ -182,8 +190,12 @@ def mark_dead_train_runs_killed(client: Any) -> int:
         # This process opens the store before it starts its own run, so a run recorded under
         # its host:pid is a dead one's whose pid came round again (a restarted container).
         if owner == process_id() or process_alive(owner) is False:
-            finish_run(client, run.info.run_id, "KILLED",
-                       f"the process that ran it ({owner}) ended without closing the run")
+            finish_run(
+                client,
+                run.info.run_id,
+                "KILLED",
+                f"the process that ran it ({owner}) ended without closing the run",
+            )
             count += 1
     return count
 
@@ -194,7 +206,8 @@ def resumable_train_run(client: Any, experiment_id: str, run_key: str) -> Any | 
     found = client.search_runs(
         [experiment_id],
         f"tags.`{schema.TAG_RUN_KEY}` = '{run_key}' and tags.`{schema.TAG_KIND}` = 'train'",
-        order_by=["attributes.start_time DESC"], max_results=1,
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     return found[0] if found and found[0].info.status == "KILLED" else None
 
@@ -232,7 +245,9 @@ def _label_experiment(client: Any, experiment: Any, description: str | None) -> 
     """Tag an experiment made before these tags existed (or by hand); a description a user
     wrote in the UI is kept."""
     if experiment.tags.get(schema.TAG_EXPERIMENT_KIND) is None:
-        client.set_experiment_tag(experiment.experiment_id, schema.TAG_EXPERIMENT_KIND, schema.EXPERIMENT_KIND_TRAINING)
+        client.set_experiment_tag(
+            experiment.experiment_id, schema.TAG_EXPERIMENT_KIND, schema.EXPERIMENT_KIND_TRAINING
+        )
     if description and not experiment.tags.get(schema.TAG_NOTE):
         client.set_experiment_tag(experiment.experiment_id, schema.TAG_NOTE, description)
 
@@ -240,7 +255,10 @@ def _label_experiment(client: Any, experiment: Any, description: str | None) -> 
 def git_sha() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
         return out.stdout.strip() or None if out.returncode == 0 else None
@@ -259,12 +277,21 @@ def code_tags() -> dict[str, str]:
 
 
 def run_tags(config: RunConfig, kind: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {schema.TAG_RUN_KEY: config.run_key, schema.TAG_KIND: kind, **code_tags(), **(extra or {})}
+    return {
+        schema.TAG_RUN_KEY: config.run_key,
+        schema.TAG_KIND: kind,
+        **code_tags(),
+        **(extra or {}),
+    }
 
 
 def start_run(
-    client: Any, experiment_id: str, config: RunConfig, kind: str = "train",
-    run_name: str | None = None, parent_run_id: str | None = None,
+    client: Any,
+    experiment_id: str,
+    config: RunConfig,
+    kind: str = "train",
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> str:
     """Create a RUNNING run with the flattened config as params; returns its id."""
@@ -285,12 +312,18 @@ def complete_params(client: Any, run: Any, config: RunConfig) -> None:
 def _log_params(client: Any, run_id: str, config: RunConfig, present: dict[str, str]) -> None:
     from mlflow.entities import Param
 
-    params = [Param(k, "null" if v is None else str(v)) for k, v in config.flat().items() if k not in present]
+    params = [
+        Param(k, "null" if v is None else str(v))
+        for k, v in config.flat().items()
+        if k not in present
+    ]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])
 
 
-def finish_run(client: Any, run_id: str, status: str = "FINISHED", failure: str | None = None) -> None:
+def finish_run(
+    client: Any, run_id: str, status: str = "FINISHED", failure: str | None = None
+) -> None:
     if failure:
         client.set_tag(run_id, schema.TAG_FAILURE, failure[:5000])
     client.set_terminated(run_id, status=status)

@@ -82,8 +82,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif name == "cuda" and not torch.cuda.is_available():
-        raise DeviceUnavailable("train.device is 'cuda' but no CUDA device is visible here; set "
-                                "train.device to 'auto' or 'cpu', or run on a machine with a GPU.")
+        raise DeviceUnavailable(
+            "train.device is 'cuda' but no CUDA device is visible here; set "
+            "train.device to 'auto' or 'cpu', or run on a machine with a GPU."
+        )
     else:
         device = torch.device(name)
     if device.type == "cuda":
@@ -112,7 +114,10 @@ def steps_per_epoch(config: RunConfig, train_stream_len: int) -> int:
 
 @torch.no_grad()
 def evaluate(
-    model: LanguageModel, stream: torch.Tensor, bptt: int, max_batches: int | None = None,
+    model: LanguageModel,
+    stream: torch.Tensor,
+    bptt: int,
+    max_batches: int | None = None,
     include_embedding: bool = False,
 ) -> Evaluation:
     """Loss, activity and MAC counts over a batchified split, in one pass, state carried over."""
@@ -122,10 +127,14 @@ def evaluate(
     total_loss, total_tokens = 0.0, 0
     for inputs, targets in data.bptt_batches(stream, bptt, max_batches=max_batches):
         logits, state, trace = model(inputs, state)
-        total_loss += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        total_loss += F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="sum"
+        ).item()
         total_tokens += targets.numel()
         accountant.update(trace)
-    return Evaluation(total_loss / max(total_tokens, 1), accountant.metrics(), accountant.unit_event_rates())
+    return Evaluation(
+        total_loss / max(total_tokens, 1), accountant.metrics(), accountant.unit_event_rates()
+    )
 
 
 @dataclass
@@ -180,7 +189,9 @@ def make_optimizer(config: RunConfig, model: LanguageModel) -> torch.optim.Optim
     thresholds = [p for n, p in named if n.endswith("threshold")]
     groups = [{"params": weights, "lr_factor": 1.0}]
     if thresholds:
-        groups.append({"params": thresholds, "lr_factor": t.threshold_lr_factor, "weight_decay": 0.0})
+        groups.append(
+            {"params": thresholds, "lr_factor": t.threshold_lr_factor, "weight_decay": 0.0}
+        )
     if t.optimizer in ("sgd", "ntasgd"):
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     adam = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
@@ -189,9 +200,13 @@ def make_optimizer(config: RunConfig, model: LanguageModel) -> torch.optim.Optim
 
 def averaging_optimizer(config: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.ASGD:
     """NT-ASGD's second phase over the same parameter groups (AWD-LSTM: t0 = 0, lambd = 0)."""
-    groups = [{k: v for k, v in g.items() if k in ("params", "lr_factor", "weight_decay")}
-              for g in optimizer.param_groups]
-    return torch.optim.ASGD(groups, lr=config.train.lr, t0=0, lambd=0.0, weight_decay=config.train.weight_decay)
+    groups = [
+        {k: v for k, v in g.items() if k in ("params", "lr_factor", "weight_decay")}
+        for g in optimizer.param_groups
+    ]
+    return torch.optim.ASGD(
+        groups, lr=config.train.lr, t0=0, lambd=0.0, weight_decay=config.train.weight_decay
+    )
 
 
 class averaged_weights:
@@ -272,8 +287,10 @@ def check_divergence(config: RunConfig, val_loss: float, vocab_size: int, epoch:
     if val_loss >= LOSS_CAP:
         why = f"at the perplexity cap (val/ppl = exp({LOSS_CAP:g}))"
     elif val_loss > uniform + DIVERGENCE_MARGIN:
-        why = (f"more than {DIVERGENCE_MARGIN:g} nat above a uniform guess over the "
-               f"{vocab_size} words (log {vocab_size} = {uniform:.3f})")
+        why = (
+            f"more than {DIVERGENCE_MARGIN:g} nat above a uniform guess over the "
+            f"{vocab_size} words (log {vocab_size} = {uniform:.3f})"
+        )
     else:
         return
     t = config.train
@@ -318,7 +335,8 @@ def silent_start(model: LanguageModel, tokens: torch.Tensor) -> str | None:
             f"{theta.max().item():.3g}) are above |c| ~ {scale:.2g} (99th percentile)"
         )
     return (
-        "; ".join(parts) + ". No event passes a silent layer, so the logits do not depend on the input "
+        "; ".join(parts)
+        + ". No event passes a silent layer, so the logits do not depend on the input "
         "and training starts dead; lower model.threshold, or use model.threshold_init: beta with a "
         "small mean (EvNN: 0.01), or model.weight_init: xavier_normal."
     )
@@ -347,19 +365,25 @@ def load_model(path: str | Path) -> tuple[LanguageModel, RunConfig]:
     return model, config
 
 
-def warm_start(model: LanguageModel, config: RunConfig, checkpoint: str | Path | None, vocab_size: int) -> None:
+def warm_start(
+    model: LanguageModel, config: RunConfig, checkpoint: str | Path | None, vocab_size: int
+) -> None:
     """Load the final weights of the run config.init.from_run_key names (masks, thresholds
     and all) into `model`; the new run's own pruning schedule then starts from them."""
     key = config.init.from_run_key
     if checkpoint is None or not Path(checkpoint).is_file():
-        raise ValueError(f"init.from_run_key is {key[:12]}... but no checkpoint of that run was given to train()")
+        raise ValueError(
+            f"init.from_run_key is {key[:12]}... but no checkpoint of that run was given to train()"
+        )
     payload = load_checkpoint(checkpoint)
     # The checkpoint's own config, re-validated by this code version, may hash to another
     # run_key (keys added since): compare what fixes the weights' shapes instead.
     source, this = RunConfig.model_validate(payload["config"]).flat(), config.flat()
     differ = [k for k in WARM_START_KEYS if source[k] != this[k]]
     if differ:
-        raise ValueError(f"init.from_run_key {key[:12]}: the checkpoint's {', '.join(differ)} differ from this run's")
+        raise ValueError(
+            f"init.from_run_key {key[:12]}: the checkpoint's {', '.join(differ)} differ from this run's"
+        )
     if payload["vocab_size"] != vocab_size:
         raise ValueError(
             f"init.from_run_key {key[:12]}: that run's vocabulary has {payload['vocab_size']} words, "
@@ -437,9 +461,14 @@ def train(
         state = model.initial_state(t.batch_size)
         loss_sum, token_count, epoch_start = 0.0, 0, time.perf_counter()
         if capped:
-            batches = data.epoch_batches(train_data, t.bptt, per_epoch, position, t.variable_bptt, generator)
+            batches = data.epoch_batches(
+                train_data, t.bptt, per_epoch, position, t.variable_bptt, generator
+            )
         else:
-            batches = ((x, y, 0) for x, y in data.bptt_batches(train_data, t.bptt, t.variable_bptt, generator))
+            batches = (
+                (x, y, 0)
+                for x, y in data.bptt_batches(train_data, t.bptt, t.variable_bptt, generator)
+            )
         with _progress(progress, f"epoch {epoch}/{t.epochs}", per_epoch) as bar:
             for step, (inputs, targets, next_position) in enumerate(batches):
                 pruner.step((epoch - 1) * per_epoch + step)  # schedule in nominal steps
@@ -455,7 +484,10 @@ def train(
                         f"lower train.lr (now {t.lr}) or set train.clip (now {t.clip})."
                     )
                 total = loss
-                for penalty in (_activity_penalty(config, trace.events), _activation_penalty(config, trace)):
+                for penalty in (
+                    _activity_penalty(config, trace.events),
+                    _activation_penalty(config, trace),
+                ):
                     if penalty is not None:
                         total = total + penalty
                 optimizer.zero_grad(set_to_none=True)
@@ -481,7 +513,9 @@ def train(
             if epoch >= pruner.final_epoch and val.loss < best_val:
                 best_val, best_state = val.loss, copy.deepcopy(model.state_dict())
         if not math.isfinite(val.loss):
-            raise TrainingDiverged(f"val/loss became {val.loss} after epoch {epoch}; lower train.lr.")
+            raise TrainingDiverged(
+                f"val/loss became {val.loss} after epoch {epoch}; lower train.lr."
+            )
         check_divergence(config, val.loss, corpus.vocab_size, epoch)
         metrics = {
             schema.TRAIN_LOSS: loss_sum / max(token_count, 1),
@@ -491,21 +525,35 @@ def train(
             schema.PERF_EPOCH_S: epoch_s,
             **val.accounting,
         }
-        if t.optimizer == "ntasgd" and not isinstance(optimizer, torch.optim.ASGD) \
-                and lr_state.switch_to_averaging(config, val.loss):
+        if (
+            t.optimizer == "ntasgd"
+            and not isinstance(optimizer, torch.optim.ASGD)
+            and lr_state.switch_to_averaging(config, val.loss)
+        ):
             optimizer = averaging_optimizer(config, optimizer)
         lr_state.val_losses.append(val.loss)
         lr_state.end_of_epoch(config, epoch, val.loss)
-        save_checkpoint(resume, {
-            "version": CHECKPOINT_VERSION, "run_key": config.run_key,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "global_step": global_step, "best_val": best_val,
-            "best_model": best_state, "rng": torch.get_rng_state(),
-            "position": position, "lr_state": dataclasses.asdict(lr_state),
-            "averaging": isinstance(optimizer, torch.optim.ASGD),
-        })
+        save_checkpoint(
+            resume,
+            {
+                "version": CHECKPOINT_VERSION,
+                "run_key": config.run_key,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "global_step": global_step,
+                "best_val": best_val,
+                "best_model": best_state,
+                "rng": torch.get_rng_state(),
+                "position": position,
+                "lr_state": dataclasses.asdict(lr_state),
+                "averaging": isinstance(optimizer, torch.optim.ASGD),
+            },
+        )
         reporter.log_metrics(metrics, step=epoch)  # after the checkpoint: a resumed run has it
-        _log_epoch(epoch, t.epochs, metrics, time.perf_counter() - run_start, epoch - start_epoch + 1)
+        _log_epoch(
+            epoch, t.epochs, metrics, time.perf_counter() - run_start, epoch - start_epoch + 1
+        )
 
     # Final figures: the best-validation weights on the test split.
     restore_masks(model, best_state)
@@ -515,9 +563,14 @@ def train(
     test = evaluate(model, test_data, t.bptt, t.max_eval_batches, include_embedding)
     final = {schema.TEST_LOSS: test.loss, schema.TEST_PPL: test.ppl, **test.accounting}
     reporter.log_metrics(final, step=t.epochs)
-    log.info("test ppl %.2f (best-validation weights, val ppl %.2f); activity sparsity %.3f, "
-             "compute reduction %.2fx", test.ppl, math.exp(min(best_val, 50.0)),
-             final.get(schema.SPARSITY_ACTIVITY, math.nan), final.get(schema.OPS_COMPUTE_REDUCTION, math.nan))
+    log.info(
+        "test ppl %.2f (best-validation weights, val ppl %.2f); activity sparsity %.3f, "
+        "compute reduction %.2fx",
+        test.ppl,
+        math.exp(min(best_val, 50.0)),
+        final.get(schema.SPARSITY_ACTIVITY, math.nan),
+        final.get(schema.OPS_COMPUTE_REDUCTION, math.nan),
+    )
     _write_artifacts(workdir, config, model, corpus, final, test, reporter)
     best = {schema.VAL_LOSS: best_val, schema.VAL_PPL: math.exp(min(best_val, 50.0))}
     return {**metrics, **best, **final}  # last epoch's train/perf figures, best val, final test
@@ -540,7 +593,9 @@ def _check_silent_start(config: RunConfig, model: LanguageModel, train_data: tor
     if reason is None:
         return
     if config.train.on_silent_start == "error":
-        raise SilentStart(reason + " (train.on_silent_start: error; set it to warn to train anyway)")
+        raise SilentStart(
+            reason + " (train.on_silent_start: error; set it to warn to train anyway)"
+        )
     warnings.warn(reason, SilentStartWarning, stacklevel=3)
 
 
@@ -549,20 +604,35 @@ class SilentStartWarning(UserWarning):
 
 
 def _write_artifacts(
-    workdir: Path, config: RunConfig, model: LanguageModel, corpus: data.Corpus,
-    final: dict[str, float], test: Evaluation, reporter: Reporter,
+    workdir: Path,
+    config: RunConfig,
+    model: LanguageModel,
+    corpus: data.Corpus,
+    final: dict[str, float],
+    test: Evaluation,
+    reporter: Reporter,
 ) -> None:
     (workdir / schema.ARTIFACT_CONFIG).write_text(config.to_yaml())
-    save_checkpoint(workdir / schema.ARTIFACT_CHECKPOINT, {
-        "version": CHECKPOINT_VERSION, "config": config.model_dump(mode="json"),
-        "vocab_size": corpus.vocab_size, "model": model.state_dict(), "metrics": final,
-    })
+    save_checkpoint(
+        workdir / schema.ARTIFACT_CHECKPOINT,
+        {
+            "version": CHECKPOINT_VERSION,
+            "config": config.model_dump(mode="json"),
+            "vocab_size": corpus.vocab_size,
+            "model": model.state_dict(),
+            "metrics": final,
+        },
+    )
     layers = len(test.unit_event_rates)
-    (workdir / schema.ARTIFACT_ACTIVITY).write_text(json.dumps({
-        "split": "test",
-        "layer_activity_sparsity": [final[schema.layer_activity(i)] for i in range(layers)],
-        "unit_event_rates": test.unit_event_rates,
-    }))
+    (workdir / schema.ARTIFACT_ACTIVITY).write_text(
+        json.dumps(
+            {
+                "split": "test",
+                "layer_activity_sparsity": [final[schema.layer_activity(i)] for i in range(layers)],
+                "unit_event_rates": test.unit_event_rates,
+            }
+        )
+    )
     for name in (schema.ARTIFACT_CONFIG, schema.ARTIFACT_CHECKPOINT, schema.ARTIFACT_ACTIVITY):
         reporter.log_artifact(workdir / name)
 
@@ -573,14 +643,25 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def _log_epoch(epoch: int, epochs: int, metrics: dict[str, float], elapsed: float, done: int) -> None:
+def _log_epoch(
+    epoch: int, epochs: int, metrics: dict[str, float], elapsed: float, done: int
+) -> None:
     """epoch, train loss, val ppl, activity sparsity, effective MACs, tokens/s, elapsed, ETA
     (the epochs this process ran so far, projected over those left)."""
     eta = elapsed / max(done, 1) * (epochs - epoch)
-    log.info("epoch %d/%d  train loss %.3f  val ppl %.2f  activity sparsity %.3f  effective MACs/token %.3g  "
-             "%s tok/s  elapsed %s  ETA %s", epoch, epochs, metrics[schema.TRAIN_LOSS], metrics[schema.VAL_PPL],
-             metrics.get(schema.SPARSITY_ACTIVITY, math.nan), metrics.get(schema.OPS_EFFECTIVE, math.nan),
-             f"{metrics[schema.PERF_TOKENS_PER_S]:,.0f}", _duration(elapsed), _duration(eta))
+    log.info(
+        "epoch %d/%d  train loss %.3f  val ppl %.2f  activity sparsity %.3f  effective MACs/token %.3g  "
+        "%s tok/s  elapsed %s  ETA %s",
+        epoch,
+        epochs,
+        metrics[schema.TRAIN_LOSS],
+        metrics[schema.VAL_PPL],
+        metrics.get(schema.SPARSITY_ACTIVITY, math.nan),
+        metrics.get(schema.OPS_EFFECTIVE, math.nan),
+        f"{metrics[schema.PERF_TOKENS_PER_S]:,.0f}",
+        _duration(elapsed),
+        _duration(eta),
+    )
 
 
 class _progress:
@@ -593,8 +674,12 @@ class _progress:
     def __enter__(self) -> _progress:
         if self.enabled:
             self.bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), transient=True,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]:.3f}"),
+                TimeRemainingColumn(),
+                transient=True,
                 console=Console(stderr=True),  # stdout is for --json and tables
             )
             self.bar.start()

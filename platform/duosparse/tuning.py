@@ -78,7 +78,9 @@ def mark_orphans_killed(client: Any, experiment_id: str) -> int:
         parent = parents.get(run.data.tags.get(schema.TAG_PARENT_RUN_ID, run.info.run_id))
         driver = (parent or run).data.tags.get(schema.TAG_DRIVER)
         if not _driver_alive(driver):
-            tracking.finish_run(client, run.info.run_id, "KILLED", "the sweep driver stopped before this run ended")
+            tracking.finish_run(
+                client, run.info.run_id, "KILLED", "the sweep driver stopped before this run ended"
+            )
             count += 1
     return count
 
@@ -104,7 +106,11 @@ class TuneReporter:
         self.mlflow = tracking.MlflowReporter(client, run_id)
         self.run_id, self.workdir, self.resume_uri = run_id, workdir, resume_uri
         # Tune (and ASHA) want the same keys in every result
-        self.result: dict[str, Any] = {"epoch": 0, TUNE_METRIC: float("inf"), "mlflow_run_id": run_id}
+        self.result: dict[str, Any] = {
+            "epoch": 0,
+            TUNE_METRIC: float("inf"),
+            "mlflow_run_id": run_id,
+        }
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from ray import tune
@@ -140,8 +146,15 @@ def run_trial(params: dict[str, Any]) -> None:
     if existing is not None and existing.info.status == "FINISHED":
         # finished before a killed driver could record it in Tune: nothing left to run
         drop_resume_state(resume_uri)
-        tune.report({"epoch": config.train.epochs, TUNE_METRIC: float("inf"),
-                     "mlflow_run_id": existing.info.run_id, "duosparse_done": True, "failed": False})
+        tune.report(
+            {
+                "epoch": config.train.epochs,
+                TUNE_METRIC: float("inf"),
+                "mlflow_run_id": existing.info.run_id,
+                "duosparse_done": True,
+                "failed": False,
+            }
+        )
         return
     run_id = _trial_run(client, params, config, existing)
     workdir = Path(tempfile.mkdtemp(prefix=f"duosparse-{config.run_key[:12]}-"))
@@ -188,7 +201,10 @@ def save_resume_state(local: Path, uri: str | None) -> None:
     filesystem, path = _filesystem(uri)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
     partial = path + ".partial"
-    with open(local, "rb") as source, filesystem.open_output_stream(partial, compression=None) as target:
+    with (
+        open(local, "rb") as source,
+        filesystem.open_output_stream(partial, compression=None) as target,
+    ):
         shutil.copyfileobj(source, target, 1 << 20)
     filesystem.move(partial, path)
 
@@ -202,7 +218,10 @@ def load_resume_state(uri: str | None, local: Path) -> bool:
     filesystem, path = _filesystem(uri)
     if filesystem.get_file_info(path).type != fs.FileType.File:
         return False
-    with filesystem.open_input_stream(path, compression=None) as source, open(local, "wb") as target:
+    with (
+        filesystem.open_input_stream(path, compression=None) as source,
+        open(local, "wb") as target,
+    ):
         shutil.copyfileobj(source, target, 1 << 20)
     return True
 
@@ -221,17 +240,24 @@ def _trial_run(client: Any, params: dict[str, Any], config: RunConfig, existing:
     """The trial's MLflow run: `existing` (the unfinished run of its run_key), or a new child."""
     if existing is None:
         run_id = tracking.start_run(
-            client, params["experiment_id"], config, kind="trial", run_name=params["run_name"],
+            client,
+            params["experiment_id"],
+            config,
+            kind="trial",
+            run_name=params["run_name"],
             parent_run_id=params["parent_run_id"],
-            tags={schema.TAG_SWEEP: params["sweep"], **({schema.TAG_STAGE: params["stage"]} if params.get("stage") else {}),
-                  **({schema.TAG_SPEC_HASH: params["spec_hash"]} if params.get("spec_hash") else {})},
+            tags={
+                schema.TAG_SWEEP: params["sweep"],
+                **({schema.TAG_STAGE: params["stage"]} if params.get("stage") else {}),
+                **({schema.TAG_SPEC_HASH: params["spec_hash"]} if params.get("spec_hash") else {}),
+            },
         )
         # A worker that outlived a killed driver may have created one at the same moment:
         # every process keeps the oldest run of the key and deletes its own newer one.
         same = client.search_runs(
             [params["experiment_id"]],
             filter_string=f"tags.`{schema.TAG_RUN_KEY}` = '{config.run_key}' "
-                          f"and tags.`{schema.TAG_KIND}` = 'trial'",
+            f"and tags.`{schema.TAG_KIND}` = 'trial'",
         )
         oldest = min(same, key=lambda r: (r.info.start_time, r.info.run_id))
         if oldest.info.run_id == run_id:
@@ -255,7 +281,9 @@ SKIPPED = "SKIPPED"  # not an MLflow status: a trial whose warm-start parent FAI
 class Plan:
     spec: SweepSpec
     trials: list[RunConfig]
-    status: dict[str, str] = field(default_factory=dict)  # run_key -> MLflow status, PENDING or SKIPPED
+    status: dict[str, str] = field(
+        default_factory=dict
+    )  # run_key -> MLflow status, PENDING or SKIPPED
     reasons: dict[str, str] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)
     stages: dict[str, str | None] = field(default_factory=dict)  # run_key -> its stage
@@ -270,9 +298,14 @@ class Plan:
     def rows(self) -> list[dict[str, Any]]:
         staged = bool(self.spec.stages)
         return [
-            {"run_key": c.run_key[:12], **({"stage": self.stages.get(c.run_key)} if staged else {}),
-             **describe(c, self.spec), "status": self.status.get(c.run_key, "PENDING"),
-             "reason": self.reasons.get(c.run_key, ""), "run_id": self.run_ids.get(c.run_key, "")}
+            {
+                "run_key": c.run_key[:12],
+                **({"stage": self.stages.get(c.run_key)} if staged else {}),
+                **describe(c, self.spec),
+                "status": self.status.get(c.run_key, "PENDING"),
+                "reason": self.reasons.get(c.run_key, ""),
+                "run_id": self.run_ids.get(c.run_key, ""),
+            }
             for c in self.trials
         ]
 
@@ -337,8 +370,16 @@ def silent_starts(configs: list[RunConfig]) -> dict[str, str]:
         if config.model.arch != "egru" or config.init.from_run_key:  # warm starts begin trained
             continue
         t = config.train
-        key = json.dumps([config.model.model_dump(mode="json"), config.data.model_dump(mode="json"),
-                          t.seed, t.batch_size, t.bptt], sort_keys=True)
+        key = json.dumps(
+            [
+                config.model.model_dump(mode="json"),
+                config.data.model_dump(mode="json"),
+                t.seed,
+                t.batch_size,
+                t.bptt,
+            ],
+            sort_keys=True,
+        )
         if key not in probed:
             try:
                 corpus = data.load_corpus(config.data.corpus, config.data.dir, seed=t.seed)
@@ -370,7 +411,11 @@ def _storage_path(spec: SweepSpec) -> str:
     path = spec.storage_path or os.environ.get("DUOSPARSE_TUNE_STORAGE")
     if not path:
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set for `ray job submit` entrypoints
-        path = str(Path.home() / ".cache" / "duosparse" / "tune" if in_job else Path.cwd() / "runs" / "tune")
+        path = str(
+            Path.home() / ".cache" / "duosparse" / "tune"
+            if in_job
+            else Path.cwd() / "runs" / "tune"
+        )
     return path if "://" in path else str(Path(path).resolve())
 
 
@@ -390,7 +435,13 @@ def _progress_callback(uri: str, show: bool, stage: str | None):
             self._bar = self._client = None
 
         def __getstate__(self):
-            return {"uri": self.uri, "show": self.show, "stage": self.stage, "_bar": None, "_client": None}
+            return {
+                "uri": self.uri,
+                "show": self.show,
+                "stage": self.stage,
+                "_bar": None,
+                "_client": None,
+            }
 
         def setup(self, **info):
             from rich.console import Console
@@ -401,10 +452,20 @@ def _progress_callback(uri: str, show: bool, stage: str | None):
             self._live = self.show and self._console.is_terminal
             eta = _ETA
             label = f"sweep {self.stage}" if self.stage else "sweep"
-            self._bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[note]}"), console=self._console, disable=not self._live)
-            self._task = self._bar.add_task("trials", total=eta.trials_total if eta else None,
-                                            completed=eta.trials_done if eta else 0, note="")
+            self._bar = Progress(
+                TextColumn(label),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[note]}"),
+                console=self._console,
+                disable=not self._live,
+            )
+            self._task = self._bar.add_task(
+                "trials",
+                total=eta.trials_total if eta else None,
+                completed=eta.trials_done if eta else 0,
+                note="",
+            )
             self._bar.start()
 
         def _key(self, trial) -> str | None:
@@ -414,19 +475,26 @@ def _progress_callback(uri: str, show: bool, stage: str | None):
             if _ETA and result.get("epoch") and not result.get("duosparse_done"):
                 _ETA.epoch(self._key(trial) or "", int(result["epoch"]))
             if self._bar and result.get("epoch") and _ETA:
-                self._bar.update(self._task, note=f"epoch {result['epoch']} of a trial; {_ETA.summary()}")
+                self._bar.update(
+                    self._task, note=f"epoch {result['epoch']} of a trial; {_ETA.summary()}"
+                )
 
         def _ended(self, trial, trials) -> None:
             if _ETA:
                 _ETA.trial_ended(self._key(trial) or "")
                 running = sum(t is not trial and t.status == "RUNNING" for t in trials)
-                failed = sum(t.status == "ERROR" or bool((t.last_result or {}).get("failed")) for t in trials)
+                failed = sum(
+                    t.status == "ERROR" or bool((t.last_result or {}).get("failed")) for t in trials
+                )
                 note = f"{_ETA.summary()} ({running} running, {failed} failed)"
                 if self._live:
                     self._bar.update(self._task, completed=_ETA.trials_done, note=note)
                 elif self.show:
-                    self._console.print(f"sweep{' ' + self.stage if self.stage else ''}: {note}",
-                                        highlight=False, soft_wrap=True)
+                    self._console.print(
+                        f"sweep{' ' + self.stage if self.stage else ''}: {note}",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
@@ -457,10 +525,16 @@ def _corpus_sizes() -> Callable[[RunConfig], tuple[int, int, int] | None]:
     cache: dict[tuple, tuple[int, int, int] | None] = {}
 
     def sizes(config: RunConfig) -> tuple[int, int, int] | None:
-        key = (config.data.corpus, config.data.dir, config.train.seed if config.data.corpus == "synthetic" else 0)
+        key = (
+            config.data.corpus,
+            config.data.dir,
+            config.train.seed if config.data.corpus == "synthetic" else 0,
+        )
         if key not in cache:
             try:
-                corpus = data.load_corpus(config.data.corpus, config.data.dir, seed=config.train.seed)
+                corpus = data.load_corpus(
+                    config.data.corpus, config.data.dir, seed=config.train.seed
+                )
                 cache[key] = (len(corpus.train), len(corpus.valid), len(corpus.test))
             except (data.DataNotFoundError, data.DataIntegrityError):
                 cache[key] = None
@@ -474,8 +548,11 @@ def _restore_path(storage: str, spec: SweepSpec, stage: str | None) -> str:
 
 
 def run_sweep(
-    spec: SweepSpec, address: str | None = None, resume: bool = False,
-    tracking_uri: str | None = None, show_progress: bool = True,
+    spec: SweepSpec,
+    address: str | None = None,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    show_progress: bool = True,
 ) -> Plan:
     """Launch (or resume) the sweep, stage after stage; returns the plan with each trial's
     final status."""
@@ -496,18 +573,30 @@ def run_sweep(
     _check_warm_starts(client, current)
 
     parent_tags = {
-        schema.TAG_KIND: "sweep", schema.TAG_SWEEP: spec.name, schema.TAG_SPEC_HASH: spec.spec_hash(),
-        schema.TAG_DRIVER: tracking.process_id(), **tracking.code_tags(),
+        schema.TAG_KIND: "sweep",
+        schema.TAG_SWEEP: spec.name,
+        schema.TAG_SPEC_HASH: spec.spec_hash(),
+        schema.TAG_DRIVER: tracking.process_id(),
+        **tracking.code_tags(),
     }
-    parent = client.create_run(experiment_id, run_name=f"{spec.name} launch", tags=parent_tags).info.run_id
+    parent = client.create_run(
+        experiment_id, run_name=f"{spec.name} launch", tags=parent_tags
+    ).info.run_id
     client.set_tag(parent, schema.TAG_NOTE, launch_note(spec, experiment_id, parent))
     # the spec as this launch read it (its hash is on every trial), beside the report to come
-    client.log_text(parent, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), schema.ARTIFACT_SPEC)
+    client.log_text(
+        parent, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), schema.ARTIFACT_SPEC
+    )
     env_vars = {k: os.environ[k] for k in ("DUOSPARSE_DATA_DIR",) if k in os.environ}
     if not ray.is_initialized():
         # "local" starts a fresh Ray here rather than joining one a `ray start` left behind
-        ray.init(address=address or "local", runtime_env={"env_vars": env_vars} if env_vars else None,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=address or "local",
+            runtime_env={"env_vars": env_vars} if env_vars else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     _ETA = SweepEta(current.todo, _corpus_sizes())
     keys = [c.run_key for c in current.todo]
     adopt_trial_runs(client, experiment_id, keys, parent)  # the runs this launch continues
@@ -517,16 +606,23 @@ def run_sweep(
             for stage in spec.stage_names:
                 todo = current.stage_todo(stage)
                 for config in current.trials:  # skipped ones: their work is not coming
-                    if current.stages.get(config.run_key) == stage and current.status.get(config.run_key) == SKIPPED:
+                    if (
+                        current.stages.get(config.run_key) == stage
+                        and current.status.get(config.run_key) == SKIPPED
+                    ):
                         _ETA.trial_ended(config.run_key, started=False)
                 if todo:
                     path = _restore_path(storage, spec, stage)
-                    tuner = _tuner(spec, stage, todo, uri, experiment_id, parent, path, resume, show_progress)
+                    tuner = _tuner(
+                        spec, stage, todo, uri, experiment_id, parent, path, resume, show_progress
+                    )
                     with stop.tune_stops_gracefully():
                         _fit_in(storage, tuner)
                 if stop.signal_name:
                     break
-                current = plan(spec, uri, mark_orphans=False)  # the next stage sees this one's failures
+                current = plan(
+                    spec, uri, mark_orphans=False
+                )  # the next stage sees this one's failures
     except KeyboardInterrupt:  # a second signal, or one outside Tune: stopped at once
         stop.signal_name = stop.signal_name or "SIGINT"
     finally:
@@ -546,26 +642,30 @@ def run_sweep(
 def experiment_note(spec: SweepSpec) -> str:
     """The experiment's description in the MLflow UI."""
     what = f" {spec.description.strip()}" if spec.description.strip() else ""
-    return (f"duosparse sweep **{spec.name}** (`sweeps/{spec.name}.yaml` or the spec it was run from).{what}\n\n"
-            "Each *launch* run holds one child run per trial; a trial's params are its whole config, "
-            "its metrics are logged per epoch and, at the end, on the test split. "
-            f"Useful columns: {', '.join(f'`{c}`' for c in schema.UI_COLUMNS)}. "
-            f"`duosparse analyze {spec.name}` adds the report and the Pareto figures to the newest launch "
-            f"run, under `{schema.ARTIFACTS_ANALYSIS}/`.")
+    return (
+        f"duosparse sweep **{spec.name}** (`sweeps/{spec.name}.yaml` or the spec it was run from).{what}\n\n"
+        "Each *launch* run holds one child run per trial; a trial's params are its whole config, "
+        "its metrics are logged per epoch and, at the end, on the test split. "
+        f"Useful columns: {', '.join(f'`{c}`' for c in schema.UI_COLUMNS)}. "
+        f"`duosparse analyze {spec.name}` adds the report and the Pareto figures to the newest launch "
+        f"run, under `{schema.ARTIFACTS_ANALYSIS}/`."
+    )
 
 
 def launch_note(spec: SweepSpec, experiment_id: str, run_id: str) -> str:
     """A launch run's description: what it is, which columns to pick, and links (within the
     MLflow UI) to where the report and the figures land."""
     artifacts = f"#/experiments/{experiment_id}/runs/{run_id}/artifacts"
-    return (f"Launch of sweep **{spec.name}** (spec hash `{spec.spec_hash()[:12]}`): its children are "
-            "the trials this launch ran or continued.\n\n"
-            f"In the runs table, pick the columns {', '.join(f'`{c}`' for c in schema.UI_COLUMNS)} "
-            "(*Columns* button) to compare trials; a trial's page has its per-epoch charts.\n\n"
-            f"After `duosparse analyze {spec.name}`: [the report]({artifacts}/{schema.ARTIFACTS_ANALYSIS}/report.html) "
-            "(Pareto fronts, trade-off fits, iso-perplexity) and the tables in this run's artifacts; "
-            f"`duosparse export pareto` (part of `make sweep`) adds [the figures]({artifacts}/{schema.ARTIFACTS_PARETO}) "
-            "as PNG.")
+    return (
+        f"Launch of sweep **{spec.name}** (spec hash `{spec.spec_hash()[:12]}`): its children are "
+        "the trials this launch ran or continued.\n\n"
+        f"In the runs table, pick the columns {', '.join(f'`{c}`' for c in schema.UI_COLUMNS)} "
+        "(*Columns* button) to compare trials; a trial's page has its per-epoch charts.\n\n"
+        f"After `duosparse analyze {spec.name}`: [the report]({artifacts}/{schema.ARTIFACTS_ANALYSIS}/report.html) "
+        "(Pareto fronts, trade-off fits, iso-perplexity) and the tables in this run's artifacts; "
+        f"`duosparse export pareto` (part of `make sweep`) adds [the figures]({artifacts}/{schema.ARTIFACTS_PARETO}) "
+        "as PNG."
+    )
 
 
 def adopt_trial_runs(client: Any, experiment_id: str, run_keys: list[str], parent: str) -> None:
@@ -590,7 +690,9 @@ def _no_restore_hint(record: logging.LogRecord) -> bool:
     """Tune's lines about its interruption: ours replace them (the resume line is `duosparse
     sweep run SPEC --resume`, not `Tuner.restore(...)`)."""
     text = record.getMessage()
-    return not any(s in text for s in ("Tuner.restore", "Stop signal received", "Trials did not complete"))
+    return not any(
+        s in text for s in ("Tuner.restore", "Stop signal received", "Trials did not complete")
+    )
 
 
 class _StopOnSignal:
@@ -641,12 +743,23 @@ class _StopOnSignal:
             self._in_tune = False
 
 
-def _tuner(spec: SweepSpec, stage: str | None, todo: list[RunConfig], uri: str, experiment_id: str,
-           parent: str, path: str, resume: bool, show_progress: bool) -> Any:
+def _tuner(
+    spec: SweepSpec,
+    stage: str | None,
+    todo: list[RunConfig],
+    uri: str,
+    experiment_id: str,
+    parent: str,
+    path: str,
+    resume: bool,
+    show_progress: bool,
+) -> Any:
     """A new Tuner for one stage's unfinished trials, or the interrupted one with --resume."""
     from ray import tune
 
-    trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    trainable = tune.with_resources(
+        run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    )
     if resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     if "://" not in path:
@@ -654,13 +767,30 @@ def _tuner(spec: SweepSpec, stage: str | None, todo: list[RunConfig], uri: str, 
     storage, name = path.rsplit("/", 1)
     return tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search([
-            _trial_params(c, spec, uri, experiment_id, parent, stage, resume_uri(storage, spec.name, c.run_key))
-            for c in todo
-        ])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, scheduler=_scheduler(spec, todo)),
+        param_space={
+            "trial": tune.grid_search(
+                [
+                    _trial_params(
+                        c,
+                        spec,
+                        uri,
+                        experiment_id,
+                        parent,
+                        stage,
+                        resume_uri(storage, spec.name, c.run_key),
+                    )
+                    for c in todo
+                ]
+            )
+        },
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.max_concurrent, scheduler=_scheduler(spec, todo)
+        ),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, verbose=0, callbacks=[_progress_callback(uri, show_progress, stage)],
+            name=name,
+            storage_path=storage,
+            verbose=0,
+            callbacks=[_progress_callback(uri, show_progress, stage)],
             failure_config=tune.FailureConfig(max_failures=spec.retries),
         ),
     )
@@ -705,13 +835,26 @@ def _fit_in(storage: str, tuner: Any) -> None:
             pass
 
 
-def _trial_params(config: RunConfig, spec: SweepSpec, uri: str, experiment_id: str, parent: str,
-                  stage: str | None, resume: str) -> dict:
+def _trial_params(
+    config: RunConfig,
+    spec: SweepSpec,
+    uri: str,
+    experiment_id: str,
+    parent: str,
+    stage: str | None,
+    resume: str,
+) -> dict:
     label = "-".join(f"{k.split('.')[-1]}={v}" for k, v in describe(config, spec).items())
     return {
-        "config": config.model_dump(mode="json"), "tracking_uri": uri, "experiment_id": experiment_id,
-        "parent_run_id": parent, "sweep": spec.name, "stage": stage, "run_key": config.run_key,
-        "resume_uri": resume, "spec_hash": spec.spec_hash(),
+        "config": config.model_dump(mode="json"),
+        "tracking_uri": uri,
+        "experiment_id": experiment_id,
+        "parent_run_id": parent,
+        "sweep": spec.name,
+        "stage": stage,
+        "run_key": config.run_key,
+        "resume_uri": resume,
+        "spec_hash": spec.spec_hash(),
         "run_name": f"{spec.name}:{stage + ':' if stage else ''}{label}",
     }
 
@@ -723,8 +866,12 @@ def _scheduler(spec: SweepSpec, trials: list[RunConfig]):
 
     epochs = max(max(c.train.epochs for c in trials), 1)
     return ASHAScheduler(
-        metric=TUNE_METRIC, mode="min", time_attr="epoch", max_t=max(epochs, spec.early_stopping.grace_period),
-        grace_period=spec.early_stopping.grace_period, reduction_factor=spec.early_stopping.reduction_factor,
+        metric=TUNE_METRIC,
+        mode="min",
+        time_attr="epoch",
+        max_t=max(epochs, spec.early_stopping.grace_period),
+        grace_period=spec.early_stopping.grace_period,
+        reduction_factor=spec.early_stopping.reduction_factor,
     )
 
 
@@ -732,7 +879,9 @@ def wait_for_runs(client: Any, experiment_id: str, count: int, timeout_s: float 
     """Poll until `count` trial runs are FINISHED (for scripts and tests)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        done = [r for r in runs_by_key(client, experiment_id).values() if r.info.status == "FINISHED"]
+        done = [
+            r for r in runs_by_key(client, experiment_id).values() if r.info.status == "FINISHED"
+        ]
         if len(done) >= count:
             return
         time.sleep(1)

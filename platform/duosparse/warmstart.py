@@ -23,10 +23,20 @@ class WarmStartError(ValueError):
 def find_source_run(client: Any, run_key: str) -> Any:
     """The newest FINISHED run with this run_key in any experiment of the store."""
     experiments = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(
-        experiments, filter_string=f"tags.`{schema.TAG_RUN_KEY}` = '{run_key}'", max_results=1000,
-    ) if experiments else []
-    finished = [r for r in found if r.info.status == "FINISHED" and r.data.tags.get(schema.TAG_KIND) != "sweep"]
+    found = (
+        client.search_runs(
+            experiments,
+            filter_string=f"tags.`{schema.TAG_RUN_KEY}` = '{run_key}'",
+            max_results=1000,
+        )
+        if experiments
+        else []
+    )
+    finished = [
+        r
+        for r in found
+        if r.info.status == "FINISHED" and r.data.tags.get(schema.TAG_KIND) != "sweep"
+    ]
     if not finished:
         states = sorted({r.info.status for r in found})
         seen = f"its runs there are {', '.join(states)}" if states else "no run there has it"
@@ -42,7 +52,8 @@ def check_compatible(config: RunConfig, source: Any) -> None:
     flat = config.flat()
     params = source.data.params
     differ = [
-        f"{k} {params.get(k)!s} there, {flat[k]!s} here" for k in WARM_START_KEYS
+        f"{k} {params.get(k)!s} there, {flat[k]!s} here"
+        for k in WARM_START_KEYS
         if str(params.get(k)) != str(flat[k])
     ]
     if differ:
@@ -65,7 +76,9 @@ def resolve(client: Any, config: RunConfig) -> Any:
 def fetch_checkpoint(client: Any, source: Any, folder: str | Path) -> Path:
     """Download the source run's final model.pt into `folder`; returns its path."""
     try:
-        local = client.download_artifacts(source.info.run_id, schema.ARTIFACT_CHECKPOINT, str(folder))
+        local = client.download_artifacts(
+            source.info.run_id, schema.ARTIFACT_CHECKPOINT, str(folder)
+        )
     except Exception as e:  # MLflow raises several types for a missing artifact or store
         raise WarmStartError(
             f"init.from_run_key {source.data.tags.get(schema.TAG_RUN_KEY, '?')[:12]}...: its run "
