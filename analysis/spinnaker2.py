@@ -8,7 +8,7 @@ Pipeline, read top to bottom:
     Network           masked matrices of each layer (and the decoder) with   network_from_model
                       per-unit event rates                                    network_from_config
                                                                               network_from_shapes
-    Mapping           each layer's units split into contiguous blocks, one    map_network
+    UnitMapping       each layer's units split into contiguous blocks, one    map_network
                       block per PE, compressed columns within the SRAM budget
     cost per token    event-driven cycles per PE, packets, sync, host I/O,    simulate
                       static + dynamic energy at a DVFS level
@@ -440,7 +440,7 @@ class Placement:
 
 
 @dataclass
-class Mapping:
+class UnitMapping:
     placements: list[Placement]
     chips: int
     chips_needed: int
@@ -588,8 +588,8 @@ def map_network(
     precision: str = "fp32",
     chips: int | None = None,
     pes: int | str = "compact",
-    reuse: Mapping | None = None,
-) -> Mapping:
+    reuse: UnitMapping | None = None,
+) -> UnitMapping:
     """Place every block's units onto PEs within the SRAM budget, balancing expected cycles.
 
     The fewest PEs the memory allows (next fit, units in order) set `pes_needed` and
@@ -735,12 +735,12 @@ def map_network(
                 f"need {over[0].bytes:,} B of {budget:,} B; map this network afresh."
             )
     used_chips = max(p.chip for p in placements) + 1
-    return Mapping(
+    return UnitMapping(
         placements, max(used_chips, 1), chips_needed, pes_needed, budget, usable, precision
     )
 
 
-def _reused_spans(net: Network, reuse: Mapping) -> list[list[tuple[int, int]]]:
+def _reused_spans(net: Network, reuse: UnitMapping) -> list[list[tuple[int, int]]]:
     spans = reuse.spans()
     out = []
     for block in net.blocks:
@@ -837,10 +837,10 @@ def performance_level(profile: Profile, name: str | None = None) -> Level:
 
 
 @dataclass
-class Result:
+class SimulationResult:
     """Per-token figures of one deployment, with the GPU baseline."""
 
-    mapping: Mapping
+    mapping: UnitMapping
     level: Level
     precision: str
     decoder: str
@@ -953,8 +953,8 @@ def simulate(
     level: str | None = None,
     pipelined: bool = True,
     pes: int | str = "compact",
-    mapping: Mapping | None = None,
-) -> Result:
+    mapping: UnitMapping | None = None,
+) -> SimulationResult:
     """Map `net` and estimate latency and energy per token, with the GPU baseline.
 
     decoder 'host': the decoder is not placed; the last layer's events go to the host.
@@ -1044,7 +1044,7 @@ def simulate(
         + host_packets * float(profile["host.energy_per_packet_j"])
     )
     gpu = gpu_baseline(placed, gpu_profile)
-    return Result(
+    return SimulationResult(
         mapping=mapping,
         level=lvl,
         precision=precision,
@@ -1106,7 +1106,7 @@ def gpu_baseline(net: Network, gpu_profile: Profile | None = None) -> dict[str, 
     }
 
 
-def simulate_or_refuse(net: Network, chips: int | None, **kwargs: Any) -> Result:
+def simulate_or_refuse(net: Network, chips: int | None, **kwargs: Any) -> SimulationResult:
     """simulate(), but a model that needs more than `chips` chips is still simulated on the
     chips it needs and marked fits=False (for sweeps, where one run must not stop the rest)."""
     try:
@@ -1279,7 +1279,7 @@ def markdown_report(profile: Profile | None = None, gpu_profile: Profile | None 
     return "\n".join(lines)
 
 
-def result_json(result: Result) -> str:
+def result_json(result: SimulationResult) -> str:
     return json.dumps(result.to_dict(), indent=2, default=float)
 
 

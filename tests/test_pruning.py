@@ -23,7 +23,7 @@ from duosparse.accounting import Accountant, weight_sparsity
 from duosparse.config import ConfigError, PruneConfig, load_config
 from duosparse.model import LanguageModel, current_weight, detach_state
 from duosparse.pruning import Pruner, masks, prune_to, restore_masks, tensor_name
-from duosparse.sensitivity import analyse, magnitude_mask, prune_app
+from duosparse.sensitivity import magnitude_mask, prune_app, sensitivity_table
 from duosparse.train import evaluate, load_checkpoint, load_model, train
 from typer.testing import CliRunner
 
@@ -503,7 +503,7 @@ def test_sensitivity_table_against_brute_force(dense_checkpoint, corpus):
     stream = data.batchify(corpus.valid, cfg.train.eval_batch_size)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     levels = [0.5, 0.95]
-    table = analyse(model, stream, cfg.train.bptt, levels, max_batches=4)
+    table = sensitivity_table(model, stream, cfg.train.bptt, levels, max_batches=4)
     tensors = [tensor_name(model, m, n) for m, n in model.prunable()]
     assert [(row["tensor"], row["level"]) for row in table["rows"]] == [
         (t, level) for t in tensors for level in levels

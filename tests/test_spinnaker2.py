@@ -63,7 +63,7 @@ def test_profile_without_source_or_note_is_rejected(tmp_path):
 
 
 def _check_placement(
-    net: s2.Network, mapping: s2.Mapping, profile: s2.Profile, precision: str
+    net: s2.Network, mapping: s2.UnitMapping, profile: s2.Profile, precision: str
 ) -> None:
     budget = int(profile["pe.usable_sram_bytes"])
     blocks = {b.name: b for b in net.blocks}

@@ -6,7 +6,7 @@ columns whose input is non-zero. `EventDrivenEGRU` keeps every layer's masked ma
 (`model.current_weight`) in compressed-column (CSC) form and, token by token, traverses only
 the columns of the non-zero inputs and the non-zero previous outputs: the multiply-
 accumulates it performs are exactly the effective MACs of docs/design.md section 4 (counted as it
-runs, `Result.macs`; equal to `accounting.Accountant`'s figure for the same tokens). The gate
+runs, `InferenceResult.macs`; equal to `accounting.Accountant`'s figure for the same tokens). The gate
 non-linearities are computed for all units (O(H) per step, no MACs).
 
 Per layer the two matrices are stacked into one CSC matrix of 4H rows and I + H columns, so
@@ -220,7 +220,7 @@ class InferenceState:
 
 
 @dataclass
-class Result:
+class InferenceResult:
     outputs: list[Tensor]  # per layer (T, H): the sparse outputs y_t
     logits: Tensor | None  # (T, V), or None when not asked for
     state: InferenceState  # after the last token
@@ -342,13 +342,15 @@ class EventDrivenEGRU:
 
     # --- running --------------------------------------------------------------------------
 
-    def step(self, token: int, state: InferenceState | None = None, logits: bool = True) -> Result:
+    def step(
+        self, token: int, state: InferenceState | None = None, logits: bool = True
+    ) -> InferenceResult:
         """One token, event-driven."""
         return self.run(torch.tensor([int(token)]), state, logits)
 
     def dense_step(
         self, token: int, state: InferenceState | None = None, logits: bool = True
-    ) -> Result:
+    ) -> InferenceResult:
         """One token through the dense batch-1 reference (plain mat-vecs over all columns)."""
         return self.run(torch.tensor([int(token)]), state, logits, dense=True)
 
@@ -358,7 +360,7 @@ class EventDrivenEGRU:
         state: InferenceState | None = None,
         logits: bool = True,
         dense: bool = False,
-    ) -> Result:
+    ) -> InferenceResult:
         """Tokens (T,) or (T, 1), one by one from `state` (default: zeros), which is not
         modified; `dense=True` runs the dense reference instead of the event-driven path."""
         tokens = self._check_tokens(tokens)
@@ -404,7 +406,7 @@ class EventDrivenEGRU:
             decoder_macs = steps * self.decoder_weight.numel() if logits else 0
         if steps:
             state.y = [o[-1].copy() for o in outputs]
-        return Result(
+        return InferenceResult(
             outputs=[torch.from_numpy(o) for o in outputs],
             logits=torch.from_numpy(out_logits) if logits else None,
             state=state,

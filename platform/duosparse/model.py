@@ -137,13 +137,20 @@ class RecurrentLayer(nn.Module):
             return self._egru(x, state, w_hh)
         # Fused kernels: the same calls torch.nn.LSTM / torch.nn.GRU make.
         weights = [self.weight_ih, w_hh, self.bias_ih, self.bias_hh]
+        # one layer per call; DropConnect above is the only dropout inside a layer
+        flags = dict(
+            has_biases=True,
+            num_layers=1,
+            dropout=0.0,
+            train=self.training,
+            bidirectional=False,
+            batch_first=False,
+        )
         if self.arch == "lstm":
             h0, c0 = state
-            out, h, c = torch.lstm(
-                x, (h0[None], c0[None]), weights, True, 1, 0.0, self.training, False, False
-            )
+            out, h, c = torch.lstm(x, (h0[None], c0[None]), weights, **flags)
             return out, (h[0], c[0]), None
-        out, h = torch.gru(x, state[0][None], weights, True, 1, 0.0, self.training, False, False)
+        out, h = torch.gru(x, state[0][None], weights, **flags)
         return out, (h[0],), None
 
     def _egru(self, x: Tensor, state: State, w_hh: Tensor) -> tuple[Tensor, State, Tensor]:

@@ -106,7 +106,7 @@ def pruned_alone(module: nn.Module, name: str, level: float) -> Iterator[float]:
             target.copy_(saved)
 
 
-def analyse(
+def sensitivity_table(
     model: LanguageModel,
     stream: Tensor,
     bptt: int,
@@ -423,7 +423,7 @@ def _run_with_progress(
     err: Any,
 ) -> dict[str, Any]:
     if not sys.stderr.isatty():
-        return analyse(model, stream, bptt, levels, max_batches, include_embedding)
+        return sensitivity_table(model, stream, bptt, levels, max_batches, include_embedding)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
@@ -435,7 +435,7 @@ def _run_with_progress(
         transient=True,
     ) as bar:
         task = bar.add_task("sensitivity", total=total)
-        return analyse(
+        return sensitivity_table(
             model,
             stream,
             bptt,

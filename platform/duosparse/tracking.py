@@ -56,7 +56,7 @@ def artifacts_root(uri: str) -> Path:
     return (db.parent if db is not None else Path.cwd()).resolve() / DEFAULT_ARTIFACTS
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -103,7 +103,7 @@ def open_store(uri: str | None = None, reconcile: bool = True):
     uri = uri or default_tracking_uri()
     try:
         with _schema_lock(uri):
-            client = _client(uri)  # a SQLite store creates or upgrades its schema here
+            client = mlflow_client(uri)  # a SQLite store creates or upgrades its schema here
             client.search_experiments(max_results=1)  # checks a server
     except TrackingError:
         raise

@@ -37,7 +37,7 @@ from .config import RunConfig
 from .eta import SweepEta
 from .sweep import SweepSpec, describe, expand_stages
 
-TUNE_METRIC = "val_loss"  # Tune's view of val/loss, for ASHA
+TUNE_VAL_LOSS = "val_loss"  # Tune's view of val/loss, for ASHA
 
 
 class SweepError(RuntimeError):
@@ -108,7 +108,7 @@ class TuneReporter:
         # Tune (and ASHA) want the same keys in every result
         self.result: dict[str, Any] = {
             "epoch": 0,
-            TUNE_METRIC: float("inf"),
+            TUNE_VAL_LOSS: float("inf"),
             "mlflow_run_id": run_id,
         }
 
@@ -118,7 +118,7 @@ class TuneReporter:
         self.mlflow.log_metrics(metrics, step)
         if schema.VAL_LOSS not in metrics:  # the final test figures: no new epoch for Tune
             return
-        self.result.update({"epoch": step, TUNE_METRIC: metrics[schema.VAL_LOSS]})
+        self.result.update({"epoch": step, TUNE_VAL_LOSS: metrics[schema.VAL_LOSS]})
         # after MLflow has the epoch: a kill in between repeats an epoch, never loses one
         save_resume_state(self.workdir / "last.pt", self.resume_uri)
         tune.report(dict(self.result))
@@ -140,7 +140,7 @@ def run_trial(params: dict[str, Any]) -> None:
 
     params = params["trial"]
     config = RunConfig.model_validate(params["config"])
-    client = tracking._client(params["tracking_uri"])
+    client = tracking.mlflow_client(params["tracking_uri"])
     existing = runs_by_key(client, params["experiment_id"]).get(config.run_key)
     resume_uri = params.get("resume_uri")  # None in a Tune state saved by an older duosparse
     if existing is not None and existing.info.status == "FINISHED":
@@ -149,7 +149,7 @@ def run_trial(params: dict[str, Any]) -> None:
         tune.report(
             {
                 "epoch": config.train.epochs,
-                TUNE_METRIC: float("inf"),
+                TUNE_VAL_LOSS: float("inf"),
                 "mlflow_run_id": existing.info.run_id,
                 "duosparse_done": True,
                 "failed": False,
@@ -447,7 +447,7 @@ def _progress_callback(uri: str, show: bool, stage: str | None):
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-            self._client = tracking._client(self.uri)
+            self._client = tracking.mlflow_client(self.uri)
             self._console = Console(stderr=True)
             self._live = self.show and self._console.is_terminal
             eta = _ETA
@@ -617,7 +617,7 @@ def run_sweep(
                         spec, stage, todo, uri, experiment_id, parent, path, resume, show_progress
                     )
                     with stop.tune_stops_gracefully():
-                        _fit_in(storage, tuner)
+                        _fit_from_storage_folder(storage, tuner)
                 if stop.signal_name:
                     break
                 current = plan(
@@ -813,7 +813,7 @@ def _check_warm_starts(client: Any, current: Plan) -> None:
         checked.add(key)
 
 
-def _fit_in(storage: str, tuner: Any) -> None:
+def _fit_from_storage_folder(storage: str, tuner: Any) -> None:
     """Run the Tuner from inside the (absolute, stable) storage folder.
 
     Under `ray job submit` the driver's cwd is the job's unpacked working_dir, which Ray may
@@ -866,7 +866,7 @@ def _scheduler(spec: SweepSpec, trials: list[RunConfig]):
 
     epochs = max(max(c.train.epochs for c in trials), 1)
     return ASHAScheduler(
-        metric=TUNE_METRIC,
+        metric=TUNE_VAL_LOSS,
         mode="min",
         time_attr="epoch",
         max_t=max(epochs, spec.early_stopping.grace_period),
