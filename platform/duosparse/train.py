@@ -396,6 +396,18 @@ def warm_start(
 # --- the run ------------------------------------------------------------------------------
 
 
+@dataclass
+class RunProgress:
+    """Where a run stands after its last finished epoch; `last.pt` holds it for a resume."""
+
+    epoch: int = 0  # the last finished epoch (0: none yet)
+    global_step: int = 0
+    best_val: float = math.inf  # best validation loss at the final sparsity
+    best_state: dict | None = None  # the weights that reached it
+    position: int = 0  # where a capped epoch continues in the training stream
+    lr_state: LrState = dataclasses.field(default_factory=LrState)
+
+
 def train(
     config: RunConfig,
     reporter: Reporter | None = None,
@@ -421,102 +433,31 @@ def train(
     corpus = corpus or data.load_corpus(config.data.corpus, config.data.dir, seed=t.seed)
     train_data = data.batchify(corpus.train, t.batch_size).to(device)
     val_data = data.batchify(corpus.valid, t.eval_batch_size).to(device)
-    test_data = data.batchify(corpus.test, t.eval_batch_size).to(device)
 
     model = build_model(config, corpus.vocab_size).to(device)
     optimizer = make_optimizer(config, model)
     per_epoch = steps_per_epoch(config, train_data.size(0))
     pruner = Pruner(config.prune, model, per_epoch)
-    include_embedding = config.prune.include_embedding
-    # Capped epochs continue where the last one stopped (data.epoch_batches); whole epochs
-    # are one pass each, from the first token.
-    capped = per_epoch < full_pass_steps(config, train_data.size(0))
 
-    start_epoch, global_step, best_val, best_state = 1, 0, math.inf, None
-    position, lr_state = 0, LrState()
     resume = workdir / "last.pt"
-    if resume.exists():
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("run_key") == config.run_key:
-            restore_masks(model, ckpt["model"])
-            model.load_state_dict(ckpt["model"])
-            if ckpt["averaging"]:
-                optimizer = averaging_optimizer(config, optimizer)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_epoch, global_step = ckpt["epoch"] + 1, ckpt["global_step"]
-            best_val, best_state = ckpt["best_val"], ckpt["best_model"]
-            position, lr_state = ckpt["position"], LrState(**ckpt["lr_state"])
-            torch.set_rng_state(ckpt["rng"])
-    if start_epoch == 1 and config.init.from_run_key:
+    done, optimizer = _resume(resume, config, model, optimizer)
+    if done.epoch == 0 and config.init.from_run_key:
         warm_start(model, config, init_checkpoint, corpus.vocab_size)
-    elif start_epoch == 1:
+    elif done.epoch == 0:
         _check_silent_start(config, model, train_data)
 
-    generator = torch.Generator().manual_seed(t.seed)
     metrics: dict[str, float] = {}
-    run_start = time.perf_counter()
-    for epoch in range(start_epoch, t.epochs + 1):
-        model.train()
-        generator.manual_seed(t.seed * 1000 + epoch)  # batch lengths repeatable after resume
-        state = model.initial_state(t.batch_size)
-        loss_sum, token_count, epoch_start = 0.0, 0, time.perf_counter()
-        if capped:
-            batches = data.epoch_batches(
-                train_data, t.bptt, per_epoch, position, t.variable_bptt, generator
-            )
-        else:
-            batches = (
-                (x, y, 0)
-                for x, y in data.bptt_batches(train_data, t.bptt, t.variable_bptt, generator)
-            )
-        with _progress(progress, f"epoch {epoch}/{t.epochs}", per_epoch) as bar:
-            for step, (inputs, targets, next_position) in enumerate(batches):
-                pruner.step((epoch - 1) * per_epoch + step)  # schedule in nominal steps
-                lr = lr_at(config, global_step, per_epoch, lr_state) * inputs.size(0) / t.bptt
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_factor"]
-                state = detach_state(state)
-                logits, state, trace = model(inputs, state)
-                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"train/loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
-                        f"lower train.lr (now {t.lr}) or set train.clip (now {t.clip})."
-                    )
-                total = loss
-                for penalty in (
-                    _activity_penalty(config, trace.events),
-                    _activation_penalty(config, trace),
-                ):
-                    if penalty is not None:
-                        total = total + penalty
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                clip_gradients(config, model)
-                optimizer.step()
-                model.clamp_thresholds()
-                global_step += 1
-                if next_position == 0 and capped:
-                    state = model.initial_state(t.batch_size)  # the stream starts again
-                position = next_position
-                loss_sum += loss.item() * targets.numel()
-                token_count += targets.numel()
-                bar.advance(loss.item())
+    run_start, first_epoch = time.perf_counter(), done.epoch + 1
+    for epoch in range(first_epoch, t.epochs + 1):
+        epoch_start = time.perf_counter()
+        loss_sum, token_count = _train_epoch(
+            config, model, optimizer, pruner, train_data, epoch, per_epoch, done, progress
+        )
         epoch_s = time.perf_counter() - epoch_start
         if epoch >= pruner.final_epoch:
             pruner.finish()  # the schedule's last update lands exactly on the target
 
-        with averaged_weights(optimizer):
-            val = evaluate(model, val_data, t.bptt, t.max_eval_batches, include_embedding)
-            # The best model is picked among those at the final sparsity: weights from before
-            # pruning finished are not the pruned model the config asks for.
-            if epoch >= pruner.final_epoch and val.loss < best_val:
-                best_val, best_state = val.loss, copy.deepcopy(model.state_dict())
-        if not math.isfinite(val.loss):
-            raise TrainingDiverged(
-                f"val/loss became {val.loss} after epoch {epoch}; lower train.lr."
-            )
-        check_divergence(config, val.loss, corpus.vocab_size, epoch)
+        val = _validate(config, model, optimizer, val_data, epoch, pruner, done, corpus.vocab_size)
         metrics = {
             schema.TRAIN_LOSS: loss_sum / max(token_count, 1),
             schema.VAL_LOSS: val.loss,
@@ -525,55 +466,204 @@ def train(
             schema.PERF_EPOCH_S: epoch_s,
             **val.accounting,
         }
-        if (
-            t.optimizer == "ntasgd"
-            and not isinstance(optimizer, torch.optim.ASGD)
-            and lr_state.switch_to_averaging(config, val.loss)
-        ):
-            optimizer = averaging_optimizer(config, optimizer)
-        lr_state.val_losses.append(val.loss)
-        lr_state.end_of_epoch(config, epoch, val.loss)
-        save_checkpoint(
-            resume,
-            {
-                "version": CHECKPOINT_VERSION,
-                "run_key": config.run_key,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "global_step": global_step,
-                "best_val": best_val,
-                "best_model": best_state,
-                "rng": torch.get_rng_state(),
-                "position": position,
-                "lr_state": dataclasses.asdict(lr_state),
-                "averaging": isinstance(optimizer, torch.optim.ASGD),
-            },
-        )
+        optimizer = _end_of_epoch_schedule(config, optimizer, done.lr_state, epoch, val.loss)
+        done.epoch = epoch
+        _save_resume(resume, config, model, optimizer, done)
         reporter.log_metrics(metrics, step=epoch)  # after the checkpoint: a resumed run has it
         _log_epoch(
-            epoch, t.epochs, metrics, time.perf_counter() - run_start, epoch - start_epoch + 1
+            epoch, t.epochs, metrics, time.perf_counter() - run_start, epoch - first_epoch + 1
         )
 
-    # Final figures: the best-validation weights on the test split.
-    restore_masks(model, best_state)
-    model.load_state_dict(best_state)
-    if t.test_batch_size not in (None, t.eval_batch_size):
-        test_data = data.batchify(corpus.test, t.test_batch_size).to(device)
-    test = evaluate(model, test_data, t.bptt, t.max_eval_batches, include_embedding)
-    final = {schema.TEST_LOSS: test.loss, schema.TEST_PPL: test.ppl, **test.accounting}
+    final, test = _final_test(config, model, corpus, done, device)
     reporter.log_metrics(final, step=t.epochs)
+    _write_artifacts(workdir, config, model, corpus, final, test, reporter)
+    best = {schema.VAL_LOSS: done.best_val, schema.VAL_PPL: math.exp(min(done.best_val, 50.0))}
+    return {**metrics, **best, **final}  # last epoch's train/perf figures, best val, final test
+
+
+def _resume(
+    path: Path, config: RunConfig, model: LanguageModel, optimizer: torch.optim.Optimizer
+) -> tuple[RunProgress, torch.optim.Optimizer]:
+    """The progress (and the model's and optimizer's state) of `last.pt` when it belongs to
+    this config; a fresh start otherwise. NT-ASGD's switch may change the optimizer's kind."""
+    if not path.exists():
+        return RunProgress(), optimizer
+    ckpt = load_checkpoint(path)
+    if ckpt.get("run_key") != config.run_key:
+        return RunProgress(), optimizer
+    restore_masks(model, ckpt["model"])
+    model.load_state_dict(ckpt["model"])
+    if ckpt["averaging"]:
+        optimizer = averaging_optimizer(config, optimizer)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    done = RunProgress(
+        epoch=ckpt["epoch"],
+        global_step=ckpt["global_step"],
+        best_val=ckpt["best_val"],
+        best_state=ckpt["best_model"],
+        position=ckpt["position"],
+        lr_state=LrState(**ckpt["lr_state"]),
+    )
+    return done, optimizer
+
+
+def _save_resume(
+    path: Path,
+    config: RunConfig,
+    model: LanguageModel,
+    optimizer: torch.optim.Optimizer,
+    done: RunProgress,
+) -> None:
+    save_checkpoint(
+        path,
+        {
+            "version": CHECKPOINT_VERSION,
+            "run_key": config.run_key,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": done.epoch,
+            "global_step": done.global_step,
+            "best_val": done.best_val,
+            "best_model": done.best_state,
+            "rng": torch.get_rng_state(),
+            "position": done.position,
+            "lr_state": dataclasses.asdict(done.lr_state),
+            "averaging": isinstance(optimizer, torch.optim.ASGD),
+        },
+    )
+
+
+def _train_epoch(
+    config: RunConfig,
+    model: LanguageModel,
+    optimizer: torch.optim.Optimizer,
+    pruner: Pruner,
+    train_data: torch.Tensor,
+    epoch: int,
+    per_epoch: int,
+    done: RunProgress,
+    show_progress: bool,
+) -> tuple[float, int]:
+    """One epoch of truncated BPTT; advances done.global_step and done.position and returns
+    the summed training loss and the number of target tokens."""
+    t = config.train
+    model.train()
+    generator = torch.Generator().manual_seed(t.seed * 1000 + epoch)  # repeatable after resume
+    # Capped epochs continue where the last one stopped (data.epoch_batches); whole epochs
+    # are one pass each, from the first token.
+    capped = per_epoch < full_pass_steps(config, train_data.size(0))
+    if capped:
+        batches = data.epoch_batches(
+            train_data, t.bptt, per_epoch, done.position, t.variable_bptt, generator
+        )
+    else:
+        batches = (
+            (x, y, 0) for x, y in data.bptt_batches(train_data, t.bptt, t.variable_bptt, generator)
+        )
+    state = model.initial_state(t.batch_size)
+    loss_sum, token_count = 0.0, 0
+    with _progress(show_progress, f"epoch {epoch}/{t.epochs}", per_epoch) as bar:
+        for step, (inputs, targets, next_position) in enumerate(batches):
+            pruner.step((epoch - 1) * per_epoch + step)  # schedule in nominal steps
+            lr = lr_at(config, done.global_step, per_epoch, done.lr_state)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * inputs.size(0) / t.bptt * group["lr_factor"]
+            state = detach_state(state)
+            logits, state, trace = model(inputs, state)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"train/loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
+                    f"lower train.lr (now {t.lr}) or set train.clip (now {t.clip})."
+                )
+            total = loss
+            for penalty in (
+                _activity_penalty(config, trace.events),
+                _activation_penalty(config, trace),
+            ):
+                if penalty is not None:
+                    total = total + penalty
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            clip_gradients(config, model)
+            optimizer.step()
+            model.clamp_thresholds()
+            done.global_step += 1
+            if next_position == 0 and capped:
+                state = model.initial_state(t.batch_size)  # the stream starts again
+            done.position = next_position
+            loss_sum += loss.item() * targets.numel()
+            token_count += targets.numel()
+            bar.advance(loss.item())
+    return loss_sum, token_count
+
+
+def _validate(
+    config: RunConfig,
+    model: LanguageModel,
+    optimizer: torch.optim.Optimizer,
+    val_data: torch.Tensor,
+    epoch: int,
+    pruner: Pruner,
+    done: RunProgress,
+    vocab_size: int,
+) -> Evaluation:
+    """The validation split after `epoch`; keeps the best weights at the final sparsity and
+    ends a diverged run (TrainingDiverged)."""
+    t = config.train
+    with averaged_weights(optimizer):
+        val = evaluate(model, val_data, t.bptt, t.max_eval_batches, config.prune.include_embedding)
+        # The best model is picked among those at the final sparsity: weights from before
+        # pruning finished are not the pruned model the config asks for.
+        if epoch >= pruner.final_epoch and val.loss < done.best_val:
+            done.best_val, done.best_state = val.loss, copy.deepcopy(model.state_dict())
+    if not math.isfinite(val.loss):
+        raise TrainingDiverged(f"val/loss became {val.loss} after epoch {epoch}; lower train.lr.")
+    check_divergence(config, val.loss, vocab_size, epoch)
+    return val
+
+
+def _end_of_epoch_schedule(
+    config: RunConfig,
+    optimizer: torch.optim.Optimizer,
+    lr_state: LrState,
+    epoch: int,
+    val_loss: float,
+) -> torch.optim.Optimizer:
+    """NT-ASGD's switch to averaging, then the step and plateau decays; returns the optimizer
+    the next epoch uses."""
+    t = config.train
+    if (
+        t.optimizer == "ntasgd"
+        and not isinstance(optimizer, torch.optim.ASGD)
+        and lr_state.switch_to_averaging(config, val_loss)
+    ):
+        optimizer = averaging_optimizer(config, optimizer)
+    lr_state.val_losses.append(val_loss)
+    lr_state.end_of_epoch(config, epoch, val_loss)
+    return optimizer
+
+
+def _final_test(
+    config: RunConfig, model: LanguageModel, corpus: data.Corpus, done: RunProgress, device
+) -> tuple[dict[str, float], Evaluation]:
+    """The best-validation weights on the test split, at train.test_batch_size."""
+    t = config.train
+    restore_masks(model, done.best_state)
+    model.load_state_dict(done.best_state)
+    test_data = data.batchify(corpus.test, t.test_batch_size or t.eval_batch_size).to(device)
+    test = evaluate(model, test_data, t.bptt, t.max_eval_batches, config.prune.include_embedding)
+    final = {schema.TEST_LOSS: test.loss, schema.TEST_PPL: test.ppl, **test.accounting}
     log.info(
         "test ppl %.2f (best-validation weights, val ppl %.2f); activity sparsity %.3f, "
         "compute reduction %.2fx",
         test.ppl,
-        math.exp(min(best_val, 50.0)),
+        math.exp(min(done.best_val, 50.0)),
         final.get(schema.SPARSITY_ACTIVITY, math.nan),
         final.get(schema.OPS_COMPUTE_REDUCTION, math.nan),
     )
-    _write_artifacts(workdir, config, model, corpus, final, test, reporter)
-    best = {schema.VAL_LOSS: best_val, schema.VAL_PPL: math.exp(min(best_val, 50.0))}
-    return {**metrics, **best, **final}  # last epoch's train/perf figures, best val, final test
+    return final, test
 
 
 def probe_silent_start(config: RunConfig, corpus: data.Corpus) -> str | None:
