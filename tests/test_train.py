@@ -9,7 +9,14 @@ import pytest
 import torch
 from duosparse import data, schema
 from duosparse.config import load_config
-from duosparse.train import TrainingDiverged, evaluate, load_checkpoint, load_model, train
+from duosparse.train import (
+    TrainingDiverged,
+    _read_losses,
+    evaluate,
+    load_checkpoint,
+    load_model,
+    train,
+)
 
 TINY = [
     "data.corpus=synthetic",
@@ -240,3 +247,15 @@ def test_awd_activation_regularisers_are_the_published_formulas():
     tar = sum(float(v) ** 2 for v in (raw[1:] - raw[:-1]).flatten()) / (6 * 3 * 5)
     assert _activation_penalty(cfg, trace).item() == pytest.approx(2 * ar + tar, rel=1e-5)
     assert _activation_penalty(load_config(None, []), trace) is None
+
+
+def test_the_loss_is_read_once_per_window_and_names_the_first_step_that_was_not_finite():
+    cfg = load_config(None, [])
+    window = [torch.tensor(4.0), torch.tensor(3.5)]
+    assert _read_losses(window, cfg, epoch=1, step=1) == 3.5  # the window's last loss
+    # steps 8, 9 and 10 (1-based) end at step index 9: the nan is step 9's
+    window = [torch.tensor(2.0), torch.tensor(float("nan")), torch.tensor(float("inf"))]
+    with pytest.raises(
+        TrainingDiverged, match=r"train/loss became nan at epoch 2, step 9; lower train.lr"
+    ):
+        _read_losses(window, cfg, epoch=2, step=9)

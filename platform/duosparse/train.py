@@ -562,7 +562,10 @@ def _train_epoch(
             (x, y, 0) for x, y in data.bptt_batches(train_data, t.bptt, t.variable_bptt, generator)
         )
     state = model.initial_state(t.batch_size)
-    loss_sum, token_count = 0.0, 0
+    # The loss stays on the device: the host reads it (a sync on a GPU) once per
+    # LOSS_READ_EVERY steps, to check it and to show it, not at every step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=train_data.device)
+    token_count, window = 0, []
     with _progress(show_progress, f"epoch {epoch}/{t.epochs}", per_epoch) as bar:
         for step, (inputs, targets, next_position) in enumerate(batches):
             pruner.step((epoch - 1) * per_epoch + step)  # schedule in nominal steps
@@ -572,11 +575,6 @@ def _train_epoch(
             state = detach_state(state)
             logits, state, trace = model(inputs, state)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"train/loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
-                    f"lower train.lr (now {t.lr}) or set train.clip (now {t.clip})."
-                )
             total = loss
             for penalty in (
                 _activity_penalty(config, trace.events),
@@ -593,10 +591,35 @@ def _train_epoch(
             if next_position == 0 and capped:
                 state = model.initial_state(t.batch_size)  # the stream starts again
             done.position = next_position
-            loss_sum += loss.item() * targets.numel()
+            loss_sum += loss.detach().double() * targets.numel()
             token_count += targets.numel()
-            bar.advance(loss.item())
-    return loss_sum, token_count
+            window.append(loss.detach())
+            if len(window) == LOSS_READ_EVERY:
+                bar.advance(len(window), _read_losses(window, config, epoch, step))
+                window = []
+        if window:
+            bar.advance(len(window), _read_losses(window, config, epoch, step))
+    return loss_sum.item(), token_count
+
+
+# Steps between two host reads of the training loss (each one a device sync on a GPU).
+LOSS_READ_EVERY = 25
+
+
+def _read_losses(window: list[torch.Tensor], config: RunConfig, epoch: int, step: int) -> float:
+    """The last loss of a window of steps ending at `step` (0-based); TrainingDiverged naming
+    the first step whose loss was not finite, if any was."""
+    losses = torch.stack(window).cpu()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        first = int(bad[0])
+        t = config.train
+        raise TrainingDiverged(
+            f"train/loss became {losses[first].item()} at epoch {epoch}, "
+            f"step {step - len(window) + first + 2}; "
+            f"lower train.lr (now {t.lr}) or set train.clip (now {t.clip})."
+        )
+    return losses[-1].item()
 
 
 def _validate(
@@ -776,9 +799,9 @@ class _progress:
             self.task = self.bar.add_task(self.label, total=self.total, loss=float("nan"))
         return self
 
-    def advance(self, loss: float) -> None:
+    def advance(self, steps: int, loss: float) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, loss=loss)
+            self.bar.update(self.task, advance=steps, loss=loss)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
