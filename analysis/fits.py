@@ -32,7 +32,7 @@ import pandas as pd
 from duosparse import schema
 from scipy import optimize, stats
 
-from .runs import ARCH, BEST_VAL_PPL, OK, RUN_ID, RUN_IDS, SIZE_KEYS
+from .runs import ARCH, BEST_VAL_PPL, RUN_ID, RUN_IDS, SIZE_KEYS, usable_rows
 
 B_MIN, B_MAX = 0.05, 8.0
 _B_GRID = np.geomspace(B_MIN, B_MAX, 48)
@@ -272,7 +272,7 @@ def check_on_test(
 
 
 def _ok(table: pd.DataFrame, *columns: str) -> pd.DataFrame:
-    rows = table[table[OK].fillna(False).astype(bool)] if OK in table else table
+    rows = usable_rows(table)
     for c in columns:
         if c not in rows:
             return rows.iloc[0:0]

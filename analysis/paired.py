@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from duosparse import data, schema
 from duosparse.train import load_model
 
-from .runs import BEST_VAL_PPL, OK, RUN_ID, RUN_KEY, SEED, WARM_START, config_columns
+from .runs import BEST_VAL_PPL, RUN_ID, RUN_KEY, SEED, WARM_START, config_columns, usable_rows
 
 
 def chunk_losses(model: Any, stream: torch.Tensor, bptt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +81,7 @@ def lineages(table: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
     """(dense, most pruned) pairs of usable runs, one per dense model: in a staged study the
     pruned runs that warm-start from an unpruned run (init.from_run_key); otherwise the runs
     whose configs differ only in their pruning (and the lineage key)."""
-    ok = table[table[OK].fillna(False).astype(bool)] if OK in table else table
+    ok = usable_rows(table)
     level = "prune.target_sparsity"
     dense, pruned = ok[ok[level] <= 0], ok[ok[level] > 0]
     groups: list[tuple[pd.DataFrame, pd.DataFrame]] = []

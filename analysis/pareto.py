@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from duosparse import schema
 
-from .runs import ARCH, BEST_VAL_PPL, OK
+from .runs import ARCH, BEST_VAL_PPL, usable_rows
 
 # cost axis -> label; energy only where the runs were simulated (`duosparse simulate`)
 COST_AXES: dict[str, str] = {
@@ -91,9 +91,7 @@ def usable(table: pd.DataFrame, cost: str, objective: str = OBJECTIVE) -> pd.Dat
     """Rows of `table` that can be compared on (cost, objective): ok, finite, positive cost."""
     if cost not in table or objective not in table:
         return table.iloc[0:0]
-    rows = table
-    if OK in rows:
-        rows = rows[rows[OK].fillna(False).astype(bool)]
+    rows = usable_rows(table)
     values = rows[[cost, objective]].to_numpy(dtype=float)
     keep = np.isfinite(values).all(axis=1) & (values[:, 0] > 0)
     return rows[keep]

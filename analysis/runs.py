@@ -401,6 +401,19 @@ def mean_ci(values: Any, confidence: float = 0.95) -> tuple[float, float, float,
     return mean, mean - half, mean + half, std
 
 
+def ok_mask(table: pd.DataFrame) -> pd.Series:
+    """True for the runs the analysis counts (column `ok`: FINISHED, with a finite, uncapped
+    perplexity); every run when the table has no such column."""
+    if OK not in table:
+        return pd.Series(True, index=table.index)
+    return table[OK].fillna(False).astype(bool)
+
+
+def usable_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The runs the analysis counts (`ok_mask`)."""
+    return table[ok_mask(table)]
+
+
 def aggregate_seeds(
     table: pd.DataFrame, metrics: list[str] | None = None, confidence: float = 0.95
 ) -> pd.DataFrame:
@@ -410,7 +423,7 @@ def aggregate_seeds(
     (Student-t, `confidence`) and `<metric>:std` beside it; `run_id` is the first seed's run
     (a representative for links), `run_ids` all of them.
     """
-    ok = table[table[OK].fillna(False).astype(bool)] if OK in table else table
+    ok = usable_rows(table)
     metrics = metrics or metric_columns(table)
     keys = [c for c in config_columns(table) if c not in (SEED, WARM_START)]
     rows = []
@@ -501,7 +514,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         for column in (schema.TEST_PPL, BEST_VAL_PPL):
             if column in table:
                 unusable |= at_cap(table[column].to_numpy(dtype=float, na_value=math.nan))
-        table[OK] = (table[OK].fillna(False).astype(bool) & ~unusable).astype("boolean")
+        table[OK] = (ok_mask(table) & ~unusable).astype("boolean")
     table.attrs.update(attrs)
     if "sweep" not in table.attrs:
         sweeps = table[SWEEP].dropna().unique() if SWEEP in table else []

@@ -11,12 +11,12 @@ its test perplexity beside it (`SELECTION` in the results says so).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from duosparse import schema
+from duosparse.terminal import jsonable
 
 from . import fits, pareto
 from .runs import (
@@ -30,6 +30,8 @@ from .runs import (
     RUN_NAME,
     STATUS,
     aggregate_seeds,
+    ok_mask,
+    usable_rows,
     varying_config,
 )
 
@@ -53,7 +55,7 @@ def analyze(
 ) -> dict[str, Any]:
     """Seed aggregation, Pareto fronts and hypervolumes, trade-off fits, multiplicativity and
     the iso-perplexity table of one run table. Raises ValueError without a usable run."""
-    ok = table[table[OK].fillna(False).astype(bool)] if OK in table else table
+    ok = usable_rows(table)
     if not len(ok):
         raise ValueError(
             f"none of the {len(table)} runs is usable (FINISHED, not stopped early, with a test "
@@ -125,7 +127,7 @@ def _counts(table: pd.DataFrame) -> dict[str, int]:
 def _not_ok(table: pd.DataFrame, axes: list[str]) -> list[dict[str, Any]]:
     if OK not in table:
         return []
-    bad = table[~table[OK].fillna(False).astype(bool)]
+    bad = table[~ok_mask(table)]
     return _records(bad, [RUN_ID, RUN_NAME, STATUS, EARLY_STOPPED, FAILURE, *axes])
 
 
@@ -144,28 +146,5 @@ def layer_activity(configs: pd.DataFrame) -> dict[str, list[float]]:
 def _records(frame: pd.DataFrame, columns: list[str] | None = None) -> list[dict[str, Any]]:
     cols = list(dict.fromkeys(c for c in (columns or frame.columns) if c in frame))
     return [
-        {c: _plain(v) for c, v in zip(cols, row)} for row in frame[cols].itertuples(index=False)
+        {c: jsonable(v) for c, v in zip(cols, row)} for row in frame[cols].itertuples(index=False)
     ]
-
-
-def _plain(value: Any) -> Any:
-    if value is None or value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, pd.Timestamp):
-        return value.isoformat()
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def jsonable(obj: Any) -> Any:
-    """numpy / pandas scalars -> Python, NaN and inf -> None, tuples -> lists, recursively."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [jsonable(v) for v in obj.tolist()]
-    return _plain(obj)

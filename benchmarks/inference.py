@@ -30,6 +30,7 @@ from duosparse.config import load_config
 from duosparse.inference import EventDrivenEGRU
 from duosparse.model import LanguageModel
 from duosparse.pruning import prune_to
+from scipy.stats import spearmanr
 
 VOCAB, EMBEDDING, HIDDEN, LAYERS = 10_000, 750, 1350, 3
 POINTS = [(0.0, 0.0), (0.5, 0.5), (0.8, 0.6), (0.9, 0.8), (0.95, 0.9)]  # (s_w, s_a)
@@ -205,22 +206,11 @@ def _run(steps: int, rounds: int, iterations: int) -> tuple[list[Row], list[dict
     return rows, table
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    def ranks(v: list[float]) -> list[int]:
-        order = sorted(range(len(v)), key=v.__getitem__)
-        out = [0] * len(v)
-        for rank, i in enumerate(order):
-            out[i] = rank
-        return out
-
-    ra, rb, n = ranks(a), ranks(b), len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
-
-
 def _monotone_row(table: list[dict]) -> Row:
     reductions = [p["effective_mac_reduction"] for p in table]
     speedups = [p["speedup"] for p in table]
-    rho = _spearman(reductions, speedups)
+    # scipy's rank correlation averages the ranks of ties (two equal speedups are no order)
+    rho = float(spearmanr(reductions, speedups).statistic)
     pairs = ", ".join(f"{r:.1f}x->{s:.1f}x" for r, s in sorted(zip(reductions, speedups)))
     return Row(
         "inference",

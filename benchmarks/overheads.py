@@ -4,7 +4,7 @@ accounting  `train.evaluate` (forward passes + `accounting.Accountant`) against 
             evaluation loop without the Accountant (`evaluate_plain` below, a copy of
             train.evaluate minus the accounting), on the validation split, interleaved rounds.
 sweep       `train.train(config)` called directly against the same config as a one-trial
-            sweep through `tuning.run_sweep` (local Ray, SQLite MLflow store and Tune storage
+            sweep through `sweep_runner.run_sweep` (local Ray, SQLite MLflow store and Tune storage
             in a temporary folder). Measured: the trial's own wall time, from its MLflow
             child run's start to its end (the run is created in the trainable before
             training and terminated after the final artifacts: per-epoch MLflow logging and
@@ -132,7 +132,7 @@ def trial_config(corpus_name: str, quick: bool) -> RunConfig:
 
 def sweep_rows(quick: bool) -> list[Row]:
     import ray
-    from duosparse import tracking, tuning
+    from duosparse import sweep_runner, tracking
     from duosparse.sweep import parse_spec
 
     _, corpus_name = _corpus()
@@ -173,14 +173,16 @@ def sweep_rows(quick: bool) -> list[Row]:
                 if started_here
                 else 0.0
             )
-            sweep_s = timed(lambda: tuning.run_sweep(spec, tracking_uri=uri, show_progress=False))
+            sweep_s = timed(
+                lambda: sweep_runner.run_sweep(spec, tracking_uri=uri, show_progress=False)
+            )
         finally:
             if started_here:
                 ray.shutdown()  # only the Ray this process started
             os.chdir(previous_cwd)
         client = tracking.open_store(uri)
         experiment = client.get_experiment_by_name(spec.experiment)
-        runs = tuning.runs_by_key(client, experiment.experiment_id)
+        runs = sweep_runner.runs_by_key(client, experiment.experiment_id)
         run = runs.get(config.run_key)
         if run is None or run.info.status != "FINISHED":
             raise RuntimeError(

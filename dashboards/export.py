@@ -1,32 +1,22 @@
 """Static export of figures: HTML (plotly alone) and PNG / SVG / PDF (kaleido + Chromium).
 
-kaleido 1.x renders in a headless Chrome or Chromium that it does not ship. We look for one
-ourselves, the way kaleido's launcher (choreographer) does: $BROWSER_PATH, then the usual
-executable names on PATH and their usual install paths (Debian's `chromium` is
-/usr/bin/chromium), then a copy a user downloaded earlier with `kaleido_get_chrome`. Nothing
-is ever downloaded from here; without a browser the error says how to install one.
+kaleido 1.x renders in a headless Chrome or Chromium that it does not ship. The browser is
+found the way kaleido finds it, through its launcher choreographer's public
+`Chromium.find_browser` (a copy fetched earlier with `kaleido_get_chrome`, then the usual
+Chrome/Chromium executable names on PATH and install paths, Debian's /usr/bin/chromium
+among them), after $BROWSER_PATH. Nothing is ever downloaded from here;
+without a browser the error says how to install one.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import plotly.graph_objects as go
 
 FORMATS = ("html", "png", "svg", "pdf")
 STATIC_FORMATS = ("png", "svg", "pdf")
-BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
-BROWSER_PATHS = (
-    "/usr/bin/chromium",
-    "/usr/bin/chromium-browser",
-    "/usr/bin/google-chrome",
-    "/usr/bin/google-chrome-stable",
-    "/snap/bin/chromium",
-    "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
-    "/Applications/Chromium.app/Contents/MacOS/Chromium",
-)
 WIDTH, HEIGHT, SCALE = 900, 560, 2  # PNG at twice the layout size, for slides and papers
 
 NO_BROWSER = (
@@ -45,6 +35,16 @@ def _executable(path: str | Path) -> bool:
     return Path(path).is_file() and os.access(path, os.X_OK)
 
 
+def _kaleido_search() -> str | None:
+    """What kaleido's launcher would start: a local kaleido_get_chrome copy, else a Chrome,
+    Chromium, Edge or Brave on PATH or in the usual install folders."""
+    try:
+        from choreographer.browsers import Chromium
+    except ImportError:  # no kaleido installed: _write_static says how to get it
+        return None
+    return Chromium.find_browser(skip_local=False)
+
+
 def find_browser() -> str:
     """The Chrome/Chromium kaleido will use, or ExportError saying how to get one."""
     explicit = os.environ.get("BROWSER_PATH")
@@ -52,21 +52,9 @@ def find_browser() -> str:
         if _executable(explicit):
             return explicit
         raise ExportError(NO_BROWSER.format(where=f" at BROWSER_PATH={explicit!r}"))
-    for name in BROWSER_NAMES:
-        found = shutil.which(name)
-        if found and _executable(found):
-            return found
-    for path in BROWSER_PATHS:
-        if _executable(path):
-            return path
-    try:  # a copy fetched earlier with kaleido_get_chrome (only looked up, never downloaded)
-        from choreographer.cli._cli_utils import get_chrome_download_path
-
-        local = get_chrome_download_path(mkdir=False)
-        if local and _executable(local):
-            return str(local)
-    except Exception:  # noqa: BLE001 - private helper of a dependency; absent is fine
-        pass
+    found = _kaleido_search()
+    if found and _executable(found):
+        return found
     raise ExportError(NO_BROWSER.format(where=" on PATH or in the usual install folders"))
 
 

@@ -21,10 +21,10 @@ from duosparse.analysis.fits import fit_keys
 from duosparse.analysis.runs import (
     ARCH,
     BEST_VAL_PPL,
-    OK,
     RUN_ID,
     RUN_IDS,
     aggregate_seeds,
+    usable_rows,
     varying_config,
 )
 from plotly.subplots import make_subplots
@@ -40,7 +40,6 @@ PARETO_NAMES = {
 LAYOUT = dict(template="plotly_white", width=900, height=560, hovermode="closest")
 # Which split a perplexity is, wherever one is shown: the selection figure and the report.
 VAL_LABEL = "validation perplexity (selection)"
-TEST_LABEL = "test perplexity"
 LABELS = {BEST_VAL_PPL: "val ppl (selection)", schema.TEST_PPL: "test ppl"}
 
 
@@ -49,10 +48,6 @@ def color(arch: str, archs: list[str]) -> str:
         return ARCH_COLORS[arch]
     others = [a for a in archs if a not in ARCH_COLORS]
     return _OTHER_COLORS[others.index(arch) % len(_OTHER_COLORS)] if arch in others else "#333"
-
-
-def _ok(table: pd.DataFrame) -> pd.DataFrame:
-    return table[table[OK].fillna(False).astype(bool)] if OK in table else table
 
 
 def _fmt(value: Any) -> str:
@@ -81,7 +76,7 @@ def _archs(table: pd.DataFrame) -> list[str]:
 
 
 def _axes(table: pd.DataFrame) -> list[str]:
-    return [c for c in varying_config(_ok(table)) if c != "train.seed"]
+    return [c for c in varying_config(usable_rows(table)) if c != "train.seed"]
 
 
 # --- Pareto fronts ------------------------------------------------------------------------------
@@ -143,7 +138,7 @@ def pareto_figure(
 def tradeoff_figure(table: pd.DataFrame, results: dict[str, Any]) -> go.Figure:
     """Validation perplexity against compute reduction: runs, the curves fitted to it and
     their confidence bands; the hover adds each run's test perplexity."""
-    rows = _ok(table)
+    rows = usable_rows(table)
     x, y = schema.OPS_COMPUTE_REDUCTION, BEST_VAL_PPL
     axes, archs = _axes(table), _archs(rows)
     keys = fit_keys(rows)
@@ -215,7 +210,7 @@ def heatmap_figure(
 ) -> go.Figure:
     """`metric` over prune ratio x threshold, one panel per architecture (and size); the
     hover adds `companion` (the test perplexity beside the validation one)."""
-    rows = _ok(configs)
+    rows = usable_rows(configs)
     px_, py_ = "model.threshold", "prune.target_sparsity"
     keys = fit_keys(rows)
     groups = list(rows.groupby(keys, sort=True)) if keys else [((), rows)]
@@ -288,7 +283,7 @@ def _heatmap_custom(
 
 def activity_weight_figure(table: pd.DataFrame, results: dict[str, Any]) -> go.Figure:
     """Activity sparsity against weight sparsity, with the fitted common-slope lines."""
-    rows = _ok(table)
+    rows = usable_rows(table)
     x, y = schema.SPARSITY_WEIGHT, schema.SPARSITY_ACTIVITY
     axes, archs = _axes(table), _archs(rows)
     fits = {f[ARCH]: f for f in results.get("multiplicativity", {}).get("activity_vs_weight", [])}
@@ -334,7 +329,7 @@ def activity_weight_figure(table: pd.DataFrame, results: dict[str, Any]) -> go.F
 
 def macs_figure(table: pd.DataFrame) -> go.Figure:
     """Exact effective MACs against the multiplicative estimate dense (1 - s_w)(1 - s_a)."""
-    rows = _ok(table)
+    rows = usable_rows(table)
     x, y = schema.OPS_MULTIPLICATIVE, schema.OPS_EFFECTIVE
     axes, archs = _axes(table), _archs(rows)
     fig = go.Figure()
@@ -372,7 +367,7 @@ def macs_figure(table: pd.DataFrame) -> go.Figure:
 
 def layer_activity_figure(configs: pd.DataFrame) -> go.Figure:
     """Activity sparsity of each recurrent layer, one line per configuration."""
-    rows = _ok(configs)
+    rows = usable_rows(configs)
     layers = sorted(
         (c for c in rows if c.startswith(schema.layer_activity(0)[:-1]) and ":" not in c),
         key=lambda c: int(c.rsplit("_", 1)[1]),
@@ -431,12 +426,3 @@ def build_figures(
     figs["effective_vs_estimate"] = macs_figure(table)
     figs["layer_activity"] = layer_activity_figure(configs)
     return figs
-
-
-def pareto_figures(table: pd.DataFrame, results: dict[str, Any]) -> dict[str, go.Figure]:
-    """Only the Pareto fronts (for `duosparse export pareto`)."""
-    configs = aggregate_seeds(table)
-    return {
-        PARETO_NAMES.get(c, c): pareto_figure(configs, c, results)
-        for c in pareto.cost_axes(configs)
-    }

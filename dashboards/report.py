@@ -6,17 +6,21 @@ every plot travel with the report.
 
 Selection on validation, report on test: every table names the split of each perplexity;
 the choices (fronts, baselines, budgets, fits) are on validation, test is shown beside it.
+
+The page's markup is the Jinja2 template templates/report.html.j2; this module prepares what
+it shows (table cells as text, figures as HTML divs) and renders it with autoescaping on.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import html
+import functools
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import jinja2
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -32,6 +36,7 @@ from duosparse.analysis.runs import (
     aggregate_seeds,
     varying_config,
 )
+from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
 from .figures import PARETO_NAMES, build_figures
@@ -45,15 +50,6 @@ SELECTION_NOTE = (
     "the weights the run tested); test perplexity is shown beside it and chooses nothing, "
     "so it is an unbiased estimate of the chosen configurations."
 )
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
-th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-.note { color: #555; font-size: 0.9em; max-width: 900px; }
-.scroll { overflow-x: auto; max-height: 500px; }
-"""
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -64,30 +60,29 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    if not rows:
-        return "<p class='note'>(none)</p>"
+class Cells(NamedTuple):
+    """A table as the template shows it: column names and rows of formatted text."""
+
+    columns: list[str]
+    rows: list[list[str]]
+
+
+def _cells(rows: list[dict[str, Any]], columns: list[str] | None = None) -> Cells:
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
-        for r in rows
+    return Cells(columns, [[_fmt(r.get(c)) for c in columns] for r in rows])
+
+
+def _figure(fig: go.Figure, name: str) -> Markup:
+    # plotly's own markup (a div and its script), inserted into the page as it is
+    return Markup(
+        pio.to_html(
+            fig,
+            full_html=False,
+            include_plotlyjs=False,
+            div_id=f"fig-{name}",
+            config={"displaylogo": False, "toImageButtonOptions": {"filename": name}},
+        )
     )
-    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
-
-
-def _figure(fig: go.Figure, name: str) -> str:
-    return pio.to_html(
-        fig,
-        full_html=False,
-        include_plotlyjs=False,
-        div_id=f"fig-{name}",
-        config={"displaylogo": False, "toImageButtonOptions": {"filename": name}},
-    )
-
-
-def _section(title: str, note: str, *parts: str) -> str:
-    return f"<h2>{html.escape(title)}</h2><p class='note'>{note}</p>" + "".join(parts)
 
 
 def _ci(value: float | None, ci: list[float] | None) -> str:
@@ -205,6 +200,52 @@ def _run_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
     ]
 
 
+@functools.cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("duosparse.dashboards", "templates"),
+        autoescape=True,  # every value is text unless it arrives as Markup
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,  # a misspelt name fails instead of showing nothing
+    )
+    return env.get_template("report.html.j2")
+
+
+def _summary(results: dict[str, Any], source: str) -> dict[str, str]:
+    """The page's title line and the sentence under it."""
+    return {
+        "sweep": results.get("sweep") or "sweep",
+        "counts": ", ".join(f"{k}: {v}" for k, v in results.get("counts", {}).items()),
+        "architectures": ", ".join(results.get("architectures", [])),
+        "axes": ", ".join(results.get("axes", [])),
+        "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "source": source,
+        "confidence": f"{results.get('confidence', 0.95):.0%}",
+        "selection_note": SELECTION_NOTE,
+        "reference_arch": results.get("reference_arch") or OWN_BASELINE,
+    }
+
+
+def _tables(table: pd.DataFrame, results: dict[str, Any]) -> dict[str, Cells]:
+    slopes, ratios = _mult_rows(results)
+    return {
+        "hypervolume": _cells(_hypervolume_rows(results)),
+        "iso_perplexity": _cells(_iso_rows(results)),
+        "baselines": _cells(_baseline_rows(results)),
+        "fits": _cells(_fit_rows(results)),
+        "slopes": _cells(slopes),
+        "ratios": _cells(ratios),
+        "not_ok": _cells(results.get("not_ok", [])),
+        "runs": _cells(_run_rows(table)),
+    }
+
+
+def _results_json(results: dict[str, Any]) -> Markup:
+    # Inside <script> only "</" could end the element early; JSON reads "<\/" as "</".
+    return Markup(json.dumps(results).replace("</", "<\\/"))
+
+
 def render_report(
     table: pd.DataFrame,
     results: dict[str, Any],
@@ -212,99 +253,17 @@ def render_report(
     source: str = "",
 ) -> str:
     """The report's HTML (one string, nothing loaded from the network)."""
-    configs = aggregate_seeds(table)
-    figures = figures if figures is not None else build_figures(table, results, configs)
-    fig = {name: _figure(f, name) for name, f in figures.items()}
-    sweep = results.get("sweep") or "sweep"
-    counts = ", ".join(f"{k}: {v}" for k, v in results.get("counts", {}).items())
-    slopes, ratios = _mult_rows(results)
-    pareto_figs = [
-        fig[PARETO_NAMES.get(c, c)] for c in pareto.COST_AXES if PARETO_NAMES.get(c, c) in fig
-    ]
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    body = [
-        f"<h1>Sweep {html.escape(sweep)}</h1>",
-        f"<p class='note'>{html.escape(counts)}. Architectures: "
-        f"{html.escape(', '.join(results.get('architectures', [])))}. Swept: "
-        f"{html.escape(', '.join(results.get('axes', [])))}. Generated {when}"
-        f"{' from ' + html.escape(source) if source else ''}. Means over seeds with "
-        f"{results.get('confidence', 0.95):.0%} intervals; see docs/analysis.md.</p>",
-        f"<p class='note'><b>{html.escape(SELECTION_NOTE)}</b></p>",
-        _section(
-            "Pareto fronts",
-            "Validation perplexity (selection) against cost per token, one staircase per "
-            "architecture (lower left is better); each point's test perplexity is in its "
-            "hover and in results.json. Hypervolume: the area each front dominates "
-            "in (log10 cost, validation perplexity) up to a shared reference point, divided "
-            "by the box from the ideal point to the reference (higher is better).",
-            _table(_hypervolume_rows(results)),
-            *pareto_figs,
-        ),
-        _section(
-            "Iso-perplexity",
-            "The largest compute reduction (dense / effective MACs, "
-            "recurrent layers) of any configuration whose validation perplexity is within "
-            "each budget; relative budgets are over the validation perplexity of the dense "
-            "baseline of the same size "
-            f"({html.escape(results.get('reference_arch') or OWN_BASELINE)}). The test "
-            "perplexity of the chosen configuration and of its baseline is reported beside.",
-            _table(_iso_rows(results)),
-            "<h3>Dense baselines</h3>",
-            _table(_baseline_rows(results)),
-        ),
-        _section(
-            "Trade-off fits",
-            "ppl(R) = ppl0 (1 + a R^b) per architecture (and size), fitted "
-            "on log validation perplexity; parameters with bootstrap intervals; AIC against "
-            "the two-parameter power law log ppl = c + k log R (lower is better). Test "
-            "perplexity is not fitted: 'test / val ppl' is the runs' geometric-mean split gap "
-            "and 'RMSE (log test ppl)' the curve's error on their test perplexity.",
-            _table(_fit_rows(results)),
-            fig.get("tradeoff_fit", ""),
-        ),
-        _section(
-            "Prune ratio x threshold",
-            "Seed-mean validation perplexity (selection; test perplexity in the hover) and "
-            "compute reduction of each configuration.",
-            fig.get("heatmap_ppl", ""),
-            fig.get("heatmap_reduction", ""),
-        ),
-        _section(
-            "Do the sparsities multiply?",
-            "Slope of activity sparsity on weight sparsity "
-            "(common slope, one intercept per threshold and size): an interval holding 0 is a "
-            "flat line, so effective MACs ~ dense (1 - s_w)(1 - s_a). Then the exact "
-            "event-driven count against that estimate.",
-            _table(slopes),
-            fig.get("activity_vs_weight", ""),
-            _table(ratios),
-            fig.get("effective_vs_estimate", ""),
-        ),
-        _section(
-            "Per-layer activity",
-            "Activity sparsity of each recurrent layer on the test split.",
-            fig.get("layer_activity", ""),
-        ),
-        _section(
-            "Runs not analysed",
-            "FAILED, KILLED, unfinished and early-stopped (ASHA) runs.",
-            _table(results.get("not_ok", [])),
-        ),
-        _section(
-            "Runs",
-            "Every run of the sweep (the full table: runs.parquet / runs.csv).",
-            _table(_run_rows(table)),
-        ),
-        "<script type='application/json' id='duosparse-results'>"
-        + json.dumps(results).replace("</", "<\\/")
-        + "</script>",
-    ]
-    return (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>duosparse sweep {html.escape(sweep)}</title><style>{STYLE}</style>"
-        f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
-        + "\n".join(body)
-        + "</body></html>"
+    if figures is None:
+        figures = build_figures(table, results, aggregate_seeds(table))
+    divs = {name: _figure(f, name) for name, f in figures.items()}
+    pareto_names = [PARETO_NAMES.get(c, c) for c in pareto.COST_AXES]
+    return _template().render(
+        **_summary(results, source),
+        tables=_tables(table, results),
+        figures=divs,
+        pareto_figures=[divs[name] for name in pareto_names if name in divs],
+        plotly_js=Markup(get_plotlyjs()),
+        results_json=_results_json(results),
     )
 
 

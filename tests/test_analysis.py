@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import typer
 import yaml
 from conftest import require
 from duosparse import schema, tracking
 from duosparse.analysis import fits, pareto, runs, study
-from duosparse.analyze_cli import register
+from duosparse.cli import app as duosparse_app
 from duosparse.config import RunConfig, set_dotted
 from duosparse.dashboards import export, figures
 from mlflow.tracking import MlflowClient
@@ -33,15 +32,8 @@ DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
 
 
 def cli(*args: str):
-    """`duosparse analyze|export ...` in-process, on a Typer app holding only these commands."""
-    app = typer.Typer(pretty_exceptions_enable=False)
-
-    @app.callback()
-    def _root() -> None:
-        pass
-
-    register(app)
-    return CliRunner().invoke(app, list(args))
+    """`duosparse analyze|export ...` in-process."""
+    return CliRunner().invoke(duosparse_app, list(args))
 
 
 # --- synthetic sweeps -----------------------------------------------------------------------------
@@ -712,8 +704,10 @@ def test_missing_browser_gives_a_clear_message(monkeypatch, tmp_path):
     assert "BROWSER_PATH" in str(err.value)
     monkeypatch.delenv("BROWSER_PATH")
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(export, "BROWSER_PATHS", ())
-    monkeypatch.setattr("choreographer.cli._cli_utils.get_chrome_download_path", lambda **_: None)
+    # what kaleido's own discovery answers on a machine without any browser
+    from choreographer.browsers import Chromium
+
+    monkeypatch.setattr(Chromium, "find_browser", classmethod(lambda cls, **_: None))
     with pytest.raises(export.ExportError, match="apt-get install chromium"):
         export.find_browser()
     result = cli("export", "pareto", "anything", "--format", "html,png")
@@ -721,9 +715,11 @@ def test_missing_browser_gives_a_clear_message(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_platform_does_not_import_the_analysis_layer():
+def test_the_command_line_starts_without_the_analysis_layer():
+    # `duosparse --help` and bad-input errors stay fast: pandas' figures, plotly and scipy
+    # load only in the commands that use them (the layering itself: tests/test_layout.py)
     code = (
-        "import sys, duosparse.cli, duosparse.analyze_cli; "
+        "import sys, duosparse.cli; "
         "bad = [m for m in sys.modules if m.startswith(('duosparse.analysis', "
         "'duosparse.dashboards', 'plotly', 'scipy'))]; print(bad); sys.exit(bool(bad))"
     )

@@ -142,6 +142,7 @@ def test_help_for_every_command(tmp_path):
         "analyze",
         "sweep run",
         "sweep status",
+        "reconcile",
         "data check",
         "data download",
         "prune sensitivity",

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import typer
 from duosparse import data, schema
 from duosparse.accounting import Accountant, weight_sparsity
+from duosparse.analysis.sensitivity import magnitude_mask, sensitivity_table
+from duosparse.cli import app as duosparse_app
 from duosparse.config import ConfigError, PruneConfig, load_config
 from duosparse.model import LanguageModel, current_weight, detach_state
 from duosparse.pruning import Pruner, masks, prune_to, restore_masks, tensor_name
-from duosparse.sensitivity import magnitude_mask, prune_app, sensitivity_table
 from duosparse.train import evaluate, load_checkpoint, load_model, train
 from typer.testing import CliRunner
 
@@ -486,9 +486,7 @@ def dense_checkpoint(tmp_path_factory, corpus) -> Path:
 
 
 def cli(args: list[str]):
-    root = typer.Typer()
-    root.add_typer(prune_app, name="prune")  # as cli.py registers it
-    return CliRunner().invoke(root, ["prune", "sensitivity", *args])
+    return CliRunner().invoke(duosparse_app, ["prune", "sensitivity", *args])
 
 
 def test_magnitude_mask_prunes_smallest_on_top_of_existing_mask():

@@ -766,14 +766,14 @@ def test_recipe_directory_is_not_empty():
 
 
 def test_sweep_run_warns_of_silent_trials_and_refuses_them_before_ray(tmp_path, monkeypatch):
-    from duosparse import tuning
+    from duosparse import sweep_runner
     from duosparse.cli import app
     from typer.testing import CliRunner
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(tuning, "run_sweep", no_ray)
+    monkeypatch.setattr(sweep_runner, "run_sweep", no_ray)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     (tmp_path / "s.yaml").write_text(

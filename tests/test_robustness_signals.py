@@ -1,7 +1,7 @@
 """Signals end runs honestly: SIGTERM to `duosparse train` closes its run KILLED and keeps
 the checkpoint the same command resumes from; a second `train` of the same config while the
 first runs is refused (they would share a checkpoint folder); a train killed outright (SIGKILL) is marked
-KILLED by the next command that opens the store; SIGTERM to `duosparse ui` stops the whole
+KILLED by `duosparse reconcile` or the next `train` (commands that only read leave it); SIGTERM to `duosparse ui` stops the whole
 MLflow server it started."""
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def test_the_same_config_twice_at_once_is_refused_and_the_first_run_is_untouched
     assert third.returncode == 0, third.stderr[-3000:]
 
 
-def test_a_train_killed_outright_is_marked_killed_by_the_next_command_and_resumed(tmp_path):
+def test_a_train_killed_outright_is_left_by_readers_closed_by_reconcile_and_resumed(tmp_path):
     spec = tmp_path / "other.yaml"  # any spec: `sweep status` opens the same store
     spec.write_text(
         yaml.safe_dump(
@@ -182,8 +182,13 @@ def test_a_train_killed_outright_is_marked_killed_by_the_next_command_and_resume
     owner = run_.data.tags[schema.TAG_DRIVER]
     assert owner.endswith(f":{proc.pid}")
 
+    # a command that reads (here `sweep status`) leaves the store as it is
     status = run("sweep", "status", str(spec), "--json", cwd=tmp_path)
     assert status.returncode == 0, status.stderr[-3000:]
+    assert the_train_run(tmp_path).info.status == "RUNNING"
+    reconciled = run("reconcile", cwd=tmp_path)
+    assert reconciled.returncode == 0, reconciled.stderr[-3000:]
+    assert "1 train run(s)" in reconciled.stderr
     run_ = the_train_run(tmp_path)
     assert run_.info.status == "KILLED"
     assert owner in run_.data.tags[schema.TAG_FAILURE]

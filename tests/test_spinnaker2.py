@@ -19,7 +19,7 @@ import pytest
 import yaml
 from duosparse import schema
 from duosparse.analysis import spinnaker2 as s2
-from duosparse.simulate import simulate_app
+from duosparse.cli.simulate import app as simulate_app
 from typer.testing import CliRunner
 
 VENV_BIN = Path(sys.executable).parent
@@ -37,15 +37,17 @@ def profile() -> s2.Profile:
 def test_every_constant_is_sourced_or_marked_assumed(profile):
     gpu = s2.load_profile(gpu=True)
     for p in (profile, gpu):
-        constants = [*p.constants.values(), *p.calibration.values()]
+        constants = list(p.constants().values())
         assert constants
         for c in constants:
             assert (c.source and c.source.strip()) or (c.assumed and c.note.strip()), c.name
             assert c.unit, c.name
     assert {"chip.pes", "pe.usable_sram_bytes", "levels.high.frequency_hz"} <= set(
-        profile.constants
+        profile.provenance
     )
-    assert profile["chip.pes"] == 152 and not profile.constants["chip.pes"].assumed
+    assert profile.chip.pes == 152 and not profile.provenance["chip.pes"].assumed
+    assert profile.levels.high.frequency_hz == 300e6 and profile.calibration.case.pes == 150
+    assert gpu.kernels_per_layer_step("egru") == 12
 
 
 def test_profile_without_source_or_note_is_rejected(tmp_path):
@@ -59,15 +61,69 @@ def test_profile_without_source_or_note_is_rejected(tmp_path):
         s2.load_profile(tmp_path / "missing.yaml")
 
 
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree[key]
+    if value is None:
+        del tree[leaf]
+    else:
+        tree[leaf] = value
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"constants.pe.usable_sram_bytes": None}, "`constants.pe.usable_sram_bytes` is missing"),
+        ({"constants.host": None}, "`constants.host` is missing"),
+        (
+            {"constants.pe.usable_sram_byts": {"value": 1, "unit": "B", "source": "s"}},
+            "usable_sram_byts",
+        ),
+        (
+            {"constants.chip.pes.value": "many"},
+            "`constants.chip.pes`: input should be a valid integer",
+        ),
+        ({"calibration.case.hidden_sizes.value": [750, "x"]}, "calibration.case.hidden_sizes"),
+        ({"constants.chip.pes.sorce": "x"}, "`constants.chip.pes.sorce` is not a key"),
+        ({"constants.chip.pes.unit": None}, "`constants.chip.pes.unit` is missing"),
+        ({"constants.levels.default.value": "turbo"}, "not one of the levels (high, low)"),
+        ({"constants.chip.pes": 152}, "`constants.chip.pes` must be a mapping"),
+        ({"extra": {}}, "unknown top-level keys (extra)"),
+    ],
+)
+def test_bad_profile_refused_naming_the_field_and_the_file(tmp_path, change, message):
+    tree = yaml.safe_load(s2.profile.DEFAULT_PROFILE.read_text())
+    for dotted, value in change.items():
+        _set(tree, dotted, value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(tree))
+    with pytest.raises(s2.ProfileError) as refused:
+        s2.load_profile(bad)
+    assert message in str(refused.value) and str(bad) in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_overrides_by_dotted_name_are_validated(profile):
+    changed = profile.with_overrides({"host.latency_s": "1e-5", "case.event_rate": 0.3})
+    assert changed.host.latency_s == 1e-5 and changed.calibration.case.event_rate == 0.3
+    assert profile.host.latency_s == 1.2e-3  # the original is unchanged
+    assert changed.provenance == profile.provenance
+    with pytest.raises(s2.ProfileError, match="'nosuch.constant' is not a constant"):
+        profile.with_overrides({"nosuch.constant": 1})
+    with pytest.raises(s2.ProfileError, match="chip.pes`: input should be a valid integer"):
+        profile.with_overrides({"chip.pes": "abc"})
+
+
 # --- mapping: brute-force placement checks ------------------------------------------------
 
 
 def _check_placement(
     net: s2.Network, mapping: s2.UnitMapping, profile: s2.Profile, precision: str
 ) -> None:
-    budget = int(profile["pe.usable_sram_bytes"])
+    budget = profile.pe.usable_sram_bytes
     blocks = {b.name: b for b in net.blocks}
-    usable = int(profile["chip.pes"]) - int(profile["chip.reserved_pes"])
+    usable = profile.chip.pes - profile.chip.reserved_pes
     assert mapping.chips >= 1 and mapping.pes <= mapping.chips * usable
     for name, block in blocks.items():
         pes = mapping.of(name)
@@ -286,7 +342,7 @@ def test_dense_published_model_needs_many_chips_and_the_pruned_one_fits_one(prof
     pruned = s2.network_from_shapes(**PUBLISHED_SHAPES, weight_sparsity=0.95)
     fitted = s2.simulate(pruned, profile, chips=1)
     assert fitted.fits and fitted.mapping.chips == 1 and fitted.mapping.chips_needed == 1
-    assert fitted.mapping.max_pe_bytes <= profile["pe.usable_sram_bytes"]
+    assert fitted.mapping.max_pe_bytes <= profile.pe.usable_sram_bytes
 
 
 # --- calibration ---------------------------------------------------------------------------
@@ -385,7 +441,7 @@ def test_cli_bad_input_one_paragraph_no_traceback(empty_store, args, message):
 
 
 def test_platform_does_not_import_analysis_at_import_time():
-    code = "import sys, duosparse.simulate; assert 'duosparse.analysis' not in sys.modules"
+    code = "import sys, duosparse.cli; assert 'duosparse.analysis' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -425,7 +481,7 @@ def test_end_to_end_train_then_simulate_from_the_run(in_tmp_cwd):
     assert (in_tmp_cwd / "mlruns.db").is_file()
 
     sim = subprocess.run(
-        [sys.executable, "-m", "duosparse.simulate", "spinnaker2", run_id, "--json"],
+        [sys.executable, "-m", "duosparse.cli", "simulate", "spinnaker2", run_id, "--json"],
         capture_output=True,
         text=True,
         env=env,

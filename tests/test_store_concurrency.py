@@ -169,7 +169,7 @@ def test_six_trains_and_two_sweeps_started_at_once_on_a_fresh_folder_all_finish(
 def test_a_run_continued_after_its_params_were_lost_gets_them_all(tmp_path):
     """A trial whose server refused the params after the run was created (seen under load:
     the retry continued the run without them, and the run table had no config for it)."""
-    from duosparse import tracking, tuning
+    from duosparse import sweep_runner, tracking
     from duosparse.config import RunConfig
     from mlflow.entities import Param
 
@@ -181,7 +181,7 @@ def test_a_run_continued_after_its_params_were_lost_gets_them_all(tmp_path):
         run.info.run_id, params=[Param("model.arch", "gru")]
     )  # one batch of several got through
     client.set_terminated(run.info.run_id, "FAILED")
-    continued = tuning._trial_run(client, {}, config, client.get_run(run.info.run_id))
+    continued = sweep_runner._trial_run(client, {}, config, client.get_run(run.info.run_id))
     assert continued == run.info.run_id
     expected = {k: "null" if v is None else str(v) for k, v in config.flat().items()}
     assert client.get_run(run.info.run_id).data.params == expected

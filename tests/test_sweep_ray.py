@@ -288,8 +288,18 @@ def test_killed_driver_resumes_without_duplicates(tmp_path):
     driver.wait()
     time.sleep(2)
     status = json.loads(sweep("status", str(spec), "--json", cwd=tmp_path).stdout)
-    assert "RUNNING" not in status["counts"]  # the orphans were marked KILLED
-    assert status["counts"].get("KILLED", 0) >= 1
+    # status only reads: the orphan is shown RUNNING, with why and what will end it
+    orphans = [t for t in status["trials"] if t["status"] == "RUNNING"]
+    assert started.info.run_id in [t["run_id"] for t in orphans], status
+    assert all("driver is gone" in t["reason"] and "reconcile" in t["reason"] for t in orphans)
+    assert client.get_run(started.info.run_id).info.status == "RUNNING"
+    reconciled = subprocess.run(
+        [DUOSPARSE, "reconcile"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert reconciled.returncode == 0, reconciled.stderr[-3000:]
+    assert client.get_run(started.info.run_id).info.status == "KILLED"
+    status = json.loads(sweep("status", str(spec), "--json", cwd=tmp_path).stdout)
+    assert "RUNNING" not in status["counts"] and status["counts"].get("KILLED", 0) >= 1
     result = sweep("run", str(spec), "--resume", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_resumed_once(client, tmp_path, "killed", finished, started)

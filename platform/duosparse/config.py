@@ -321,20 +321,18 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str, example: str = "model.hidden_size=512") -> tuple[str, Any]:
     """'model.hidden_size=512' -> ('model.hidden_size', 512); values are parsed as YAML."""
     if "=" not in text:
         raise ConfigError(
-            f"--set '{text}' is not of the form key=value; write for example "
-            "--set model.hidden_size=512."
+            f"--set '{text}' is not of the form key=value; write for example --set {example}."
         )
     key, raw = text.split("=", 1)
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def _section_keys(loc: tuple) -> list[str]:
-    """The valid keys of the section that holds `loc`, for 'did you mean' messages."""
-    model: type[BaseModel] = RunConfig
+def _section_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys of the section of `model` that holds `loc`, for 'did you mean' messages."""
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         if field is None or not (
@@ -345,18 +343,22 @@ def _section_keys(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: ValidationError) -> str:
+def describe_validation_error(
+    error: ValidationError, model: type[BaseModel], noun: str = "config key"
+) -> str:
+    """pydantic's errors as one line per field, each naming the field and what it accepts
+    (a config's and a sweep spec's messages alike)."""
     lines = []
     for e in error.errors():
         field = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            keys = ", ".join(_section_keys(e["loc"]))
-            lines.append(f"'{field}' is not a config key (valid keys here: {keys})")
+            keys = ", ".join(_section_keys(model, e["loc"]))
+            lines.append(f"'{field}' is not a {noun} (valid keys here: {keys})")
         elif e["type"] == "value_error":
             message = e["msg"].removeprefix("Value error, ")
             lines.append(message if message.startswith(field) else f"'{field}': {message}")
         elif e["type"] == "model_type":  # a value where a section belongs
-            keys = ", ".join(_section_keys((*e["loc"], "")))
+            keys = ", ".join(_section_keys(model, (*e["loc"], "")))
             lines.append(
                 f"'{field}' is a section, not a value (got {e.get('input')!r}); set one of its keys "
                 f"instead: {keys}"
@@ -373,7 +375,7 @@ def build_config(tree: dict[str, Any] | None, source: str = "config") -> RunConf
     try:
         return RunConfig.model_validate(tree or {})
     except ValidationError as e:
-        raise ConfigError(f"Invalid {source}: {_describe(e)}.") from None
+        raise ConfigError(f"Invalid {source}: {describe_validation_error(e, RunConfig)}.") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

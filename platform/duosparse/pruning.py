@@ -22,7 +22,6 @@ Schedules (`prune.schedule`), progress measured in training steps:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
@@ -161,21 +160,3 @@ class Pruner:
         if self.active:
             prune_to(self.tensors, self.cfg.target_sparsity, self.cfg.scope)
             self._applied = self.cfg.target_sparsity
-
-
-@torch.no_grad()
-def make_permanent(model: nn.Module) -> None:
-    """Fold masks into the weights (for export); pruned entries stay zero, masks are dropped.
-
-    A tied decoder is re-tied to the new embedding parameter (`prune.remove` replaces it).
-    """
-    for module in list(model.modules()):
-        names = [
-            k[: -len("_orig")]
-            for k, _ in module.named_parameters(recurse=False)
-            if k.endswith("_orig")
-        ]
-        for name in names:
-            prune.remove(module, name)
-    if isinstance(model, LanguageModel) and model.cfg.tie_weights:
-        model.decoder.weight = model.encoder.weight

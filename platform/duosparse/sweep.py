@@ -44,6 +44,7 @@ from .config import (
     ConfigError,
     RunConfig,
     build_config,
+    describe_validation_error,
     flatten,
     read_yaml,
     set_dotted,
@@ -197,16 +198,8 @@ def parse_spec(tree: Any, source: str = "spec", folder: Path | None = None) -> S
     try:
         spec = SweepSpec.model_validate(tree)
     except ValidationError as e:
-        parts = []
-        for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "extra_forbidden":
-                parts.append(
-                    f"'{field}' is not a spec field (valid: {', '.join(SweepSpec.model_fields)})"
-                )
-            else:
-                parts.append(f"'{field}': {err['msg'].removeprefix('Value error, ')}")
-        raise SpecError(f"Invalid sweep spec {source}: " + "; ".join(parts) + ".") from None
+        described = describe_validation_error(e, SweepSpec, noun="spec field")
+        raise SpecError(f"Invalid sweep spec {source}: {described}.") from None
     for key in spec.grid:
         _check_key(key, f"{source}: grid")
     for i, cond in enumerate(spec.conditional):

@@ -4,10 +4,19 @@ batch scheduler, CI): tables on stdout at their full width, log lines on stderr.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 PIPED_WIDTH = 1000  # wide enough for any table; rich then uses each table's natural width
 
@@ -56,3 +65,42 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("ray._private.authentication", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def jsonable(value: Any) -> Any:
+    """What JSON can hold, for --json output and results files: numpy, pandas and torch
+    scalars as Python numbers, arrays and tuples as lists, timestamps as ISO text, and NaN,
+    infinities and missing values as null (JSON has none of them); through dicts and lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):  # pandas' missing values
+        return None
+    if getattr(value, "ndim", 0) and hasattr(value, "tolist"):
+        return jsonable(value.tolist())
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def progress_bar(
+    console: Console, *fields: str, eta: bool = True, transient: bool = True, enabled: bool = True
+) -> Progress:
+    """The one progress bar of the CLI: the task's description, a bar, done/total, then the
+    given text columns (rich format strings over the task, e.g. "loss {task.fields[loss]:.3f}")
+    and the time remaining. On `console` (stderr: stdout is for --json and tables)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(text) for text in fields),
+        *([TimeRemainingColumn()] if eta else []),
+        console=console,
+        transient=transient,
+        disable=not enabled,
+    )

@@ -91,14 +91,15 @@ def _schema_lock(uri: str) -> Iterator[None]:
         os.close(fd)
 
 
-def open_store(uri: str | None = None, reconcile: bool = True):
+def open_store(uri: str | None = None, reconcile: bool = False):
     """An MlflowClient on `uri`, with the store's schema created once, here, by the caller.
 
     Every command opens the store through this (trial workers excepted: their driver has
     opened it first). The schema is created under `_schema_lock`, so any number of processes
     may start at once on a fresh folder. An unreachable server or unusable file is reported
-    before any work starts. With `reconcile`, plain `train` runs whose process has died are
-    marked KILLED (`mark_dead_train_runs_killed`).
+    before any work starts. With `reconcile` (`train`, a sweep launch, `duosparse reconcile`;
+    commands that only read leave the store as it is), plain `train` runs whose process has
+    died are marked KILLED (`mark_dead_train_runs_killed`).
     """
     uri = uri or default_tracking_uri()
     try:
@@ -173,7 +174,7 @@ def process_alive(owner: str | None) -> bool | None:
 def mark_dead_train_runs_killed(client: Any) -> int:
     """Plain `train` runs left RUNNING by a process that is gone become KILLED; how many.
 
-    Sweeps reconcile their own trials (tuning.mark_orphans_killed). Runs without a recorded
+    Sweeps reconcile their own trials (sweep_runner.mark_orphans_killed). Runs without a recorded
     process, or from another host, are left alone: nothing here can tell they are dead.
     """
     experiments = [e.experiment_id for e in client.search_experiments()]

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
-from . import data, schema
+from . import data, schema, terminal
 from .accounting import Accountant
 from .config import WARM_START_KEYS, RunConfig
 from .model import LanguageModel, Trace, detach_state
@@ -75,16 +75,23 @@ def seed_everything(seed: int) -> None:
 
 
 class DeviceUnavailable(ValueError):
-    """train.device names a device this machine does not have."""
+    """train.device (or a command's --device) names a device this machine does not have."""
 
 
-def resolve_device(name: str) -> torch.device:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
+    """The torch device for `name` (auto: a GPU when there is one); `field` names the setting
+    in messages."""
+    if name not in DEVICES:
+        raise DeviceUnavailable(f"{field} '{name}' is not one of {', '.join(DEVICES)}.")
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif name == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailable(
-            "train.device is 'cuda' but no CUDA device is visible here; set "
-            "train.device to 'auto' or 'cpu', or run on a machine with a GPU."
+            f"{field} is 'cuda' but no CUDA device is visible here; set "
+            f"{field} to 'auto' or 'cpu', or run on a machine with a GPU."
         )
     else:
         device = torch.device(name)
@@ -786,15 +793,7 @@ class _progress:
 
     def __enter__(self) -> _progress:
         if self.enabled:
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TextColumn("loss {task.fields[loss]:.3f}"),
-                TimeRemainingColumn(),
-                transient=True,
-                console=Console(stderr=True),  # stdout is for --json and tables
-            )
+            self.bar = terminal.progress_bar(Console(stderr=True), "loss {task.fields[loss]:.3f}")
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=self.total, loss=float("nan"))
         return self

@@ -10,7 +10,8 @@ in memory).
   ends). That file is ours, not a Tune checkpoint: Tune deletes its older checkpoints before
   its experiment state on storage names the newer one, so a driver killed in between left a
   state that Tune itself could not restore ("checkpoint does not exist on storage anymore").
-- Runs left RUNNING by a driver that died are marked KILLED at the next launch or status.
+- Runs left RUNNING by a driver that died are marked KILLED at the next launch (or by
+  `duosparse reconcile`); `sweep status` only reads, and shows them with that reason.
 - A spec with stages runs them in order, one Tune experiment each (`<name>.<stage>`); a trial
   of a later stage warm-starts from its parent run's final checkpoint, fetched through MLflow,
   and is SKIPPED (with the reason) when that parent FAILED.
@@ -24,7 +25,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,22 +67,31 @@ def sweep_runs(client: Any, experiment_id: str) -> list[Any]:
     return client.search_runs([experiment_id], max_results=50_000)
 
 
-def mark_orphans_killed(client: Any, experiment_id: str) -> int:
-    """RUNNING runs whose launching driver is gone become KILLED; returns how many."""
+def orphans(client: Any, experiment_id: str) -> list[Any]:
+    """RUNNING runs whose launching driver is gone (their launch's driver, for trials)."""
     runs = sweep_runs(client, experiment_id)
     parents = {r.info.run_id: r for r in runs if r.data.tags.get(schema.TAG_KIND) == "sweep"}
-    count = 0
+    found = []
     for run in runs:
-        if run.info.status != "RUNNING":
+        if run.info.status != "RUNNING" or run.data.tags.get(schema.TAG_KIND) not in (
+            "sweep",
+            "trial",
+        ):
             continue
         parent = parents.get(run.data.tags.get(schema.TAG_PARENT_RUN_ID, run.info.run_id))
-        driver = (parent or run).data.tags.get(schema.TAG_DRIVER)
-        if not _driver_alive(driver):
-            tracking.finish_run(
-                client, run.info.run_id, "KILLED", "the sweep driver stopped before this run ended"
-            )
-            count += 1
-    return count
+        if not _driver_alive((parent or run).data.tags.get(schema.TAG_DRIVER)):
+            found.append(run)
+    return found
+
+
+def mark_orphans_killed(client: Any, experiment_id: str) -> int:
+    """RUNNING runs whose launching driver is gone become KILLED; returns how many."""
+    dead = orphans(client, experiment_id)
+    for run in dead:
+        tracking.finish_run(
+            client, run.info.run_id, "KILLED", "the sweep driver stopped before this run ended"
+        )
+    return len(dead)
 
 
 def runs_by_key(client: Any, experiment_id: str) -> dict[str, Any]:
@@ -314,8 +323,10 @@ def tracking_uri_for(spec: SweepSpec, override: str | None = None) -> str:
     return override or spec.tracking.uri or tracking.default_tracking_uri()
 
 
-def plan(spec: SweepSpec, uri: str, mark_orphans: bool = True) -> Plan:
-    """Expand the spec and look up each trial's state in MLflow."""
+def plan(spec: SweepSpec, uri: str, reconcile: bool = False) -> Plan:
+    """Expand the spec and look up each trial's state in MLflow. Only with `reconcile` (a
+    launch) does it write: runs whose driver is gone are then marked KILLED; otherwise they
+    are shown RUNNING with that reason."""
     stages: dict[str, str | None] = {}
     trials: dict[str, RunConfig] = {}
     for stage, configs in expand_stages(spec):
@@ -323,12 +334,15 @@ def plan(spec: SweepSpec, uri: str, mark_orphans: bool = True) -> Plan:
             trials.setdefault(config.run_key, config)
             stages.setdefault(config.run_key, stage)
     result = Plan(spec, list(trials.values()), stages=stages)
-    client = tracking.open_store(uri)
+    client = tracking.open_store(uri, reconcile=reconcile)
     experiment = client.get_experiment_by_name(spec.experiment)
     if experiment is None:
         return result
-    if mark_orphans:
+    dead = set()
+    if reconcile:
         mark_orphans_killed(client, experiment.experiment_id)
+    else:
+        dead = {run.info.run_id for run in orphans(client, experiment.experiment_id)}
     found = runs_by_key(client, experiment.experiment_id)
     for config in result.trials:
         run = found.get(config.run_key)
@@ -340,6 +354,11 @@ def plan(spec: SweepSpec, uri: str, mark_orphans: bool = True) -> Plan:
             result.reasons[config.run_key] = run.data.tags[schema.TAG_FAILURE]
         if run.data.tags.get(schema.TAG_EARLY_STOPPED) == "true":
             result.reasons[config.run_key] = "stopped early by ASHA"
+        if run.info.run_id in dead:
+            result.reasons[config.run_key] = (
+                "its sweep driver is gone; the next `duosparse sweep run` (or `duosparse "
+                "reconcile`) marks it KILLED and continues it"
+            )
     _skip_orphaned(result)
     return result
 
@@ -419,104 +438,6 @@ def _storage_path(spec: SweepSpec) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-_ETA: SweepEta | None = None  # the launch's estimate, shared by the stages' callbacks (driver only)
-
-
-def _progress_callback(uri: str, show: bool, stage: str | None):
-    """A Ray Tune callback: progress with the sweep's overall ETA on the driver (a rich bar on
-    a terminal, else a line per finished trial), and MLflow bookkeeping for trials that end
-    without their trainable's help (ASHA stops, dead workers). Picklable, since Tune saves it
-    with the experiment for `Tuner.restore`."""
-    from ray.tune import Callback
-
-    class SweepProgress(Callback):
-        def __init__(self):
-            self.uri, self.show, self.stage = uri, show, stage
-            self._bar = self._client = None
-
-        def __getstate__(self):
-            return {
-                "uri": self.uri,
-                "show": self.show,
-                "stage": self.stage,
-                "_bar": None,
-                "_client": None,
-            }
-
-        def setup(self, **info):
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self._client = tracking.mlflow_client(self.uri)
-            self._console = Console(stderr=True)
-            self._live = self.show and self._console.is_terminal
-            eta = _ETA
-            label = f"sweep {self.stage}" if self.stage else "sweep"
-            self._bar = Progress(
-                TextColumn(label),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[note]}"),
-                console=self._console,
-                disable=not self._live,
-            )
-            self._task = self._bar.add_task(
-                "trials",
-                total=eta.trials_total if eta else None,
-                completed=eta.trials_done if eta else 0,
-                note="",
-            )
-            self._bar.start()
-
-        def _key(self, trial) -> str | None:
-            return ((trial.config or {}).get("trial") or {}).get("run_key")
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if _ETA and result.get("epoch") and not result.get("duosparse_done"):
-                _ETA.epoch(self._key(trial) or "", int(result["epoch"]))
-            if self._bar and result.get("epoch") and _ETA:
-                self._bar.update(
-                    self._task, note=f"epoch {result['epoch']} of a trial; {_ETA.summary()}"
-                )
-
-        def _ended(self, trial, trials) -> None:
-            if _ETA:
-                _ETA.trial_ended(self._key(trial) or "")
-                running = sum(t is not trial and t.status == "RUNNING" for t in trials)
-                failed = sum(
-                    t.status == "ERROR" or bool((t.last_result or {}).get("failed")) for t in trials
-                )
-                note = f"{_ETA.summary()} ({running} running, {failed} failed)"
-                if self._live:
-                    self._bar.update(self._task, completed=_ETA.trials_done, note=note)
-                elif self.show:
-                    self._console.print(
-                        f"sweep{' ' + self.stage if self.stage else ''}: {note}",
-                        highlight=False,
-                        soft_wrap=True,
-                    )
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            run_id = last.get("mlflow_run_id")
-            if run_id and not last.get("duosparse_done"):  # stopped by the scheduler
-                self._client.set_tag(run_id, schema.TAG_EARLY_STOPPED, "true")
-                tracking.finish_run(self._client, run_id, "FINISHED")
-            self._ended(trial, trials)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            run_id = (trial.last_result or {}).get("mlflow_run_id")
-            if run_id and self._client.get_run(run_id).info.status == "RUNNING":
-                tracking.finish_run(self._client, run_id, "FAILED", "the trial's worker died")
-            self._ended(trial, trials)
-
-        def on_experiment_end(self, trials, **info):
-            if self._bar:
-                self._bar.stop()
-
-    return SweepProgress()
-
-
 def _corpus_sizes() -> Callable[[RunConfig], tuple[int, int, int] | None]:
     """(train, valid, test) token counts per corpus, read once each here on the driver; None
     where the driver cannot read it (the trials on the cluster may)."""
@@ -556,77 +477,33 @@ def run_sweep(
 ) -> Plan:
     """Launch (or resume) the sweep, stage after stage; returns the plan with each trial's
     final status."""
-    global _ETA
-    import ray
+    from . import sweep_progress
 
     address = address or os.environ.get("RAY_ADDRESS")
     # Ray starts workers at niceness 15; trials are the work here, so give them full priority
     os.environ.setdefault("RAY_worker_niceness", "0")
     uri = tracking_uri_for(spec, tracking_uri)
     _check_cluster(address, uri)
-    client = tracking.open_store(uri)  # creates the schema once, before any trial
+    client = tracking.open_store(uri, reconcile=True)  # the schema once, before any trial
     experiment_id = tracking.ensure_experiment(client, spec.experiment, experiment_note(spec))
-    current = plan(spec, uri)
-    storage = _storage_path(spec)
+    current = plan(spec, uri, reconcile=True)
     if not current.todo:
         return current
     _check_warm_starts(client, current)
-
-    parent_tags = {
-        schema.TAG_KIND: "sweep",
-        schema.TAG_SWEEP: spec.name,
-        schema.TAG_SPEC_HASH: spec.spec_hash(),
-        schema.TAG_DRIVER: tracking.process_id(),
-        **tracking.code_tags(),
-    }
-    parent = client.create_run(
-        experiment_id, run_name=f"{spec.name} launch", tags=parent_tags
-    ).info.run_id
-    client.set_tag(parent, schema.TAG_NOTE, launch_note(spec, experiment_id, parent))
-    # the spec as this launch read it (its hash is on every trial), beside the report to come
-    client.log_text(
-        parent, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), schema.ARTIFACT_SPEC
-    )
-    env_vars = {k: os.environ[k] for k in ("DUOSPARSE_DATA_DIR",) if k in os.environ}
-    if not ray.is_initialized():
-        # "local" starts a fresh Ray here rather than joining one a `ray start` left behind
-        ray.init(
-            address=address or "local",
-            runtime_env={"env_vars": env_vars} if env_vars else None,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    _ETA = SweepEta(current.todo, _corpus_sizes())
+    parent = _start_launch(client, spec, experiment_id)
+    _start_ray(address)
+    sweep_progress.LAUNCH_ETA = SweepEta(current.todo, _corpus_sizes())
     keys = [c.run_key for c in current.todo]
     adopt_trial_runs(client, experiment_id, keys, parent)  # the runs this launch continues
+    launch = _Launch(spec, uri, experiment_id, parent, resume, show_progress)
     stop = _StopOnSignal()
     try:
         with stop:
-            for stage in spec.stage_names:
-                todo = current.stage_todo(stage)
-                for config in current.trials:  # skipped ones: their work is not coming
-                    if (
-                        current.stages.get(config.run_key) == stage
-                        and current.status.get(config.run_key) == SKIPPED
-                    ):
-                        _ETA.trial_ended(config.run_key, started=False)
-                if todo:
-                    path = _restore_path(storage, spec, stage)
-                    tuner = _tuner(
-                        spec, stage, todo, uri, experiment_id, parent, path, resume, show_progress
-                    )
-                    with stop.tune_stops_gracefully():
-                        _fit_from_storage_folder(storage, tuner)
-                if stop.signal_name:
-                    break
-                current = plan(
-                    spec, uri, mark_orphans=False
-                )  # the next stage sees this one's failures
+            current = _run_stages(launch, current, stop)
     except KeyboardInterrupt:  # a second signal, or one outside Tune: stopped at once
         stop.signal_name = stop.signal_name or "SIGINT"
     finally:
-        _ETA = None
+        sweep_progress.LAUNCH_ETA = None
         adopt_trial_runs(client, experiment_id, keys, parent)  # trials a restored Tuner started
         if stop.signal_name:
             reason = f"interrupted by {stop.signal_name}"
@@ -636,6 +513,75 @@ def run_sweep(
             tracking.finish_run(client, parent, "FINISHED")
     if stop.signal_name:
         raise SweepInterrupted(stop.signal_name, killed)
+    return current
+
+
+@dataclass
+class _Launch:
+    """One `sweep run`: what every stage's Tuner is given."""
+
+    spec: SweepSpec
+    uri: str
+    experiment_id: str
+    parent: str  # the launch's MLflow run
+    resume: bool
+    show_progress: bool
+
+
+def _start_launch(client: Any, spec: SweepSpec, experiment_id: str) -> str:
+    """The launch's parent run, with the spec as this launch read it (its hash is on every
+    trial) beside the report to come; its run id."""
+    tags = {
+        schema.TAG_KIND: "sweep",
+        schema.TAG_SWEEP: spec.name,
+        schema.TAG_SPEC_HASH: spec.spec_hash(),
+        schema.TAG_DRIVER: tracking.process_id(),
+        **tracking.code_tags(),
+    }
+    parent = client.create_run(experiment_id, run_name=f"{spec.name} launch", tags=tags)
+    run_id = parent.info.run_id
+    client.set_tag(run_id, schema.TAG_NOTE, launch_note(spec, experiment_id, run_id))
+    text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    client.log_text(run_id, text, schema.ARTIFACT_SPEC)
+    return run_id
+
+
+def _start_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in ("DUOSPARSE_DATA_DIR",) if k in os.environ}
+    # "local" starts a fresh Ray here rather than joining one a `ray start` left behind
+    ray.init(
+        address=address or "local",
+        runtime_env={"env_vars": env_vars} if env_vars else None,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+
+
+def _run_stages(launch: _Launch, current: Plan, stop: _StopOnSignal) -> Plan:
+    """Each stage's unfinished trials on a Tuner of its own; the plan after the last stage
+    (each stage sees the one before's failures: a failed parent skips its children)."""
+    from . import sweep_progress
+
+    spec, storage = launch.spec, _storage_path(launch.spec)
+    for stage in spec.stage_names:
+        eta = sweep_progress.LAUNCH_ETA
+        for config in current.trials:  # skipped ones: their work is not coming
+            skipped = current.status.get(config.run_key) == SKIPPED
+            if eta and skipped and current.stages.get(config.run_key) == stage:
+                eta.trial_ended(config.run_key, started=False)
+        todo = current.stage_todo(stage)
+        if todo:
+            tuner = _tuner(launch, stage, todo, _restore_path(storage, spec, stage))
+            with stop.tune_stops_gracefully():
+                _fit_from_storage_folder(storage, tuner)
+        if stop.signal_name:
+            break
+        current = plan(spec, launch.uri)
     return current
 
 
@@ -743,24 +689,17 @@ class _StopOnSignal:
             self._in_tune = False
 
 
-def _tuner(
-    spec: SweepSpec,
-    stage: str | None,
-    todo: list[RunConfig],
-    uri: str,
-    experiment_id: str,
-    parent: str,
-    path: str,
-    resume: bool,
-    show_progress: bool,
-) -> Any:
+def _tuner(launch: _Launch, stage: str | None, todo: list[RunConfig], path: str) -> Any:
     """A new Tuner for one stage's unfinished trials, or the interrupted one with --resume."""
     from ray import tune
 
+    from .sweep_progress import SweepProgress
+
+    spec, uri = launch.spec, launch.uri
     trainable = tune.with_resources(
         run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     )
-    if resume and tune.Tuner.can_restore(path):
+    if launch.resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     if "://" not in path:
         shutil.rmtree(path, ignore_errors=True)
@@ -774,8 +713,8 @@ def _tuner(
                         c,
                         spec,
                         uri,
-                        experiment_id,
-                        parent,
+                        launch.experiment_id,
+                        launch.parent,
                         stage,
                         resume_uri(storage, spec.name, c.run_key),
                     )
@@ -790,7 +729,7 @@ def _tuner(
             name=name,
             storage_path=storage,
             verbose=0,
-            callbacks=[_progress_callback(uri, show_progress, stage)],
+            callbacks=[SweepProgress(uri, launch.show_progress, stage)],
             failure_config=tune.FailureConfig(max_failures=spec.retries),
         ),
     )
@@ -873,16 +812,3 @@ def _scheduler(spec: SweepSpec, trials: list[RunConfig]):
         grace_period=spec.early_stopping.grace_period,
         reduction_factor=spec.early_stopping.reduction_factor,
     )
-
-
-def wait_for_runs(client: Any, experiment_id: str, count: int, timeout_s: float = 300) -> None:
-    """Poll until `count` trial runs are FINISHED (for scripts and tests)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done = [
-            r for r in runs_by_key(client, experiment_id).values() if r.info.status == "FINISHED"
-        ]
-        if len(done) >= count:
-            return
-        time.sleep(1)
-    raise TimeoutError(f"fewer than {count} runs finished within {timeout_s} s")

@@ -6,14 +6,13 @@ offline analysis. Outputs go to a folder (default runs/analysis/<sweep>/) and, w
 table came from a tracking store, into the artifacts (folder `analysis/`) of the sweep's
 newest parent run, so the report opens from the MLflow UI.
 
-The analysis and dashboard layers are imported inside the commands: importing the platform
-never imports them (docs/design.md section 1).
+The analysis and dashboard layers are imported inside the commands, so that `duosparse
+--help` starts without pandas' and plotly's import time.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,15 +20,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from . import schema, terminal
+from duosparse import schema, terminal
+
+from .common import console, fail
 
 ANALYSIS_ARTIFACTS = schema.ARTIFACTS_ANALYSIS  # artifact folder on the sweep's parent run
 PARETO_ARTIFACTS = schema.ARTIFACTS_PARETO
 DEFAULT_OUT = Path("runs") / "analysis"
 TABLE_SUFFIXES = (".csv", ".parquet")
 SPEC_SUFFIXES = (".yaml", ".yml")
-
-console = terminal.stderr()
 
 export_app = typer.Typer(
     help="Static exports of a sweep's figures (HTML, PNG, SVG, PDF).",
@@ -43,12 +42,6 @@ export_app = typer.Typer(
 def _export_group() -> None:
     """Static exports of a sweep's figures (HTML, PNG, SVG, PDF)."""
     # A callback keeps `export` a group with a single command (`export pareto`).
-
-
-def register(app: typer.Typer) -> None:
-    """Add `analyze` and the `export` group to the duosparse command line."""
-    app.command("analyze")(analyze)
-    app.add_typer(export_app, name="export")
 
 
 # --- where the runs come from ---------------------------------------------------------------
@@ -66,11 +59,9 @@ class Source:
 
 def load_source(sweep: str, tracking_uri: str | None) -> Source:
     """The run table of SWEEP (name, spec YAML or table file); one-paragraph errors."""
+    from duosparse import tracking
     from duosparse.analysis import runs
-    from duosparse.cli import fail
-
-    from . import tracking
-    from .sweep import SpecError, load_spec
+    from duosparse.sweep import SpecError, load_spec
 
     path = Path(sweep)
     try:
@@ -140,8 +131,6 @@ def _out_dir(out: Path | None, sweep: str) -> Path:
 
 
 def _check_out(out: Path) -> None:
-    from duosparse.cli import fail
-
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder (created if missing).")
 
@@ -192,10 +181,7 @@ def analyze(
 ) -> None:
     """Run table, Pareto fronts, trade-off fits, multiplicativity and iso-perplexity of SWEEP,
     with a self-contained HTML report; logged to the sweep's newest parent run in MLflow."""
-    from duosparse.analysis import fits, runs, study
-    from duosparse.cli import fail
-    from duosparse.dashboards import figures as figs
-    from duosparse.dashboards import report
+    from duosparse.analysis import fits
 
     try:
         budgets = [fits.parse_budget(b) for b in budget] if budget else list(fits.DEFAULT_BUDGETS)
@@ -204,40 +190,11 @@ def analyze(
     if out is not None:
         _check_out(out.resolve())
     source = load_source(sweep, tracking_uri)
-    table = source.table
-    archs = sorted(str(a) for a in table[runs.ARCH].dropna().unique()) if runs.ARCH in table else []
-    if baseline_arch is not None and baseline_arch not in archs:
-        fail(
-            f"--baseline-arch '{baseline_arch}' has no runs in this sweep (architectures: "
-            f"{', '.join(archs) or 'none'})."
-        )
-    console.print(f"analysing {len(table)} runs ({int(table[runs.OK].sum())} usable)")
-    try:
-        results = study.analyze(table, budgets, baseline_arch, n_boot=bootstrap)
-    except ValueError as e:
-        fail(str(e))
-    if source.client is not None:  # the models themselves are in the store: a paired test
-        from duosparse.analysis import paired
-
-        results["pruning_cost"] = study.jsonable(
-            paired.pruning_cost(table, source.client, n_boot=bootstrap)
-        )
+    results = _study(source, budgets, baseline_arch, bootstrap)
     directory = _out_dir(out, source.sweep)
     _check_out(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    configs = runs.aggregate_seeds(table)
-    figures = figs.build_figures(table, results, configs)
-    files = [report.write_report(directory / "report.html", table, results, figures, source.label)]
-    (directory / "results.json").write_text(json.dumps(results, indent=2))
-    files.append(directory / "results.json")
-    files.append(runs.write_table(table, directory / "runs.csv"))
-    files.append(runs.write_table(configs, directory / "configs.csv"))
-    try:
-        files.append(runs.write_table(table, directory / "runs.parquet"))
-    except ImportError:  # pyarrow missing: the CSV holds the same table
-        pass
+    files = _write_outputs(directory, source, results)
     parent = None if no_log else log_to_parent(source, files, ANALYSIS_ARTIFACTS)
-
     if json_out:
         print(
             json.dumps(
@@ -257,8 +214,69 @@ def analyze(
     _where(directory / "report.html", parent, source)
 
 
+def _study(
+    source: Source, budgets: list[Any], baseline_arch: str | None, bootstrap: int
+) -> dict[str, Any]:
+    """The study's results; with the models in a store, also the paired pruning cost."""
+    from duosparse.analysis import runs, study
+
+    table = source.table
+    archs = sorted(str(a) for a in table[runs.ARCH].dropna().unique()) if runs.ARCH in table else []
+    if baseline_arch is not None and baseline_arch not in archs:
+        fail(
+            f"--baseline-arch '{baseline_arch}' has no runs in this sweep (architectures: "
+            f"{', '.join(archs) or 'none'})."
+        )
+    console.print(f"analysing {len(table)} runs ({int(table[runs.OK].sum())} usable)")
+    try:
+        results = study.analyze(table, budgets, baseline_arch, n_boot=bootstrap)
+    except ValueError as e:
+        fail(str(e))
+    if source.client is not None:  # the models themselves are in the store: a paired test
+        from duosparse.analysis import paired
+
+        results["pruning_cost"] = study.jsonable(
+            paired.pruning_cost(table, source.client, n_boot=bootstrap)
+        )
+    return results
+
+
+def _write_outputs(directory: Path, source: Source, results: dict[str, Any]) -> list[Path]:
+    """report.html, results.json and the run tables (CSV, and Parquet with pyarrow)."""
+    from duosparse.analysis import runs
+    from duosparse.dashboards import figures as figs
+    from duosparse.dashboards import report
+
+    directory.mkdir(parents=True, exist_ok=True)
+    table = source.table
+    configs = runs.aggregate_seeds(table)
+    figures = figs.build_figures(table, results, configs)
+    files = [report.write_report(directory / "report.html", table, results, figures, source.label)]
+    (directory / "results.json").write_text(json.dumps(results, indent=2))
+    files.append(directory / "results.json")
+    files.append(runs.write_table(table, directory / "runs.csv"))
+    files.append(runs.write_table(configs, directory / "configs.csv"))
+    try:
+        files.append(runs.write_table(table, directory / "runs.parquet"))
+    except ImportError:  # pyarrow missing: the CSV holds the same table
+        pass
+    return files
+
+
 def _print_summary(results: dict[str, Any]) -> None:
     out = terminal.stdout()
+    for table in (
+        _hypervolume_table(results),
+        _iso_table(results),
+        _fits_table(results),
+        _multiplicativity_table(results),
+    ):
+        out.print(table)
+    if results.get("pruning_cost"):
+        out.print(_pruning_cost_table(results["pruning_cost"]))
+
+
+def _hypervolume_table(results: dict[str, Any]) -> Table:
     hv = Table(
         "architecture",
         "cost axis",
@@ -269,7 +287,10 @@ def _print_summary(results: dict[str, Any]) -> None:
     for cost, entry in results.get("hypervolume", {}).items():
         for arch, g in entry.get("groups", {}).items():
             hv.add_row(arch, cost, f"{g['hypervolume_normalized']:.3f}", str(g["front_size"]))
-    out.print(hv)
+    return hv
+
+
+def _iso_table(results: dict[str, Any]) -> Table:
     iso = Table(
         "architecture",
         "budget",
@@ -285,7 +306,10 @@ def _print_summary(results: dict[str, Any]) -> None:
         iso.add_row(
             e["model.arch"], e["budget"], reduction, val, test, e.get("run_id") or e.get("note", "")
         )
-    out.print(iso)
+    return iso
+
+
+def _fits_table(results: dict[str, Any]) -> Table:
     tf = Table(
         "group",
         "runs",
@@ -307,7 +331,10 @@ def _print_summary(results: dict[str, Any]) -> None:
         ]
         ratio = f"{f['test_ratio']:.3f}" if f.get("test_ratio") else "-"
         tf.add_row(group, str(f["n"]), *cells, f"{f['r2']:.3f}", ratio)
-    out.print(tf)
+    return tf
+
+
+def _multiplicativity_table(results: dict[str, Any]) -> Table:
     mult = Table(
         "architecture",
         "slope of s_a on s_w",
@@ -325,31 +352,33 @@ def _print_summary(results: dict[str, Any]) -> None:
             e.get("verdict") or e.get("skipped", ""),
             f"{ratio:.3g}" if ratio else "-",
         )
-    out.print(mult)
-    if results.get("pruning_cost"):
-        cost = Table(
-            "model",
-            "pruned to",
-            "dense test ppl",
-            "pruned test ppl",
-            "rise [95% interval]",
-            title="What the highest prune level costs (paired block bootstrap over test chunks)",
+    return mult
+
+
+def _pruning_cost_table(entries: list[dict[str, Any]]) -> Table:
+    cost = Table(
+        "model",
+        "pruned to",
+        "dense test ppl",
+        "pruned test ppl",
+        "rise [95% interval]",
+        title="What the highest prune level costs (paired block bootstrap over test chunks)",
+    )
+    for e in entries:
+        model = e["model.arch"] + (
+            f" θ={e['model.threshold']:g}" if e["model.arch"] == "egru" else ""
         )
-        for e in results["pruning_cost"]:
-            model = e["model.arch"] + (
-                f" θ={e['model.threshold']:g}" if e["model.arch"] == "egru" else ""
-            )
-            if "skipped" in e:
-                cost.add_row(model, f"{e['target_sparsity']:g}", f"[dim]{e['skipped']}[/]", "", "")
-                continue
-            cost.add_row(
-                model,
-                f"{e['target_sparsity']:g}",
-                f"{e['ppl_dense']:.4g}",
-                f"{e['ppl_pruned']:.4g}",
-                f"{e['difference']:+.4g} [{e['ci_low']:+.4g}, {e['ci_high']:+.4g}]",
-            )
-        out.print(cost)
+        if "skipped" in e:
+            cost.add_row(model, f"{e['target_sparsity']:g}", f"[dim]{e['skipped']}[/]", "", "")
+            continue
+        cost.add_row(
+            model,
+            f"{e['target_sparsity']:g}",
+            f"{e['ppl_dense']:.4g}",
+            f"{e['ppl_pruned']:.4g}",
+            f"{e['difference']:+.4g} [{e['ci_low']:+.4g}, {e['ci_high']:+.4g}]",
+        )
+    return cost
 
 
 def _where(report_path: Path, parent: str | None, source: Source) -> None:
@@ -391,7 +420,6 @@ def export_pareto(
     """Pareto fronts of SWEEP (perplexity vs effective, weight-sparse, total MACs and SpiNNaker2
     energy when simulated) as files; PNG/SVG/PDF through kaleido and a system Chromium."""
     from duosparse.analysis import runs, study
-    from duosparse.cli import fail
     from duosparse.dashboards import export
     from duosparse.dashboards import figures as figs
 
@@ -440,9 +468,3 @@ def export_pareto(
             terminal.stdout().print(str(f), highlight=False)
         if parent:
             console.print(f"Logged to the sweep's parent run {parent} under '{PARETO_ARTIFACTS}/'.")
-
-
-if __name__ == "__main__":
-    _app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-    register(_app)
-    _app(prog_name=f"{Path(sys.executable).name} -m duosparse.analyze_cli")
