@@ -128,6 +128,32 @@ RUN_METRICS = (
     PERF_EPOCH_S,
 )
 
+# The metrics a training run logs itself, which a search (`search:` in a sweep spec) may
+# minimise, maximise or constrain; hw/spinnaker2/* come later, from `duosparse simulate`.
+SEARCH_METRICS = (
+    VAL_LOSS,
+    VAL_PPL,
+    TEST_LOSS,
+    TEST_PPL,
+    TRAIN_LOSS,
+    SPARSITY_WEIGHT,
+    SPARSITY_ACTIVITY,
+    OPS_DENSE,
+    OPS_WEIGHT_SPARSE,
+    OPS_EFFECTIVE,
+    OPS_MULTIPLICATIVE,
+    OPS_DECODER_DENSE,
+    OPS_DECODER_WEIGHT_SPARSE,
+    OPS_DECODER_EFFECTIVE,
+    OPS_TOTAL_DENSE,
+    OPS_TOTAL_WEIGHT_SPARSE,
+    OPS_TOTAL_EFFECTIVE,
+    OPS_COMPUTE_REDUCTION,
+    OPS_TOTAL_COMPUTE_REDUCTION,
+    PERF_TOKENS_PER_S,
+)
+TAG_SEARCH = "duosparse.search"  # on a search trial: the algorithm and seed ("tpe, seed 0")
+
 # --- pruning sensitivity (`duosparse prune sensitivity`, logged into the analysed run) ----
 ARTIFACT_SENSITIVITY = "sensitivity.json"  # the table: one row per prunable tensor x level
 SENSITIVITY_PREFIX = "sensitivity/"
