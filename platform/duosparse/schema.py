@@ -153,6 +153,14 @@ SEARCH_METRICS = (
     PERF_TOKENS_PER_S,
 )
 TAG_SEARCH = "duosparse.search"  # on a search trial: the algorithm and seed ("tpe, seed 0")
+# on a launch run whose search stage drew all its samples: how many trials it ended with
+# ("duosparse.search_done" for a spec without stages, "duosparse.search_done.<stage>" else)
+TAG_SEARCH_DONE = "duosparse.search_done"
+
+
+def search_done_tag(stage: str | None) -> str:
+    return TAG_SEARCH_DONE + (f".{stage}" if stage else "")
+
 
 # --- pruning sensitivity (`duosparse prune sensitivity`, logged into the analysed run) ----
 ARTIFACT_SENSITIVITY = "sensitivity.json"  # the table: one row per prunable tensor x level

@@ -336,11 +336,15 @@ class Plan:
     stages: dict[str, str | None] = field(default_factory=dict)  # run_key -> its stage
     # a search stage's trials are found in the store (sweep and stage tags), not known ahead
     search_runs: dict[str | None, list[Any]] = field(default_factory=dict)
+    # search stages a launch of this very spec (same hash) saw through to its last sample
+    search_done: set[str | None] = field(default_factory=set)
 
     def remaining(self, stage: str | None) -> int:
-        """How many of a search stage's num_samples have no FINISHED run yet (0 for a grid)."""
+        """How many of a search stage's num_samples are still to draw: none once a launch of
+        this spec drew them all (some may have reused a run or failed), else those without a
+        FINISHED run of the search (0 for a grid)."""
         search = self.spec.stage_search(stage)
-        if search is None:
+        if search is None or stage in self.search_done:
             return 0
         done = {
             r.data.tags.get(schema.TAG_RUN_KEY)
@@ -461,7 +465,25 @@ def plan(spec: SweepSpec, uri: str, reconcile: bool = False) -> Plan:
             )
     _skip_orphaned(result)
     result.search_runs = search_runs(client, experiment.experiment_id, spec, dead, result.reasons)
+    result.search_done = _searches_done(client, experiment.experiment_id, spec)
     return result
+
+
+def _searches_done(client: Any, experiment_id: str, spec: SweepSpec) -> set[str | None]:
+    """The search stages that a launch of this spec (same hash) drew to the last sample."""
+    if not spec.searches:
+        return set()
+    found = set()
+    launches = client.search_runs(
+        [experiment_id],
+        f"tags.`{schema.TAG_KIND}` = 'sweep' and tags.`{schema.TAG_SWEEP}` = '{spec.name}' "
+        f"and tags.`{schema.TAG_SPEC_HASH}` = '{spec.spec_hash()}'",
+        max_results=10_000,
+    )
+    for stage in spec.stage_names:
+        if any(schema.search_done_tag(stage) in r.data.tags for r in launches):
+            found.add(stage)
+    return found
 
 
 def _param(text: str | None) -> Any:
@@ -729,7 +751,9 @@ def _run_stages(launch: _Launch, current: Plan, stop: _StopOnSignal) -> Plan:
             tuner = _tuner(launch, stage, todo, path)
         if tuner is not None:
             with stop.tune_stops_gracefully():
-                _fit_from_storage_folder(storage, tuner)
+                grid = _fit_from_storage_folder(storage, tuner)
+            if spec.stage_search(stage) is not None and not stop.signal_name and grid is not None:
+                _mark_search_done(launch, stage, grid)
         if stop.signal_name:
             break
         current = plan(spec, launch.uri)
@@ -954,7 +978,16 @@ def _check_warm_starts(client: Any, current: Plan) -> None:
         checked.add(key)
 
 
-def _fit_from_storage_folder(storage: str, tuner: Any) -> None:
+def _mark_search_done(launch: _Launch, stage: str | None, grid: Any) -> None:
+    """Record on the launch run that its search stage drew every sample (so that the next
+    launch does not draw them again when some reused a run or failed)."""
+    if len(grid) < launch.spec.stage_search(stage).num_samples:
+        return
+    client = tracking.mlflow_client(launch.uri)
+    client.set_tag(launch.parent, schema.search_done_tag(stage), str(len(grid)))
+
+
+def _fit_from_storage_folder(storage: str, tuner: Any) -> Any:
     """Run the Tuner from inside the (absolute, stable) storage folder.
 
     Under `ray job submit` the driver's cwd is the job's unpacked working_dir, which Ray may
@@ -963,12 +996,11 @@ def _fit_from_storage_folder(storage: str, tuner: Any) -> None:
     stable cwd for the duration of fit() changes nothing else."""
     previous = os.environ.get("PWD") or os.getcwd()
     if "://" in storage:
-        tuner.fit()
-        return
+        return tuner.fit()
     Path(storage).mkdir(parents=True, exist_ok=True)
     os.chdir(storage)
     try:
-        tuner.fit()
+        return tuner.fit()
     finally:
         try:
             os.chdir(previous)

@@ -92,6 +92,8 @@ def make_searcher(search: Search, space: SearchSpace, max_concurrent: int) -> An
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
+    from .sweep_optuna import ConstrainedOptunaSearch
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study created
     if search.algorithm == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=search.seed)
@@ -100,31 +102,14 @@ def make_searcher(search: Search, space: SearchSpace, max_concurrent: int) -> An
     names = [objective_name(i) for i in range(len(search.objectives))]
     modes = list(search.objectives.values())
     single = len(names) == 1
-    searcher = _ConstrainedOptunaSearch(
+    searcher = ConstrainedOptunaSearch(
         space=space,
         metric=names[0] if single else names,
         mode=modes[0] if single else modes,
         sampler=sampler,
+        constraint_key=CONSTRAINT_RESULT,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
-
-
-def _searcher_base():
-    from ray.tune.search.optuna import OptunaSearch
-
-    return OptunaSearch
-
-
-class _ConstrainedOptunaSearch(_searcher_base()):  # type: ignore[misc]
-    """OptunaSearch that sets the trial's constraint value on the Optuna trial before telling
-    Optuna its objectives (the samplers read it from there)."""
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        trial = self._ot_trials.get(trial_id)
-        if trial is not None and result and CONSTRAINT_RESULT in result:
-            value = float(result[CONSTRAINT_RESULT])
-            trial.set_constraint("constraint", value if math.isfinite(value) else 1e300)
-        super().on_trial_complete(trial_id, result, error)
 
 
 # --- from a sampled point to a RunConfig --------------------------------------------------
