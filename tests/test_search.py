@@ -432,3 +432,9 @@ def test_a_killed_search_resumes_with_every_sample_once(tmp_path):
         assert steps == [1, 2, 3, 4]  # finished before the kill: not touched
     last = max(launches, key=lambda r: r.info.start_time)
     assert last.info.status == "FINISHED" and schema.search_done_tag(None) in last.data.tags
+    # --resume restored the interrupted Tuner and its searcher (a fresh one would have removed
+    # the folder and drawn anew): both launches' states, one trial folder per sample
+    state = tmp_path / "runs" / "tune" / "killed"
+    assert len(list(state.glob("experiment_state-*.json"))) >= 2
+    assert len(list(state.glob("searcher-state-*.pkl"))) >= 2
+    assert len([p for p in state.glob("run_trial_*") if p.is_dir()]) == 5
