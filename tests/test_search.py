@@ -438,3 +438,53 @@ def test_a_killed_search_resumes_with_every_sample_once(tmp_path):
     assert len(list(state.glob("experiment_state-*.json"))) >= 2
     assert len(list(state.glob("searcher-state-*.pkl"))) >= 2
     assert len([p for p in state.glob("run_trial_*") if p.is_dir()]) == 5
+
+
+def test_a_search_stage_warm_starts_from_each_run_of_a_grid_stage():
+    from duosparse import sweep_search
+
+    spec = parse_spec(
+        {
+            "name": "staged",
+            "base": BASE,
+            "stages": [
+                {"name": "dense", "grid": {"model.threshold": [0.02, 0.05]}},
+                {
+                    "name": "prune",
+                    "from": "dense",
+                    "search": {
+                        **SEARCH,
+                        "space": {"prune.target_sparsity": {"uniform": [0.5, 0.9]}},
+                    },
+                },
+            ],
+        }
+    )
+    bases = search_bases(spec, "prune")
+    assert len(bases) == 2 and all(b["init"]["from_run_key"] == k for k, b in bases.items())
+    context = sweep_search.search_context(spec, "prune", bases, {})
+    space = sweep_search.space_for(spec, "prune", bases, context["int_keys"])
+    assert space.parents == list(bases)
+    parent = list(bases)[1]
+    config = sweep_search.trial_config(
+        context, {"init.from_run_key": parent, "prune.target_sparsity": 0.7}
+    )
+    assert config.init.from_run_key == parent and config.model.threshold == 0.05
+
+
+def test_a_warm_started_search_stage_may_not_change_the_model_shape():
+    with pytest.raises(SpecError, match="model.hidden_size"):
+        parse_spec(
+            {
+                "name": "staged",
+                "base": BASE,
+                "stages": [
+                    {"name": "dense", "grid": {"model.threshold": [0.02]}},
+                    {
+                        "name": "prune",
+                        "from": "dense",
+                        "search": {**SEARCH, "space": {"model.hidden_size": {"int": [8, 16]}}},
+                    },
+                ],
+            }
+        )
