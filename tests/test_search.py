@@ -158,25 +158,26 @@ def test_grid_axes_beside_a_search_become_categoricals():
 # --- the searcher ----------------------------------------------------------------------------
 
 
-def _suggestions(seed: int, n: int = 5) -> list[dict]:
+def _suggestions(seed: int, n: int = 5, algorithm: str = "tpe") -> list[dict]:
     from duosparse import sweep_search
 
-    spec = parse_spec(with_search(seed=seed))
+    spec = parse_spec(with_search(seed=seed, algorithm=algorithm))
     bases = search_bases(spec, None)
     space = sweep_search.space_for(spec, None, bases, [])
     searcher = sweep_search.make_searcher(spec.search, space, max_concurrent=n)
     out = []
-    for i in range(n):
-        point = searcher.suggest(f"t{i}")
-        out.append(point)
-    for i in range(n):
-        searcher.on_trial_complete(f"t{i}", {"objective_0": 100.0 + i, "objective_1": 1000.0 - i})
+    for i in range(n):  # one at a time: past the start-up trials the model proposes
+        out.append(searcher.suggest(f"t{i}"))
+        result = {"objective_0": 100.0 + i, "objective_1": 1000.0 - 50 * i}
+        searcher.on_trial_complete(f"t{i}", result)
     return out
 
 
 @pytest.mark.slow  # imports Ray Tune and Optuna
-def test_the_searcher_is_deterministic_for_a_seed():
-    a, b, c = _suggestions(0), _suggestions(0), _suggestions(1)
+@pytest.mark.parametrize("algorithm", ["tpe", "nsga2"])
+def test_the_searcher_is_deterministic_for_a_seed(algorithm):
+    a, b = _suggestions(0, algorithm=algorithm), _suggestions(0, algorithm=algorithm)
+    c = _suggestions(1, algorithm=algorithm)
     assert a == b
     assert a != c
     assert all(0.0 <= p["prune.target_sparsity"] <= 0.9 for p in a)

@@ -44,6 +44,8 @@ Ray Tune (sweep_search.py runs it):
       algorithm: tpe                          # multi-objective TPE, or nsga2
       num_samples: 8
       seed: 0                                 # the searcher's seed
+      startup_trials: 3                       # optional: TPE's random start / NSGA-II's
+                                              # population (default num_samples // 3, 2-10)
 
 Grid axes beside a search (`grid`, `conditional`) become categorical dimensions of the
 search; a key may not be in both. Objectives and the constraint name metrics the training
@@ -162,6 +164,13 @@ class Search(_Strict):
     algorithm: Literal["tpe", "nsga2"] = "tpe"
     num_samples: int = Field(ge=1)
     seed: int = 0
+    # TPE's random start-up trials / NSGA-II's population; default: a third of num_samples,
+    # 2 to 10 (Optuna's defaults, 10 and 50, would leave a small search random throughout)
+    startup_trials: int | None = Field(None, ge=2)
+
+    @property
+    def startup(self) -> int:
+        return self.startup_trials or min(10, max(2, self.num_samples // 3))
 
     @property
     def keys(self) -> list[str]:

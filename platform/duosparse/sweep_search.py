@@ -96,9 +96,14 @@ def make_searcher(search: Search, space: SearchSpace, max_concurrent: int) -> An
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study created
     if search.algorithm == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=search.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=search.seed, multivariate=True)
+        sampler = optuna.samplers.NSGAIISampler(seed=search.seed, population_size=search.startup)
+    else:  # constant liar: concurrent trials are not all proposed at the same point
+        sampler = optuna.samplers.TPESampler(
+            seed=search.seed,
+            multivariate=True,
+            n_startup_trials=search.startup,
+            constant_liar=max_concurrent > 1,
+        )
     names = [objective_name(i) for i in range(len(search.objectives))]
     modes = list(search.objectives.values())
     single = len(names) == 1
