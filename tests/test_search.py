@@ -489,3 +489,38 @@ def test_a_warm_started_search_stage_may_not_change_the_model_shape():
                 ],
             }
         )
+
+
+@pytest.mark.slow
+def test_a_search_stage_warm_starts_from_the_dense_stage(tmp_path):
+    spec = write(
+        tmp_path,
+        {
+            "name": "staged",
+            "base": BASE,
+            "stages": [
+                {"name": "dense", "grid": {"model.threshold": [0.05]}},
+                {
+                    "name": "prune",
+                    "from": "dense",
+                    "base": {"train": {"epochs": 1}},
+                    "search": {
+                        **SEARCH,
+                        "space": {"prune.target_sparsity": {"uniform": [0.5, 0.9]}},
+                        "num_samples": 2,
+                    },
+                },
+            ],
+            "resources": {"cpu": 1},
+        },
+    )
+    result = duosparse("sweep", "run", str(spec), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["counts"] == {"FINISHED": 3}
+    _, trials, _ = runs_of(tmp_path, "staged")
+    (dense,) = [r for r in trials if r.data.tags.get(schema.TAG_STAGE) == "dense"]
+    pruned = [r for r in trials if r.data.tags.get(schema.TAG_STAGE) == "prune"]
+    assert len(pruned) == 2
+    for run in pruned:
+        assert run.data.tags[schema.TAG_SEARCH] == "tpe, seed 0"
+        assert run.data.params["init.from_run_key"] == dense.data.tags[schema.TAG_RUN_KEY]
