@@ -175,3 +175,104 @@ def compare(
         "ideal": list(ideal),
         "groups": groups,
     }
+
+
+# --- searches: the front against the trials spent, and fronts of two sweeps -----------------
+
+SEARCH_COST = schema.OPS_EFFECTIVE  # a search's progress and grid-vs-search comparisons
+
+
+def _log_points(rows: pd.DataFrame, cost: str, objective: str) -> np.ndarray:
+    return np.c_[np.log10(rows[cost].to_numpy(dtype=float)), rows[objective].to_numpy(dtype=float)]
+
+
+def hypervolume_by_trial(
+    table: pd.DataFrame,
+    cost: str = SEARCH_COST,
+    objective: str = OBJECTIVE,
+    reference: tuple[float, float] | None = None,
+    ideal: tuple[float, float] | None = None,
+) -> list[dict[str, Any]]:
+    """The hypervolume of the front of the first n trials, for each n, in trial start order
+    (one front over all architectures: a search's front is what it found). A trial that
+    failed or is not usable still spent its place. Reference and ideal default to this
+    table's (the rule of `reference_point`)."""
+    from .runs import RUN_ID, START_TIME
+
+    if not len(table):
+        return []
+    ordered = table.sort_values(START_TIME) if START_TIME in table else table
+    rows = usable(ordered, cost, objective)
+    if not len(rows):
+        return []
+    reference = reference or reference_point(rows, cost, objective)
+    if ideal is None:
+        ideal = (float(np.log10(rows[cost].min())), float(rows[objective].min()))
+    box = (reference[0] - ideal[0]) * (reference[1] - ideal[1])
+    good = set(rows.index)
+    out, seen = [], []
+    for n, (index, row) in enumerate(ordered.iterrows(), start=1):
+        if index in good:
+            seen.append(index)
+        pts = _log_points(ordered.loc[seen], cost, objective) if seen else np.empty((0, 2))
+        hv = hypervolume_2d(pts, reference)
+        out.append(
+            {
+                "trial": n,
+                "run_id": row.get(RUN_ID),
+                "usable": index in good,
+                objective: float(row[objective]) if index in good else math.nan,
+                cost: float(row[cost]) if index in good else math.nan,
+                "hypervolume": hv,
+                "hypervolume_normalized": hv / box if box > 0 else math.nan,
+                "front_size": int(non_dominated(pts).sum()) if len(pts) else 0,
+            }
+        )
+    return out
+
+
+def compare_sweeps(
+    tables: dict[str, pd.DataFrame], cost: str = SEARCH_COST, objective: str = OBJECTIVE
+) -> dict[str, Any]:
+    """Fronts of several sweeps (a grid and a search over the same space) on one reference
+    point and ideal, both from the union of their usable runs; each sweep's hypervolume, its
+    front and its hypervolume after each trial, and each one's ratio to the first sweep's."""
+    used = {name: usable(t, cost, objective) for name, t in tables.items()}
+    union = (
+        pd.concat([u for u in used.values() if len(u)])
+        if any(len(u) for u in used.values())
+        else None
+    )
+    if union is None:
+        return {"cost": cost, "objective": objective, "reference": None, "sweeps": {}}
+    reference = reference_point(union, cost, objective)
+    ideal = (float(np.log10(union[cost].min())), float(union[objective].min()))
+    box = (reference[0] - ideal[0]) * (reference[1] - ideal[1])
+    sweeps: dict[str, Any] = {}
+    for name, rows in used.items():
+        pts = _log_points(rows, cost, objective) if len(rows) else np.empty((0, 2))
+        hv = hypervolume_2d(pts, reference)
+        front = rows[non_dominated(pts)].sort_values(cost) if len(rows) else rows
+        sweeps[name] = {
+            "trials": len(tables[name]),
+            "usable": len(rows),
+            "hypervolume": hv,
+            "hypervolume_normalized": hv / box if box > 0 else math.nan,
+            "front": [
+                {cost: float(c), objective: float(o), REPORTED: float(r)}
+                for c, o, r in zip(
+                    front[cost], front[objective], front.get(REPORTED, [math.nan] * len(front))
+                )
+            ],
+            "by_trial": hypervolume_by_trial(tables[name], cost, objective, reference, ideal),
+        }
+    first = next(iter(sweeps.values()))["hypervolume"]
+    for entry in sweeps.values():
+        entry["ratio_to_first"] = entry["hypervolume"] / first if first > 0 else math.nan
+    return {
+        "cost": cost,
+        "objective": objective,
+        "reference": list(reference),
+        "ideal": list(ideal),
+        "sweeps": sweeps,
+    }

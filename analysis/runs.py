@@ -50,6 +50,7 @@ STATUS = "status"
 FAILURE = "failure"
 EARLY_STOPPED = "early_stopped"
 STAGE = "stage"
+SEARCH = "search"  # a search's trial: its algorithm and seed (schema.TAG_SEARCH); else empty
 OK = "ok"
 START_TIME = "start_time"
 END_TIME = "end_time"
@@ -69,6 +70,7 @@ META_TYPES: dict[str, str] = {
     FAILURE: "string",
     EARLY_STOPPED: "boolean",
     STAGE: "string",
+    SEARCH: "string",
     OK: "boolean",
     START_TIME: "datetime64[ns, UTC]",
     END_TIME: "datetime64[ns, UTC]",
@@ -269,6 +271,7 @@ def _row(run: Any, val_history: list[tuple[int, float]]) -> dict[str, Any]:
         FAILURE: tags.get(schema.TAG_FAILURE) or None,
         EARLY_STOPPED: early,
         STAGE: tags.get(schema.TAG_STAGE),
+        SEARCH: tags.get(schema.TAG_SEARCH),
         OK: False,  # below, once the best validation perplexity is known
         START_TIME: pd.to_datetime(info.start_time, unit="ms", utc=True),
         END_TIME: pd.to_datetime(info.end_time, unit="ms", utc=True) if info.end_time else pd.NaT,

@@ -28,6 +28,7 @@ from .runs import (
     RUN_ID,
     RUN_IDS,
     RUN_NAME,
+    SEARCH,
     STATUS,
     aggregate_seeds,
     ok_mask,
@@ -85,7 +86,30 @@ def analyze(
     results["reference_arch"] = reference_arch
     results["iso_perplexity"] = fits.iso_perplexity(configs, budgets, reference_arch)
     results["layer_activity"] = layer_activity(configs)
+    if SEARCH in table and table[SEARCH].notna().any():
+        results["search"] = search_progress(table)
     return jsonable(results)
+
+
+def search_progress(table: pd.DataFrame) -> dict[str, Any]:
+    """A search's front against the trials it spent: the hypervolume (validation perplexity x
+    log effective MACs, this table's reference point) after each trial, in start order."""
+    trials = table[table[SEARCH].notna()]
+    by_trial = pareto.hypervolume_by_trial(trials)
+    return {
+        "searcher": sorted(str(s) for s in trials[SEARCH].dropna().unique()),
+        "cost": pareto.SEARCH_COST,
+        "objective": pareto.OBJECTIVE,
+        "reference": list(pareto.reference_point(usable_rows(trials), pareto.SEARCH_COST))
+        if by_trial
+        else None,
+        "by_trial": by_trial,
+    }
+
+
+def compare_sweeps(tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+    """Two or more sweeps over the same space (a grid and a search) on one reference point."""
+    return jsonable(pareto.compare_sweeps(tables))
 
 
 def pareto_summary(configs: pd.DataFrame, axes: list[str] | None = None) -> dict[str, Any]:

@@ -425,4 +425,71 @@ def build_figures(
     figs["activity_vs_weight"] = activity_weight_figure(table, results)
     figs["effective_vs_estimate"] = macs_figure(table)
     figs["layer_activity"] = layer_activity_figure(configs)
+    if results.get("search", {}).get("by_trial"):
+        figs["search_progress"] = search_progress_figure(results["search"])
     return figs
+
+
+# --- searches ---------------------------------------------------------------------------------
+
+
+def search_progress_figure(progress: dict[str, Any], title: str = "") -> go.Figure:
+    """Normalised hypervolume of the running front against the trials spent, one line per sweep
+    (`progress` is results['search'] or results['comparison']['sweeps'])."""
+    fig = go.Figure()
+    sweeps = progress.get("sweeps") or {"search": progress}
+    for i, (name, entry) in enumerate(sweeps.items()):
+        rows = entry.get("by_trial", [])
+        fig.add_trace(
+            go.Scatter(
+                x=[r["trial"] for r in rows],
+                y=[r["hypervolume_normalized"] for r in rows],
+                mode="lines+markers",
+                name=name,
+                line={"shape": "hv", "color": _OTHER_COLORS[i % len(_OTHER_COLORS)]},
+                hovertemplate="trial %{x}<br>hypervolume %{y:.3f}<extra>" + name + "</extra>",
+            )
+        )
+    fig.update_layout(
+        **LAYOUT,
+        title=title or "Front found against trials spent (validation perplexity x effective MACs)",
+        xaxis_title="trials spent (in start order)",
+        yaxis_title="hypervolume (normalised)",
+    )
+    return fig
+
+
+def compare_fronts_figure(tables: dict[str, pd.DataFrame], comparison: dict[str, Any]) -> go.Figure:
+    """Every usable run of each sweep and each sweep's front, on the same axes."""
+    cost, objective = comparison["cost"], comparison["objective"]
+    fig = go.Figure()
+    for i, (name, table) in enumerate(tables.items()):
+        color = _OTHER_COLORS[i % len(_OTHER_COLORS)]
+        rows = pareto.usable(table, cost, objective)
+        fig.add_trace(
+            go.Scatter(
+                x=rows[cost],
+                y=rows[objective],
+                mode="markers",
+                name=f"{name} runs",
+                marker={"color": color, "opacity": 0.45, "symbol": "circle" if i == 0 else "x"},
+            )
+        )
+        front = comparison["sweeps"].get(name, {}).get("front", [])
+        hv = comparison["sweeps"].get(name, {}).get("hypervolume_normalized", math.nan)
+        fig.add_trace(
+            go.Scatter(
+                x=[p[cost] for p in front],
+                y=[p[objective] for p in front],
+                mode="lines+markers",
+                line={"shape": "hv", "color": color},
+                name=f"{name} front (hypervolume {hv:.3f}, {len(table)} trials)",
+            )
+        )
+    fig.update_layout(
+        **LAYOUT,
+        title="Fronts of the compared sweeps (one reference point)",
+        xaxis={"type": "log", "title": pareto.COST_AXES.get(cost, cost)},
+        yaxis_title=VAL_LABEL,
+    )
+    return fig

@@ -128,6 +128,40 @@ RUN_METRICS = (
     PERF_EPOCH_S,
 )
 
+# The metrics a training run logs itself, which a search (`search:` in a sweep spec) may
+# minimise, maximise or constrain; hw/spinnaker2/* come later, from `duosparse simulate`.
+SEARCH_METRICS = (
+    VAL_LOSS,
+    VAL_PPL,
+    TEST_LOSS,
+    TEST_PPL,
+    TRAIN_LOSS,
+    SPARSITY_WEIGHT,
+    SPARSITY_ACTIVITY,
+    OPS_DENSE,
+    OPS_WEIGHT_SPARSE,
+    OPS_EFFECTIVE,
+    OPS_MULTIPLICATIVE,
+    OPS_DECODER_DENSE,
+    OPS_DECODER_WEIGHT_SPARSE,
+    OPS_DECODER_EFFECTIVE,
+    OPS_TOTAL_DENSE,
+    OPS_TOTAL_WEIGHT_SPARSE,
+    OPS_TOTAL_EFFECTIVE,
+    OPS_COMPUTE_REDUCTION,
+    OPS_TOTAL_COMPUTE_REDUCTION,
+    PERF_TOKENS_PER_S,
+)
+TAG_SEARCH = "duosparse.search"  # on a search trial: the algorithm and seed ("tpe, seed 0")
+# on a launch run whose search stage drew all its samples: how many trials it ended with
+# ("duosparse.search_done" for a spec without stages, "duosparse.search_done.<stage>" else)
+TAG_SEARCH_DONE = "duosparse.search_done"
+
+
+def search_done_tag(stage: str | None) -> str:
+    return TAG_SEARCH_DONE + (f".{stage}" if stage else "")
+
+
 # --- pruning sensitivity (`duosparse prune sensitivity`, logged into the analysed run) ----
 ARTIFACT_SENSITIVITY = "sensitivity.json"  # the table: one row per prunable tensor x level
 SENSITIVITY_PREFIX = "sensitivity/"

@@ -27,6 +27,30 @@ A spec may instead declare `stages` (then the grid and conditionals live in the 
 
 A later stage warm-starts every trial from the earlier stage's run of the same model, so it
 may not change what fixes the weights' shapes (config.WARM_START_KEYS) or the seed.
+
+Instead of enumerating a grid, a spec (or a stage) may *search* a box with Optuna through
+Ray Tune (sweep_search.py runs it):
+
+    search:
+      space:                                  # dotted RunConfig keys -> one dimension each
+        prune.target_sparsity: {uniform: [0.5, 0.98]}
+        train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+        model.hidden_size: {choice: [64, 128]}          # or {int: [64, 256]}
+      conditional:                            # more dimensions where `when` matches
+        - when: {model.arch: egru}
+          space: {model.threshold: {uniform: [0.01, 0.1]}}
+      objectives: {val/ppl: min, ops/effective_macs_per_token: min}   # one: single-objective
+      constraint: ops/effective_macs_per_token <= 20000                 # optional
+      algorithm: tpe                          # multi-objective TPE, or nsga2
+      num_samples: 8
+      seed: 0                                 # the searcher's seed
+      startup_trials: 3                       # optional: TPE's random start / NSGA-II's
+                                              # population (default num_samples // 3, 2-10)
+
+Grid axes beside a search (`grid`, `conditional`) become categorical dimensions of the
+search; a key may not be in both. Objectives and the constraint name metrics the training
+logs (schema.SEARCH_METRICS); `val/ppl` is the best validation perplexity at the final
+sparsity, the figure the analysis selects on.
 """
 
 from __future__ import annotations
@@ -34,11 +58,21 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from . import schema
 from .config import (
     WARM_START_KEYS,
     ConfigError,
@@ -77,6 +111,91 @@ class EarlyStopping(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+class Dimension(_Strict):
+    """One dimension of a search space: exactly one of the four forms."""
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    int_: tuple[int, int] | None = Field(None, alias="int")
+    choice: list[Any] | None = Field(None, min_length=1)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Dimension:
+        given = [k for k in ("uniform", "loguniform", "int_", "choice") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "a dimension is exactly one of {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
+                "{int: [lo, hi]} or {choice: [a, b, ...]}"
+            )
+        low, high = self.bounds or (0, 1)
+        if self.bounds and not low < high:
+            raise ValueError(f"the bounds [{low}, {high}] are not increasing")
+        if self.loguniform and low <= 0:
+            raise ValueError(f"loguniform bounds must be positive, got [{low}, {high}]")
+        return self
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        return self.uniform or self.loguniform or self.int_
+
+    @property
+    def values(self) -> list[Any]:
+        """The values whose RunConfig must validate: the bounds, or every choice."""
+        return list(self.choice) if self.choice is not None else list(self.bounds or ())
+
+
+class SearchConditional(_Strict):
+    when: dict[str, Any] = Field(min_length=1)
+    space: dict[str, Dimension] = Field(min_length=1)
+
+
+CONSTRAINT = re.compile(r"^\s*(?P<metric>\S+)\s*(?P<op><=|>=)\s*(?P<bound>\S+)\s*$")
+
+
+class Search(_Strict):
+    """A multi- (or single-) objective search with Optuna's TPE or NSGA-II through Ray Tune."""
+
+    space: dict[str, Dimension] = Field(min_length=1)
+    conditional: list[SearchConditional] = Field(default_factory=list)
+    objectives: dict[str, Literal["min", "max"]] = Field(min_length=1)
+    constraint: str | None = None  # "METRIC <= BOUND" or "METRIC >= BOUND"
+    algorithm: Literal["tpe", "nsga2"] = "tpe"
+    num_samples: int = Field(ge=1)
+    seed: int = 0
+    # TPE's random start-up trials / NSGA-II's population; default: a third of num_samples,
+    # 2 to 10 (Optuna's defaults, 10 and 50, would leave a small search random throughout)
+    startup_trials: int | None = Field(None, ge=2)
+
+    @property
+    def startup(self) -> int:
+        return self.startup_trials or min(10, max(2, self.num_samples // 3))
+
+    @property
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys([*self.space, *(k for c in self.conditional for k in c.space)]))
+
+    def parsed_constraint(self) -> tuple[str, str, float] | None:
+        if self.constraint is None:
+            return None
+        match = CONSTRAINT.match(self.constraint)
+        if not match:
+            raise SpecError(
+                f"search.constraint '{self.constraint}' is not of the form 'METRIC <= BOUND' "
+                "or 'METRIC >= BOUND', e.g. 'ops/effective_macs_per_token <= 20000'."
+            )
+        try:
+            bound = float(match["bound"])
+        except ValueError:
+            bound = math.nan
+        if not math.isfinite(bound):
+            raise SpecError(
+                f"search.constraint '{self.constraint}': the bound '{match['bound']}' is not a finite number."
+            )
+        return match["metric"], match["op"], bound
+
+
 class Stage(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -86,6 +205,7 @@ class Stage(_Strict):
     base: dict[str, Any] = Field(default_factory=dict)  # over the spec's base (or the run's config)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     conditional: list[Conditional] = Field(default_factory=list)
+    search: Search | None = None
 
 
 class SweepSpec(_Strict):
@@ -103,6 +223,7 @@ class SweepSpec(_Strict):
     storage_path: str | None = None  # Ray Tune state; default ./runs/tune (shared on a cluster)
     early_stopping: EarlyStopping | None = None
     stages: list[Stage] = Field(default_factory=list)
+    search: Search | None = None
 
     @field_validator("grid")
     @classmethod
@@ -124,6 +245,16 @@ class SweepSpec(_Strict):
     def stage_names(self) -> list[str | None]:
         """The stages in order; a spec without stages is one unnamed stage."""
         return [s.name for s in self.stages] or [None]
+
+    def stage_search(self, stage: str | None) -> Search | None:
+        """The search of a stage (or of a spec without stages); None for a grid stage."""
+        if stage is None:
+            return self.search
+        return next(s.search for s in self.stages if s.name == stage)
+
+    @property
+    def searches(self) -> bool:
+        return self.search is not None or any(s.search for s in self.stages)
 
 
 class SpecError(ValueError):
@@ -214,7 +345,89 @@ def parse_spec(tree: Any, source: str = "spec", folder: Path | None = None) -> S
     except ConfigError as e:
         raise SpecError(str(e)) from None
     _check_stages(spec, source)
+    if spec.search is not None:
+        _check_search(
+            spec.search, spec.base, spec.grid, spec.conditional, spec, f"{source}: search"
+        )
+    for i, stage in enumerate(spec.stages):
+        if stage.search is not None:
+            base = deep_merge(spec.base, stage.base)
+            where = f"{source}: stages[{i}] ('{stage.name}').search"
+            _check_search(stage.search, base, stage.grid, stage.conditional, spec, where)
     return spec
+
+
+def _check_search(
+    search: Search,
+    base: dict[str, Any],
+    grid: dict[str, list[Any]],
+    conditional: list[Conditional],
+    spec: SweepSpec,
+    where: str,
+) -> None:
+    """Keys, bounds (a RunConfig at each bound and choice must validate), objectives and the
+    constraint (metrics the training logs), and no key both in a grid and in the space."""
+    grid_keys = set(grid) | {k for c in conditional for k in c.grid}
+    sections = [("space", {}, search.space)] + [
+        (f"conditional[{i}].space", c.when, c.space) for i, c in enumerate(search.conditional)
+    ]
+    for i, c in enumerate(search.conditional):
+        for key in c.when:
+            _check_key(key, f"{where}.conditional[{i}].when")
+    for name, when, space in sections:
+        for key, dim in space.items():
+            _check_key(key, f"{where}.{name}")
+            if key in grid_keys:
+                raise SpecError(
+                    f"{where}.{name}: '{key}' is also a grid axis; a key is either enumerated "
+                    "(grid) or searched (search.space): remove it from one of them."
+                )
+            if key in ("init.from_run_key", "train.seed"):
+                raise SpecError(
+                    f"{where}.{name}: '{key}' cannot be searched: the seed comes from 'seeds' "
+                    "and the warm start from the stage's 'from'."
+                )
+            for value in dim.values:
+                tree = json.loads(json.dumps(base))
+                for k, v in {**when, key: value}.items():
+                    set_dotted(tree, k, v)
+                try:
+                    build_config(tree, f"{where}.{name} '{key}' at {value!r}")
+                except ConfigError as e:
+                    raise SpecError(
+                        f"{e} The search bound or choice {value!r} of '{key}' is outside what "
+                        "the key accepts; narrow the dimension."
+                    ) from None
+    constraint = search.parsed_constraint()
+    named = [(f"objective '{m}'", m) for m in search.objectives]
+    if constraint:
+        named.append((f"constraint '{search.constraint}'", constraint[0]))
+    for label, metric in named:
+        _check_metric(metric, f"{where}: {label}")
+    if len(spec.seeds) > 1 and not spec.stages:  # (stages: checked in _check_stages)
+        raise SpecError(
+            f"{where}: a search samples configurations for one seed, but 'seeds' lists "
+            f"{spec.seeds}; keep one seed (the trials' train.seed) and set search.seed for the searcher."
+        )
+    if spec.early_stopping is not None:
+        raise SpecError(
+            f"{where}: early_stopping (ASHA) cannot stop a search's trials: a stopped trial has "
+            "no objectives to report; remove 'early_stopping'."
+        )
+
+
+def _check_metric(metric: str, where: str) -> None:
+    if metric.startswith(schema.HW_SPINNAKER2_PREFIX):
+        raise SpecError(
+            f"{where}: '{metric}' is logged by `duosparse simulate spinnaker2` after training, "
+            "not by the training itself, so a search cannot read it while it runs; search on "
+            f"'{schema.OPS_EFFECTIVE}' (the activity-aware MAC count the energy model scales) instead."
+        )
+    if metric not in schema.SEARCH_METRICS:
+        raise SpecError(
+            f"{where}: '{metric}' is not a metric the training logs; choose one of "
+            f"{', '.join(schema.SEARCH_METRICS)}."
+        )
 
 
 def _check_stages(spec: SweepSpec, source: str) -> None:
@@ -245,6 +458,11 @@ def _check_stages(spec: SweepSpec, source: str) -> None:
             raise SpecError(
                 f"{where}: 'when' selects runs of the stage named in 'from'; add 'from' or remove 'when'."
             )
+        if stage.search is not None and len(spec.seeds) > 1 and stage.from_stage is None:
+            raise SpecError(
+                f"{where}: a search samples configurations for one seed, but 'seeds' lists "
+                f"{spec.seeds}; keep one seed and set search.seed for the searcher."
+            )
         for key in stage.grid:
             _check_key(key, f"{where}.grid")
         for j, cond in enumerate(stage.conditional):
@@ -259,7 +477,13 @@ def _check_stages(spec: SweepSpec, source: str) -> None:
                 set(stage.grid)
                 | {k for c in stage.conditional for k in c.grid}
                 | set(flatten(stage.base))
+                | set(stage.search.keys if stage.search else [])
             )
+            if any(s.name == stage.from_stage and s.search for s in spec.stages):
+                raise SpecError(
+                    f"{where}: 'from: {stage.from_stage}' names a search stage, whose runs are "
+                    "not known before it runs; warm-start from a grid stage."
+                )
             fixed = sorted(changed & {*WARM_START_KEYS, "train.seed", "init.from_run_key"})
             if fixed:
                 raise SpecError(
@@ -295,7 +519,11 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
 
 
 def expand_stages(spec: SweepSpec) -> list[tuple[str | None, list[RunConfig]]]:
-    """The trials of each stage in order (one unnamed stage for a spec without stages)."""
+    """The trials of each stage in order (one unnamed stage for a spec without stages); a
+    search stage's trials are not known before it runs: none here (search_bases has its
+    bases)."""
+    if spec.search is not None:
+        return [(None, [])]
     if not spec.stages:
         return [
             (None, _grow(spec.name, "", [(spec.base, spec.seeds)], spec.grid, spec.conditional))
@@ -304,6 +532,10 @@ def expand_stages(spec: SweepSpec) -> list[tuple[str | None, list[RunConfig]]]:
     done: dict[str, list[RunConfig]] = {}
     for stage in spec.stages:
         where = f"stage '{stage.name}': "
+        if stage.search is not None:
+            done[stage.name] = []
+            out.append((stage.name, []))
+            continue
         if stage.from_stage is None:
             bases = [(deep_merge(spec.base, stage.base), spec.seeds)]
         else:
@@ -325,6 +557,35 @@ def expand_stages(spec: SweepSpec) -> list[tuple[str | None, list[RunConfig]]]:
         done[stage.name] = _grow(spec.name, where, bases, stage.grid, stage.conditional)
         out.append((stage.name, done[stage.name]))
     return out
+
+
+def search_bases(spec: SweepSpec, stage: str | None) -> dict[str, dict[str, Any]]:
+    """The base trees a search stage's points start from, by warm-start parent run_key ("" when
+    the stage does not warm-start): each parent run's config under the stage's base."""
+    if stage is None:
+        tree = json.loads(json.dumps(spec.base))
+        set_dotted(tree, "train.seed", spec.seeds[0])
+        return {"": build_config(tree, "search base").model_dump(mode="json")}
+    found = next(s for s in spec.stages if s.name == stage)
+    if found.from_stage is None:
+        tree = deep_merge(spec.base, found.base)
+        set_dotted(tree, "train.seed", spec.seeds[0])
+        return {"": build_config(tree, f"stage '{stage}': base").model_dump(mode="json")}
+    parents = dict(expand_stages(spec))[found.from_stage]
+    bases = {}
+    for parent in parents:
+        if all(parent.flat().get(k) == v for k, v in found.when.items()):
+            tree = deep_merge(parent.model_dump(mode="json"), found.base)
+            tree["init"] = {**tree.get("init", {}), "from_run_key": parent.run_key}
+            bases[parent.run_key] = build_config(tree, f"stage '{stage}': base").model_dump(
+                mode="json"
+            )
+    if not bases:
+        raise SpecError(
+            f"Sweep '{spec.name}', stage '{stage}': 'when' {found.when} matches no run of stage "
+            f"'{found.from_stage}', so the search would have nothing to start from; fix its values."
+        )
+    return bases
 
 
 def _grow(
@@ -380,8 +641,10 @@ def _grow(
 def describe(config: RunConfig, spec: SweepSpec) -> dict[str, Any]:
     """The values of the swept keys for one trial (for tables and run names)."""
     keys = list(spec.grid) + [k for c in spec.conditional for k in c.grid]
+    keys += spec.search.keys if spec.search else []
     for stage in spec.stages:
         keys += list(stage.grid) + [k for c in stage.conditional for k in c.grid]
+        keys += stage.search.keys if stage.search else []
     keys.append("train.seed")
     flat = config.flat()
-    return {k: flat[k] for k in dict.fromkeys(keys)}
+    return {k: flat.get(k) for k in dict.fromkeys(keys)}

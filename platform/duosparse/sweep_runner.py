@@ -35,7 +35,7 @@ import yaml
 from . import schema, tracking, warmstart
 from .config import RunConfig
 from .eta import SweepEta
-from .sweep import SweepSpec, describe, expand_stages
+from .sweep import SweepSpec, describe, expand_stages, search_bases
 
 TUNE_VAL_LOSS = "val_loss"  # Tune's view of val/loss, for ASHA
 
@@ -111,14 +111,22 @@ def runs_by_key(client: Any, experiment_id: str) -> dict[str, Any]:
 class TuneReporter:
     """Reports each epoch to MLflow, saves the epoch's resume state, then reports to Tune."""
 
-    def __init__(self, client: Any, run_id: str, workdir: Path, resume_uri: str | None):
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        workdir: Path,
+        resume_uri: str | None,
+        extra: dict[str, Any] | None = None,
+    ):
         self.mlflow = tracking.MlflowReporter(client, run_id)
         self.run_id, self.workdir, self.resume_uri = run_id, workdir, resume_uri
-        # Tune (and ASHA) want the same keys in every result
+        # Tune (and ASHA, and a single-objective searcher) want the same keys in every result
         self.result: dict[str, Any] = {
             "epoch": 0,
             TUNE_VAL_LOSS: float("inf"),
             "mlflow_run_id": run_id,
+            **(extra or {}),
         }
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -132,28 +140,55 @@ class TuneReporter:
         save_resume_state(self.workdir / "last.pt", self.resume_uri)
         tune.report(dict(self.result))
 
-    def done(self, failed: bool = False) -> None:
+    def done(self, failed: bool = False, extra: dict[str, Any] | None = None) -> None:
         from ray import tune
 
-        tune.report({**self.result, "duosparse_done": True, "failed": failed})
+        tune.report({**self.result, **(extra or {}), "duosparse_done": True, "failed": failed})
 
     def log_artifact(self, path: Path) -> None:
         self.mlflow.log_artifact(path)
 
 
 def run_trial(params: dict[str, Any]) -> None:
-    """Ray Tune trainable: one RunConfig, one MLflow child run."""
+    """Ray Tune trainable: one RunConfig, one MLflow child run (a grid trial, or a point a
+    search sampled: then the objectives go back to the searcher when it ends)."""
+    if "search" in params:
+        from . import sweep_search
+
+        context = params["search"]
+        config = sweep_search.trial_config(context, sweep_search.sampled_keys(params))
+        trial = sweep_search.trial_params(context, config, params)
+        trial["resume_uri"] = resume_uri(context["storage"], context["sweep"], config.run_key)
+        _train_trial(
+            trial,
+            config,
+            lambda client, run_id: sweep_search.search_result(client, run_id, config, context),
+            sweep_search.placeholders(context),
+        )
+        return
+    params = params["trial"]
+    _train_trial(params, RunConfig.model_validate(params["config"]), None, {})
+
+
+Outcome = Callable[[Any, "str | None"], dict[str, float]]
+
+
+def _train_trial(
+    params: dict[str, Any], config: RunConfig, outcome: Outcome | None, extra: dict[str, Any]
+) -> None:
+    """Train `config` in its child run (or continue it); `outcome` (searches) adds what the
+    last result tells the searcher, from what the run logged (None: the run failed)."""
     from ray import tune
 
     from .train import TrainingDiverged, train
 
-    params = params["trial"]
-    config = RunConfig.model_validate(params["config"])
     client = tracking.mlflow_client(params["tracking_uri"])
     existing = runs_by_key(client, params["experiment_id"]).get(config.run_key)
     resume_uri = params.get("resume_uri")  # None in a Tune state saved by an older duosparse
+    final = (lambda run_id: outcome(client, run_id)) if outcome else (lambda run_id: {})
     if existing is not None and existing.info.status == "FINISHED":
-        # finished before a killed driver could record it in Tune: nothing left to run
+        # finished before a killed driver could record it in Tune, or a search sampled a
+        # config that already ran: nothing left to run, its logged figures are the result
         drop_resume_state(resume_uri)
         tune.report(
             {
@@ -162,6 +197,8 @@ def run_trial(params: dict[str, Any]) -> None:
                 "mlflow_run_id": existing.info.run_id,
                 "duosparse_done": True,
                 "failed": False,
+                "deduplicated": True,
+                **final(existing.info.run_id),
             }
         )
         return
@@ -169,7 +206,7 @@ def run_trial(params: dict[str, Any]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix=f"duosparse-{config.run_key[:12]}-"))
     # a retry or a resumed sweep continues from the last epoch (train checks the run_key)
     load_resume_state(resume_uri, workdir / "last.pt")
-    reporter = TuneReporter(client, run_id, workdir, resume_uri)
+    reporter = TuneReporter(client, run_id, workdir, resume_uri, extra)
     try:
         source = warmstart.resolve(client, config)
         init = warmstart.fetch_checkpoint(client, source, workdir / "init") if source else None
@@ -178,7 +215,7 @@ def run_trial(params: dict[str, Any]) -> None:
         # deterministic: retrying would diverge again, so the trial ends here, FAILED
         tracking.finish_run(client, run_id, "FAILED", str(e))
         drop_resume_state(resume_uri)  # a rerun starts afresh rather than diverge again
-        reporter.done(failed=True)
+        reporter.done(failed=True, extra=final(None))
         return
     except Exception as e:
         tracking.finish_run(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
@@ -187,7 +224,7 @@ def run_trial(params: dict[str, Any]) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     tracking.finish_run(client, run_id, "FINISHED")
     drop_resume_state(resume_uri)
-    reporter.done()
+    reporter.done(extra=final(run_id))
 
 
 # --- resume state: one file per unfinished trial, on Tune's storage (a path or a URI) ---------
@@ -259,6 +296,7 @@ def _trial_run(client: Any, params: dict[str, Any], config: RunConfig, existing:
                 schema.TAG_SWEEP: params["sweep"],
                 **({schema.TAG_STAGE: params["stage"]} if params.get("stage") else {}),
                 **({schema.TAG_SPEC_HASH: params["spec_hash"]} if params.get("spec_hash") else {}),
+                **params.get("tags", {}),
             },
         )
         # A worker that outlived a killed driver may have created one at the same moment:
@@ -296,6 +334,34 @@ class Plan:
     reasons: dict[str, str] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)
     stages: dict[str, str | None] = field(default_factory=dict)  # run_key -> its stage
+    # a search stage's trials are found in the store (sweep and stage tags), not known ahead
+    search_runs: dict[str | None, list[Any]] = field(default_factory=dict)
+    # search stages a launch of this very spec (same hash) saw through to its last sample
+    search_done: set[str | None] = field(default_factory=set)
+
+    def remaining(self, stage: str | None) -> int:
+        """How many of a search stage's num_samples are still to draw: none once a launch of
+        this spec drew them all (some may have reused a run or failed), else those without a
+        FINISHED run of the search (0 for a grid)."""
+        search = self.spec.stage_search(stage)
+        if search is None or stage in self.search_done:
+            return 0
+        done = {
+            r.data.tags.get(schema.TAG_RUN_KEY)
+            for r in self.search_runs.get(stage, [])
+            if r.info.status == "FINISHED"
+        }
+        return max(search.num_samples - len(done), 0)
+
+    @property
+    def samples_left(self) -> int:
+        return sum(self.remaining(stage) for stage in self.spec.stage_names)
+
+    @property
+    def size(self) -> int:
+        """Grid trials plus each search's num_samples."""
+        searches = [self.spec.stage_search(s) for s in self.spec.stage_names]
+        return len(self.trials) + sum(s.num_samples for s in searches if s)
 
     @property
     def todo(self) -> list[RunConfig]:
@@ -305,6 +371,44 @@ class Plan:
         return [c for c in self.todo if self.stages.get(c.run_key) == stage]
 
     def rows(self) -> list[dict[str, Any]]:
+        return self._grid_rows() + self._search_rows()
+
+    def _search_rows(self) -> list[dict[str, Any]]:
+        """One row per run a search stage ran, then one for the samples not drawn yet."""
+        staged, rows = bool(self.spec.stages), []
+        keys = [k for k in describe(RunConfig(), self.spec)]
+        for stage in self.spec.stage_names:
+            search = self.spec.stage_search(stage)
+            if search is None:
+                continue
+            where = {"stage": stage} if staged else {}
+            for run in sorted(self.search_runs.get(stage, []), key=lambda r: r.info.start_time):
+                params = run.data.params
+                rows.append(
+                    {
+                        "run_key": run.data.tags.get(schema.TAG_RUN_KEY, "")[:12],
+                        **where,
+                        **{k: _param(params.get(k)) for k in keys},
+                        "status": run.info.status,
+                        "reason": run.data.tags.get(schema.TAG_FAILURE, ""),
+                        "run_id": run.info.run_id,
+                    }
+                )
+            left = self.remaining(stage)
+            if left:
+                rows.append(
+                    {
+                        "run_key": "",
+                        **where,
+                        **{k: None for k in keys},
+                        "status": "PENDING",
+                        "reason": f"search: {left} of {search.num_samples} samples to go",
+                        "run_id": "",
+                    }
+                )
+        return rows
+
+    def _grid_rows(self) -> list[dict[str, Any]]:
         staged = bool(self.spec.stages)
         return [
             {
@@ -360,7 +464,53 @@ def plan(spec: SweepSpec, uri: str, reconcile: bool = False) -> Plan:
                 "reconcile`) marks it KILLED and continues it"
             )
     _skip_orphaned(result)
+    result.search_runs = search_runs(client, experiment.experiment_id, spec, dead, result.reasons)
+    result.search_done = _searches_done(client, experiment.experiment_id, spec)
     return result
+
+
+def _searches_done(client: Any, experiment_id: str, spec: SweepSpec) -> set[str | None]:
+    """The search stages that a launch of this spec (same hash) drew to the last sample."""
+    if not spec.searches:
+        return set()
+    found = set()
+    launches = client.search_runs(
+        [experiment_id],
+        f"tags.`{schema.TAG_KIND}` = 'sweep' and tags.`{schema.TAG_SWEEP}` = '{spec.name}' "
+        f"and tags.`{schema.TAG_SPEC_HASH}` = '{spec.spec_hash()}'",
+        max_results=10_000,
+    )
+    for stage in spec.stage_names:
+        if any(schema.search_done_tag(stage) in r.data.tags for r in launches):
+            found.add(stage)
+    return found
+
+
+def _param(text: str | None) -> Any:
+    return yaml.safe_load(text) if text else None
+
+
+def search_runs(
+    client: Any, experiment_id: str, spec: SweepSpec, dead: set[str], reasons: dict[str, str]
+) -> dict[str | None, list[Any]]:
+    """The trial runs of each search stage of `spec` (by its sweep and stage tags); a run of a
+    driver that is gone gets that reason."""
+    stages = [s for s in spec.stage_names if spec.stage_search(s) is not None]
+    found: dict[str | None, list[Any]] = {s: [] for s in stages}
+    if not stages:
+        return found
+    for run in runs_by_key(client, experiment_id).values():
+        tags = run.data.tags
+        stage = tags.get(schema.TAG_STAGE)
+        if (
+            tags.get(schema.TAG_SWEEP) == spec.name
+            and tags.get(schema.TAG_SEARCH)
+            and stage in found
+        ):
+            found[stage].append(run)
+            if run.info.run_id in dead:
+                reasons[tags[schema.TAG_RUN_KEY]] = "its sweep driver is gone"
+    return found
 
 
 def _skip_orphaned(result: Plan) -> None:
@@ -487,10 +637,11 @@ def run_sweep(
     client = tracking.open_store(uri, reconcile=True)  # the schema once, before any trial
     experiment_id = tracking.ensure_experiment(client, spec.experiment, experiment_note(spec))
     current = plan(spec, uri, reconcile=True)
-    if not current.todo:
+    if not current.todo and not current.samples_left:
         return current
     _check_warm_starts(client, current)
     parent = _start_launch(client, spec, experiment_id)
+    started = client.get_run(parent).info.start_time
     _start_ray(address)
     sweep_progress.LAUNCH_ETA = SweepEta(current.todo, _corpus_sizes())
     keys = [c.run_key for c in current.todo]
@@ -504,6 +655,7 @@ def run_sweep(
         stop.signal_name = stop.signal_name or "SIGINT"
     finally:
         sweep_progress.LAUNCH_ETA = None
+        keys += _search_keys_since(client, experiment_id, spec, started)
         adopt_trial_runs(client, experiment_id, keys, parent)  # trials a restored Tuner started
         if stop.signal_name:
             reason = f"interrupted by {stop.signal_name}"
@@ -526,6 +678,22 @@ class _Launch:
     parent: str  # the launch's MLflow run
     resume: bool
     show_progress: bool
+
+
+def _search_keys_since(
+    client: Any, experiment_id: str, spec: SweepSpec, since_ms: int
+) -> list[str]:
+    """run_keys of the search trials this launch ran or continued (still running, or ended
+    after it started)."""
+    if not spec.searches:
+        return []
+    found = search_runs(client, experiment_id, spec, set(), {})
+    return [
+        r.data.tags[schema.TAG_RUN_KEY]
+        for runs in found.values()
+        for r in runs
+        if r.info.end_time is None or r.info.end_time >= since_ms
+    ]
 
 
 def _start_launch(client: Any, spec: SweepSpec, experiment_id: str) -> str:
@@ -575,10 +743,17 @@ def _run_stages(launch: _Launch, current: Plan, stop: _StopOnSignal) -> Plan:
             if eta and skipped and current.stages.get(config.run_key) == stage:
                 eta.trial_ended(config.run_key, started=False)
         todo = current.stage_todo(stage)
-        if todo:
-            tuner = _tuner(launch, stage, todo, _restore_path(storage, spec, stage))
+        path = _restore_path(storage, spec, stage)
+        tuner = None
+        if spec.stage_search(stage) is not None and current.remaining(stage):
+            tuner = _search_tuner(launch, stage, path)
+        elif todo:
+            tuner = _tuner(launch, stage, todo, path)
+        if tuner is not None:
             with stop.tune_stops_gracefully():
-                _fit_from_storage_folder(storage, tuner)
+                grid = _fit_from_storage_folder(storage, tuner)
+            if spec.stage_search(stage) is not None and not stop.signal_name and grid is not None:
+                _mark_search_done(launch, stage, grid)
         if stop.signal_name:
             break
         current = plan(spec, launch.uri)
@@ -735,6 +910,57 @@ def _tuner(launch: _Launch, stage: str | None, todo: list[RunConfig], path: str)
     )
 
 
+def _search_tuner(launch: _Launch, stage: str | None, path: str) -> Any:
+    """A Tuner whose OptunaSearch draws the stage's num_samples points, or the interrupted one
+    (searcher state included) with --resume."""
+    from ray import tune
+
+    from . import sweep_search
+    from .sweep_progress import SweepProgress
+
+    spec = launch.spec
+    search = spec.stage_search(stage)
+    trainable = tune.with_resources(
+        run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    )
+    if launch.resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    if "://" not in path:
+        shutil.rmtree(path, ignore_errors=True)
+    storage, name = path.rsplit("/", 1)
+    bases = search_bases(spec, stage)
+    context = sweep_search.search_context(
+        spec,
+        stage,
+        bases,
+        {
+            "tracking_uri": launch.uri,
+            "experiment_id": launch.experiment_id,
+            "parent_run_id": launch.parent,
+            "sweep": spec.name,
+            "stage": stage,
+            "spec_hash": spec.spec_hash(),
+            "storage": storage,
+        },
+    )
+    space = sweep_search.space_for(spec, stage, bases, context["int_keys"])
+    return tune.Tuner(
+        trainable,
+        param_space={"search": context},
+        tune_config=tune.TuneConfig(
+            search_alg=sweep_search.make_searcher(search, space, spec.max_concurrent),
+            num_samples=search.num_samples,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            verbose=0,
+            callbacks=[SweepProgress(launch.uri, launch.show_progress, stage)],
+            failure_config=tune.FailureConfig(max_failures=spec.retries),
+        ),
+    )
+
+
 def _check_warm_starts(client: Any, current: Plan) -> None:
     """Warm starts from runs outside the spec (init.from_run_key in a base) must be usable
     before anything starts; the spec's own stages produce theirs as they run."""
@@ -752,7 +978,16 @@ def _check_warm_starts(client: Any, current: Plan) -> None:
         checked.add(key)
 
 
-def _fit_from_storage_folder(storage: str, tuner: Any) -> None:
+def _mark_search_done(launch: _Launch, stage: str | None, grid: Any) -> None:
+    """Record on the launch run that its search stage drew every sample (so that the next
+    launch does not draw them again when some reused a run or failed)."""
+    if len(grid) < launch.spec.stage_search(stage).num_samples:
+        return
+    client = tracking.mlflow_client(launch.uri)
+    client.set_tag(launch.parent, schema.search_done_tag(stage), str(len(grid)))
+
+
+def _fit_from_storage_folder(storage: str, tuner: Any) -> Any:
     """Run the Tuner from inside the (absolute, stable) storage folder.
 
     Under `ray job submit` the driver's cwd is the job's unpacked working_dir, which Ray may
@@ -761,12 +996,11 @@ def _fit_from_storage_folder(storage: str, tuner: Any) -> None:
     stable cwd for the duration of fit() changes nothing else."""
     previous = os.environ.get("PWD") or os.getcwd()
     if "://" in storage:
-        tuner.fit()
-        return
+        return tuner.fit()
     Path(storage).mkdir(parents=True, exist_ok=True)
     os.chdir(storage)
     try:
-        tuner.fit()
+        return tuner.fit()
     finally:
         try:
             os.chdir(previous)

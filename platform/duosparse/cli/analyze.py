@@ -178,9 +178,18 @@ def analyze(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the results as JSON on stdout")
     ] = False,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another sweep over the same space (name, spec or run table), repeatable: its "
+            "front and hypervolume per trial beside SWEEP's, on one reference point (e.g. a "
+            "grid and the searches of its box)"
+        ),
+    ] = None,
 ) -> None:
     """Run table, Pareto fronts, trade-off fits, multiplicativity and iso-perplexity of SWEEP,
-    with a self-contained HTML report; logged to the sweep's newest parent run in MLflow."""
+    with a self-contained HTML report; logged to the sweep's newest parent run in MLflow. For
+    a search, its front against the trials spent; with --compare, the fronts of other sweeps."""
     from duosparse.analysis import fits
 
     try:
@@ -191,9 +200,10 @@ def analyze(
         _check_out(out.resolve())
     source = load_source(sweep, tracking_uri)
     results = _study(source, budgets, baseline_arch, bootstrap)
+    tables = _compared(source, compare or [], tracking_uri, results)
     directory = _out_dir(out, source.sweep)
     _check_out(directory)
-    files = _write_outputs(directory, source, results)
+    files = _write_outputs(directory, source, results, tables)
     parent = None if no_log else log_to_parent(source, files, ANALYSIS_ARTIFACTS)
     if json_out:
         print(
@@ -241,7 +251,28 @@ def _study(
     return results
 
 
-def _write_outputs(directory: Path, source: Source, results: dict[str, Any]) -> list[Path]:
+def _compared(
+    source: Source, others: list[str], tracking_uri: str | None, results: dict[str, Any]
+) -> dict[str, Any]:
+    """SWEEP's and each --compare sweep's run tables, by sweep name; their comparison goes
+    into results['comparison']."""
+    from duosparse.analysis import study
+
+    if not others:
+        return {}
+    tables = {source.sweep: source.table}
+    for other in others:
+        found = load_source(other, tracking_uri)
+        if found.sweep in tables:
+            fail(f"--compare {other}: the sweep '{found.sweep}' is already in the comparison.")
+        tables[found.sweep] = found.table
+    results["comparison"] = study.compare_sweeps(tables)
+    return tables
+
+
+def _write_outputs(
+    directory: Path, source: Source, results: dict[str, Any], compared: dict[str, Any]
+) -> list[Path]:
     """report.html, results.json and the run tables (CSV, and Parquet with pyarrow)."""
     from duosparse.analysis import runs
     from duosparse.dashboards import figures as figs
@@ -251,6 +282,9 @@ def _write_outputs(directory: Path, source: Source, results: dict[str, Any]) -> 
     table = source.table
     configs = runs.aggregate_seeds(table)
     figures = figs.build_figures(table, results, configs)
+    if compared:
+        figures["compare_fronts"] = figs.compare_fronts_figure(compared, results["comparison"])
+        figures["compare_progress"] = figs.search_progress_figure(results["comparison"])
     files = [report.write_report(directory / "report.html", table, results, figures, source.label)]
     (directory / "results.json").write_text(json.dumps(results, indent=2))
     files.append(directory / "results.json")
@@ -266,6 +300,7 @@ def _write_outputs(directory: Path, source: Source, results: dict[str, Any]) -> 
 def _print_summary(results: dict[str, Any]) -> None:
     out = terminal.stdout()
     for table in (
+        *_search_tables(results),
         _hypervolume_table(results),
         _iso_table(results),
         _fits_table(results),
@@ -274,6 +309,54 @@ def _print_summary(results: dict[str, Any]) -> None:
         out.print(table)
     if results.get("pruning_cost"):
         out.print(_pruning_cost_table(results["pruning_cost"]))
+
+
+def _search_tables(results: dict[str, Any]) -> list[Table]:
+    """A search's hypervolume after each trial; the compared sweeps' fronts side by side."""
+    tables = []
+    if results.get("search", {}).get("by_trial"):
+        search = results["search"]
+        t = Table(
+            "trial",
+            "val ppl (selection)",
+            "effective MACs",
+            "hypervolume (normalised)",
+            "front size",
+            title=f"Search ({', '.join(search['searcher'])}): front found against trials spent",
+        )
+        for r in search["by_trial"]:
+            val, cost = r.get(search["objective"]), r.get(search["cost"])
+            t.add_row(
+                str(r["trial"]),
+                f"{val:.4g}" if val == val else "-",
+                f"{cost:.4g}" if cost == cost else "-",
+                f"{r['hypervolume_normalized']:.3f}",
+                str(r["front_size"]),
+            )
+        tables.append(t)
+    if results.get("comparison", {}).get("sweeps"):
+        t = Table(
+            "sweep",
+            "trials",
+            "usable",
+            "hypervolume",
+            "normalised",
+            "ratio to first",
+            "front size",
+            title="Compared sweeps: val ppl x log10 effective MACs, one reference point",
+        )
+        for name, e in results["comparison"]["sweeps"].items():
+            t.add_row(
+                name,
+                str(e["trials"]),
+                str(e["usable"]),
+                f"{e['hypervolume']:.4g}",
+                f"{e['hypervolume_normalized']:.3f}",
+                f"{e['ratio_to_first']:.3f}",
+                str(len(e["front"])),
+            )
+        tables.append(t)
+    return tables
 
 
 def _hypervolume_table(results: dict[str, Any]) -> Table:

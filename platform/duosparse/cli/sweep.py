@@ -63,11 +63,11 @@ def run(
     spec, uri, plan = _load_plan(spec_path, tracking_uri)
     _check_silent_starts(spec, plan, refuse=not (dry_run or allow_silent_start))
     if dry_run:
-        title = f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run"
+        title = f"sweep {spec.name}: {plan.size} trials, {_to_run(plan)} to run"
         _print_plan(spec, plan, json_out, title, counts=False)
         return
     console.print(
-        f"sweep {spec.name}: {len(plan.trials)} trials, {len(plan.todo)} to run; MLflow {uri}, experiment '{spec.experiment}'"
+        f"sweep {spec.name}: {plan.size} trials, {_to_run(plan)} to run; MLflow {uri}, experiment '{spec.experiment}'"
     )
     resume_words = [
         *(["--address", address] if address else []),
@@ -90,8 +90,13 @@ def run(
     _print_plan(spec, final, json_out, f"sweep {spec.name}", counts=json_out)
     if not json_out:
         console.print(f"{_counts(final)}. Browse with: make ui")
-    if _counts(final).get("FINISHED", 0) < len(final.trials):
+    if _counts(final).get("FINISHED", 0) < len(final.trials) or final.samples_left:
         raise typer.Exit(1)
+
+
+def _to_run(plan: Any) -> int:
+    """Grid trials not FINISHED plus search samples without a FINISHED run."""
+    return len(plan.todo) + plan.samples_left
 
 
 @app.command("status")

@@ -1,0 +1,526 @@
+"""Search sweeps (`search:` in a spec): validation before anything starts, the searcher's
+determinism, objectives from what runs log, the per-trial hypervolume; real searches on Ray
+Tune with the synthetic corpus (slow): end to end, dedup of a FINISHED config, kill and
+--resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from duosparse import schema
+from duosparse.analysis import pareto
+from duosparse.analysis.runs import BEST_VAL_PPL, OK, START_TIME, STATUS
+from duosparse.sweep import SpecError, parse_spec, search_bases
+
+DUOSPARSE = str(Path(sys.executable).with_name("duosparse"))
+BASE = {
+    "data": {"corpus": "synthetic"},
+    "model": {
+        "arch": "egru",
+        "embedding_size": 16,
+        "hidden_size": 16,
+        "num_layers": 1,
+        "tie_weights": False,
+    },
+    "prune": {"schedule": "oneshot", "start_epoch": 1},
+    "train": {
+        "epochs": 2,
+        "batch_size": 8,
+        "eval_batch_size": 8,
+        "max_steps_per_epoch": 10,
+        "max_eval_batches": 4,
+    },
+}
+SEARCH = {
+    "space": {
+        "prune.target_sparsity": {"uniform": [0.0, 0.9]},
+        "model.threshold": {"uniform": [0.01, 0.1]},
+    },
+    "objectives": {"val/ppl": "min", "ops/effective_macs_per_token": "min"},
+    "num_samples": 4,
+    "seed": 0,
+}
+
+
+def tree(name: str = "s", search: dict | None = None, **top) -> dict:
+    return {
+        "name": name,
+        "base": json.loads(json.dumps(BASE)),
+        "search": json.loads(json.dumps(search or SEARCH)),
+        "resources": {"cpu": 1},
+        "max_concurrent": 2,
+        **top,
+    }
+
+
+def with_search(**changes) -> dict:
+    return tree(search={**SEARCH, **changes})
+
+
+# --- validation: refused before anything starts, naming the key ------------------------------
+
+
+BAD = {
+    "objective not logged": (
+        with_search(objectives={"val/perplexity": "min"}),
+        ["val/perplexity", "not a metric the training logs"],
+    ),
+    "objective logged only by simulate": (
+        with_search(objectives={"hw/spinnaker2/energy_per_token_j": "min"}),
+        ["hw/spinnaker2/energy_per_token_j", "duosparse simulate"],
+    ),
+    "constraint on an unknown metric": (
+        with_search(constraint="ops/macs <= 20000"),
+        ["ops/macs", "constraint"],
+    ),
+    "bound outside the key's range": (
+        with_search(space={"prune.target_sparsity": {"uniform": [0.5, 1.2]}}),
+        ["prune.target_sparsity", "1.2"],
+    ),
+    "num_samples 0": (with_search(num_samples=0), ["num_samples"]),
+    "a key in grid and search": (
+        tree(grid={"prune.target_sparsity": [0.5, 0.9]}),
+        ["prune.target_sparsity", "grid"],
+    ),
+    "not a RunConfig key": (
+        with_search(space={"prune.level": {"uniform": [0.1, 0.5]}}),
+        ["prune.level"],
+    ),
+    "loguniform from 0": (
+        with_search(space={"train.lr": {"loguniform": [0.0, 0.01]}}),
+        ["train.lr", "positive"],
+    ),
+    "two forms in one dimension": (
+        with_search(space={"train.lr": {"uniform": [0.1, 0.2], "choice": [0.1]}}),
+        ["train.lr", "exactly one"],
+    ),
+    "a bad constraint": (with_search(constraint="val/ppl < 200"), ["val/ppl < 200"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_search_is_refused_naming_the_key(case):
+    spec, words = BAD[case]
+    with pytest.raises(SpecError) as e:
+        parse_spec(spec)
+    message = str(e.value)
+    assert all(w in message for w in words), message
+    assert "\n" not in message.strip()
+
+
+@pytest.mark.slow
+def test_bad_search_exits_2_and_creates_nothing(tmp_path):
+    spec, _ = BAD["a key in grid and search"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    result = subprocess.run(
+        [DUOSPARSE, "sweep", "run", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "prune.target_sparsity" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no store, no runs/
+
+
+def test_a_valid_search_parses_and_has_no_trials_up_front():
+    spec = parse_spec(tree())
+    assert spec.searches and spec.search.keys == ["prune.target_sparsity", "model.threshold"]
+    (base,) = search_bases(spec, None).values()
+    assert base["model"]["arch"] == "egru" and base["train"]["seed"] == 0
+    spec = parse_spec(with_search(constraint="ops/effective_macs_per_token <= 20000"))
+    assert spec.search.parsed_constraint() == ("ops/effective_macs_per_token", "<=", 20000.0)
+
+
+def test_grid_axes_beside_a_search_become_categoricals():
+    from duosparse import sweep_search
+
+    spec = parse_spec(tree(grid={"train.lr": [0.001, 0.003]}))
+    bases = search_bases(spec, None)
+    space = sweep_search.space_for(spec, None, bases, [])
+    assert space.grid == {"train.lr": [0.001, 0.003]}
+
+
+# --- the searcher ----------------------------------------------------------------------------
+
+
+def _suggestions(seed: int, n: int = 5, algorithm: str = "tpe") -> list[dict]:
+    from duosparse import sweep_search
+
+    spec = parse_spec(with_search(seed=seed, algorithm=algorithm))
+    bases = search_bases(spec, None)
+    space = sweep_search.space_for(spec, None, bases, [])
+    searcher = sweep_search.make_searcher(spec.search, space, max_concurrent=n)
+    out = []
+    for i in range(n):  # one at a time: past the start-up trials the model proposes
+        out.append(searcher.suggest(f"t{i}"))
+        result = {"objective_0": 100.0 + i, "objective_1": 1000.0 - 50 * i}
+        searcher.on_trial_complete(f"t{i}", result)
+    return out
+
+
+@pytest.mark.slow  # imports Ray Tune and Optuna
+@pytest.mark.parametrize("algorithm", ["tpe", "nsga2"])
+def test_the_searcher_is_deterministic_for_a_seed(algorithm):
+    a, b = _suggestions(0, algorithm=algorithm), _suggestions(0, algorithm=algorithm)
+    c = _suggestions(1, algorithm=algorithm)
+    assert a == b
+    assert a != c
+    assert all(0.0 <= p["prune.target_sparsity"] <= 0.9 for p in a)
+    assert all(0.01 <= p["model.threshold"] <= 0.1 for p in a)
+
+
+def test_a_sampled_point_becomes_a_runconfig_with_integers_rounded():
+    from duosparse import sweep_search
+
+    spec = parse_spec(with_search(space={"model.hidden_size": {"uniform": [8, 32]}}))
+    bases = search_bases(spec, None)
+    context = sweep_search.search_context(spec, None, bases, {})
+    assert context["int_keys"] == ["model.hidden_size"]
+    config = sweep_search.trial_config(context, {"model.hidden_size": 12.6})
+    assert config.model.hidden_size == 13
+    # the same point is the same run_key: what dedup and resume rely on
+    assert config.run_key == sweep_search.trial_config(context, {"model.hidden_size": 13}).run_key
+
+
+class _Metric:
+    def __init__(self, step, value):
+        self.step, self.value = step, value
+
+
+class _Run:
+    def __init__(self, status, metrics):
+        self.info = type("I", (), {"status": status, "run_id": "r"})()
+        self.data = type("D", (), {"metrics": metrics})()
+
+
+class _Client:
+    def __init__(self, run, history):
+        self.run, self.history = run, history
+
+    def get_run(self, run_id):
+        return self.run
+
+    def get_metric_history(self, run_id, key):
+        return self.history
+
+
+def test_objectives_are_read_from_what_the_run_logged():
+    from duosparse import sweep_search
+    from duosparse.config import RunConfig
+
+    config = RunConfig.model_validate(
+        {
+            "prune": {"schedule": "oneshot", "start_epoch": 2, "target_sparsity": 0.5},
+            "train": {"epochs": 3},
+        }
+    )
+    history = [_Metric(1, 90.0), _Metric(2, 120.0), _Metric(3, 110.0)]
+    run = _Run("FINISHED", {schema.VAL_PPL: 110.0, schema.OPS_EFFECTIVE: 5000.0})
+    context = {
+        "objectives": [schema.VAL_PPL, schema.OPS_EFFECTIVE],
+        "constraint": [schema.OPS_EFFECTIVE, "<=", 4000.0],
+    }
+    result = sweep_search.search_result(_Client(run, history), "r", config, context)
+    # the best validation perplexity at the final sparsity (epochs >= 2), not epoch 1's
+    assert result == {"objective_0": 110.0, "objective_1": 5000.0, "constraint_value": 1000.0}
+    failed = sweep_search.search_result(_Client(run, history), None, config, context)
+    assert all(math.isnan(v) for v in failed.values())
+
+
+# --- hypervolume per trial, and two sweeps on one reference -------------------------------------
+
+
+def _table(points: list[tuple[float, float]], start: int = 0) -> pd.DataFrame:
+    n = len(points)
+    return pd.DataFrame(
+        {
+            schema.OPS_EFFECTIVE: [c for c, _ in points],
+            BEST_VAL_PPL: [p for _, p in points],
+            schema.TEST_PPL: [p + 1 for _, p in points],
+            START_TIME: pd.to_datetime(np.arange(start, start + n), unit="s", utc=True),
+            OK: [True] * n,
+            STATUS: ["FINISHED"] * n,
+        }
+    )
+
+
+def test_hypervolume_by_trial_never_falls_and_ends_at_the_whole_front():
+    table = _table([(1000, 150), (100, 200), (500, 160), (2000, 140), (800, 300)])
+    rows = pareto.hypervolume_by_trial(table)
+    hv = [r["hypervolume"] for r in rows]
+    assert len(rows) == 5 and all(b >= a for a, b in zip(hv, hv[1:]))
+    reference = pareto.reference_point(table, schema.OPS_EFFECTIVE)
+    pts = np.c_[np.log10(table[schema.OPS_EFFECTIVE]), table[BEST_VAL_PPL]]
+    assert hv[-1] == pytest.approx(pareto.hypervolume_2d(pts, reference))
+    assert rows[-1]["front_size"] == 4  # (800, 300) is dominated
+
+
+def test_compare_sweeps_shares_one_reference_and_gives_ratios():
+    grid = _table([(1000, 150), (100, 200), (500, 160), (2000, 140)])
+    search = _table([(1000, 150), (100, 200)], start=10)
+    out = pareto.compare_sweeps({"grid": grid, "search": search})
+    assert out["sweeps"]["grid"]["ratio_to_first"] == 1.0
+    assert 0 < out["sweeps"]["search"]["ratio_to_first"] < 1
+    assert out["sweeps"]["search"]["by_trial"][-1]["hypervolume"] == pytest.approx(
+        out["sweeps"]["search"]["hypervolume"]
+    )
+    assert len(out["sweeps"]["grid"]["front"]) == 4
+
+
+# --- real searches on Ray Tune (slow) ----------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+
+
+def duosparse(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [DUOSPARSE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def write(folder: Path, spec: dict) -> Path:
+    path = folder / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def runs_of(folder: Path, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlruns.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    kind = schema.TAG_KIND
+    return (
+        client,
+        [r for r in runs if r.data.tags.get(kind) == "trial"],
+        [r for r in runs if r.data.tags.get(kind) == "sweep"],
+    )
+
+
+@pytest.mark.slow
+def test_a_search_runs_end_to_end_and_analyze_shows_hypervolume_per_trial(tmp_path):
+    spec = write(
+        tmp_path,
+        tree("e2e", search={**SEARCH, "constraint": "ops/effective_macs_per_token <= 1000000"}),
+    )
+    result = duosparse("sweep", "run", str(spec), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    out = json.loads(result.stdout)
+    assert out["counts"] == {"FINISHED": 4}
+    client, trials, launches = runs_of(tmp_path, "e2e")
+    (launch,) = launches
+    assert len(trials) == 4 and len({r.data.tags[schema.TAG_RUN_KEY] for r in trials}) == 4
+    for run in trials:
+        assert run.data.tags[schema.TAG_PARENT_RUN_ID] == launch.info.run_id
+        assert run.data.tags[schema.TAG_SEARCH] == "tpe, seed 0"
+        assert schema.VAL_PPL in run.data.metrics and schema.OPS_EFFECTIVE in run.data.metrics
+        sparsity = float(run.data.params["prune.target_sparsity"])
+        assert 0.0 <= sparsity <= 0.9
+    assert schema.search_done_tag(None) in launch.data.tags
+    # a second launch has nothing to do; status is unchanged in form
+    again = duosparse("sweep", "run", str(spec), "--json", cwd=tmp_path)
+    assert again.returncode == 0 and json.loads(again.stdout)["counts"] == {"FINISHED": 4}
+    assert len(runs_of(tmp_path, "e2e")[1]) == 4
+    analysis = duosparse(
+        "analyze", str(spec), "--json", "--bootstrap", "50", "--out", "an", cwd=tmp_path
+    )
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+    results = json.loads(analysis.stdout)["results"]
+    by_trial = results["search"]["by_trial"]
+    assert [r["trial"] for r in by_trial] == [1, 2, 3, 4]
+    assert by_trial[-1]["hypervolume_normalized"] > 0
+    assert "search_progress" in (tmp_path / "an" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_search_reuses_a_finished_config_without_training_it(tmp_path):
+    # a grid runs one config; a search in the same experiment whose only point is that config
+    grid = write(
+        tmp_path,
+        {
+            "name": "dedup_grid",
+            "base": BASE,
+            "grid": {"prune.target_sparsity": [0.5]},
+            "tracking": {"experiment": "shared"},
+            "resources": {"cpu": 1},
+        },
+    )
+    assert duosparse("sweep", "run", str(grid), cwd=tmp_path).returncode == 0
+    _, before, _ = runs_of(tmp_path, "shared")
+    search = {**SEARCH, "space": {"prune.target_sparsity": {"choice": [0.5]}}, "num_samples": 2}
+    spec = write(tmp_path, tree("dedup_search", search=search, tracking={"experiment": "shared"}))
+    result = duosparse("sweep", "run", str(spec), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, after, launches = runs_of(tmp_path, "shared")
+    assert [r.info.run_id for r in after] == [r.info.run_id for r in before]  # nothing trained
+    (run,) = after
+    assert run.data.tags[schema.TAG_SWEEP] == "dedup_grid"
+    history = client.get_metric_history(run.info.run_id, schema.VAL_LOSS)
+    assert sorted(m.step for m in history) == [1, 2]  # trained once
+    search_launch = [r for r in launches if r.data.tags[schema.TAG_SWEEP] == "dedup_search"]
+    assert schema.search_done_tag(None) in search_launch[0].data.tags
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_with_every_sample_once(tmp_path):
+    search = {**SEARCH, "num_samples": 5}
+    base = json.loads(json.dumps(BASE))
+    base["train"].update(epochs=4, max_steps_per_epoch=25)
+    spec = write(tmp_path, {**tree("killed", search=search), "base": base, "max_concurrent": 1})
+    driver = subprocess.Popen(
+        [DUOSPARSE, "sweep", "run", str(spec)],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 400
+    while True:  # two trials FINISHED and the third two epochs in
+        assert time.monotonic() < deadline and driver.poll() is None, "never got midway"
+        try:
+            client, trials, _ = runs_of(tmp_path, "killed")
+        except Exception:  # the store is not there yet
+            trials = []
+        done = [r for r in trials if r.info.status == "FINISHED"]
+        running = [r for r in trials if r.info.status == "RUNNING"]
+        if len(done) >= 2 and running:
+            history = client.get_metric_history(running[0].info.run_id, schema.VAL_LOSS)
+            if len(history) >= 2:
+                break
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(2)
+    status = json.loads(duosparse("sweep", "status", str(spec), "--json", cwd=tmp_path).stdout)
+    assert any("samples to go" in t["reason"] for t in status["trials"]), status
+    result = duosparse("sweep", "run", str(spec), "--resume", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, trials, launches = runs_of(tmp_path, "killed")
+    keys = [r.data.tags[schema.TAG_RUN_KEY] for r in trials]
+    assert len(keys) == 5 and len(set(keys)) == 5, keys  # none repeated, none forgotten
+    assert all(r.info.status == "FINISHED" for r in trials)
+    for run in trials:  # each trained once: every epoch logged, at most one repeated
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, schema.VAL_LOSS)]
+        assert set(steps) == {1, 2, 3, 4} and len(steps) <= 5, steps
+    for run in done:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, schema.VAL_LOSS)]
+        assert steps == [1, 2, 3, 4]  # finished before the kill: not touched
+    last = max(launches, key=lambda r: r.info.start_time)
+    assert last.info.status == "FINISHED" and schema.search_done_tag(None) in last.data.tags
+    # --resume restored the interrupted Tuner and its searcher (a fresh one would have removed
+    # the folder and drawn anew): both launches' states, one trial folder per sample
+    state = tmp_path / "runs" / "tune" / "killed"
+    assert len(list(state.glob("experiment_state-*.json"))) >= 2
+    assert len(list(state.glob("searcher-state-*.pkl"))) >= 2
+    assert len([p for p in state.glob("run_trial_*") if p.is_dir()]) == 5
+
+
+def test_a_search_stage_warm_starts_from_each_run_of_a_grid_stage():
+    from duosparse import sweep_search
+
+    spec = parse_spec(
+        {
+            "name": "staged",
+            "base": BASE,
+            "stages": [
+                {"name": "dense", "grid": {"model.threshold": [0.02, 0.05]}},
+                {
+                    "name": "prune",
+                    "from": "dense",
+                    "search": {
+                        **SEARCH,
+                        "space": {"prune.target_sparsity": {"uniform": [0.5, 0.9]}},
+                    },
+                },
+            ],
+        }
+    )
+    bases = search_bases(spec, "prune")
+    assert len(bases) == 2 and all(b["init"]["from_run_key"] == k for k, b in bases.items())
+    context = sweep_search.search_context(spec, "prune", bases, {})
+    space = sweep_search.space_for(spec, "prune", bases, context["int_keys"])
+    assert space.parents == list(bases)
+    parent = list(bases)[1]
+    config = sweep_search.trial_config(
+        context, {"init.from_run_key": parent, "prune.target_sparsity": 0.7}
+    )
+    assert config.init.from_run_key == parent and config.model.threshold == 0.05
+
+
+def test_a_warm_started_search_stage_may_not_change_the_model_shape():
+    with pytest.raises(SpecError, match="model.hidden_size"):
+        parse_spec(
+            {
+                "name": "staged",
+                "base": BASE,
+                "stages": [
+                    {"name": "dense", "grid": {"model.threshold": [0.02]}},
+                    {
+                        "name": "prune",
+                        "from": "dense",
+                        "search": {**SEARCH, "space": {"model.hidden_size": {"int": [8, 16]}}},
+                    },
+                ],
+            }
+        )
+
+
+@pytest.mark.slow
+def test_a_search_stage_warm_starts_from_the_dense_stage(tmp_path):
+    spec = write(
+        tmp_path,
+        {
+            "name": "staged",
+            "base": BASE,
+            "stages": [
+                {"name": "dense", "grid": {"model.threshold": [0.05]}},
+                {
+                    "name": "prune",
+                    "from": "dense",
+                    "base": {"train": {"epochs": 1}},
+                    "search": {
+                        **SEARCH,
+                        "space": {"prune.target_sparsity": {"uniform": [0.5, 0.9]}},
+                        "num_samples": 2,
+                    },
+                },
+            ],
+            "resources": {"cpu": 1},
+        },
+    )
+    result = duosparse("sweep", "run", str(spec), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["counts"] == {"FINISHED": 3}
+    _, trials, _ = runs_of(tmp_path, "staged")
+    (dense,) = [r for r in trials if r.data.tags.get(schema.TAG_STAGE) == "dense"]
+    pruned = [r for r in trials if r.data.tags.get(schema.TAG_STAGE) == "prune"]
+    assert len(pruned) == 2
+    for run in pruned:
+        assert run.data.tags[schema.TAG_SEARCH] == "tpe, seed 0"
+        assert run.data.params["init.from_run_key"] == dense.data.tags[schema.TAG_RUN_KEY]
