@@ -868,17 +868,12 @@ def _tuner(launch: _Launch, stage: str | None, todo: list[RunConfig], path: str)
     """A new Tuner for one stage's unfinished trials, or the interrupted one with --resume."""
     from ray import tune
 
-    from .sweep_progress import SweepProgress
-
     spec, uri = launch.spec, launch.uri
-    trainable = tune.with_resources(
-        run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    )
-    if launch.resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    if "://" not in path:
-        shutil.rmtree(path, ignore_errors=True)
-    storage, name = path.rsplit("/", 1)
+    trainable = _trainable(spec)
+    restored = _restored(launch, path, trainable)
+    if restored is not None:
+        return restored
+    storage = path.rsplit("/", 1)[0]
     return tune.Tuner(
         trainable,
         param_space={
@@ -900,13 +895,40 @@ def _tuner(launch: _Launch, stage: str | None, todo: list[RunConfig], path: str)
         tune_config=tune.TuneConfig(
             max_concurrent_trials=spec.max_concurrent, scheduler=_scheduler(spec, todo)
         ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage,
-            verbose=0,
-            callbacks=[SweepProgress(uri, launch.show_progress, stage)],
-            failure_config=tune.FailureConfig(max_failures=spec.retries),
-        ),
+        run_config=_run_config(launch, stage, path),
+    )
+
+
+def _trainable(spec: SweepSpec) -> Any:
+    from ray import tune
+
+    return tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+
+def _restored(launch: _Launch, path: str, trainable: Any) -> Any | None:
+    """With --resume, the interrupted Tuner at `path` (its searcher included); otherwise None,
+    and a local folder at `path` is cleared for a new one."""
+    from ray import tune
+
+    if launch.resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    if "://" not in path:
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def _run_config(launch: _Launch, stage: str | None, path: str) -> Any:
+    from ray import tune
+
+    from .sweep_progress import SweepProgress
+
+    storage, name = path.rsplit("/", 1)
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        verbose=0,
+        callbacks=[SweepProgress(launch.uri, launch.show_progress, stage)],
+        failure_config=tune.FailureConfig(max_failures=launch.spec.retries),
     )
 
 
@@ -916,18 +938,14 @@ def _search_tuner(launch: _Launch, stage: str | None, path: str) -> Any:
     from ray import tune
 
     from . import sweep_search
-    from .sweep_progress import SweepProgress
 
     spec = launch.spec
     search = spec.stage_search(stage)
-    trainable = tune.with_resources(
-        run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    )
-    if launch.resume and tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    if "://" not in path:
-        shutil.rmtree(path, ignore_errors=True)
-    storage, name = path.rsplit("/", 1)
+    trainable = _trainable(spec)
+    restored = _restored(launch, path, trainable)
+    if restored is not None:
+        return restored
+    storage = path.rsplit("/", 1)[0]
     bases = search_bases(spec, stage)
     context = sweep_search.search_context(
         spec,
@@ -951,13 +969,7 @@ def _search_tuner(launch: _Launch, stage: str | None, path: str) -> Any:
             search_alg=sweep_search.make_searcher(search, space, spec.max_concurrent),
             num_samples=search.num_samples,
         ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage,
-            verbose=0,
-            callbacks=[SweepProgress(launch.uri, launch.show_progress, stage)],
-            failure_config=tune.FailureConfig(max_failures=spec.retries),
-        ),
+        run_config=_run_config(launch, stage, path),
     )
 
 
