@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from duosparse import data, schema
+from duosparse import data, schema, tracking
 from duosparse.config import load_config
 from duosparse.train import (
     TrainingDiverged,
@@ -40,6 +40,10 @@ class Recorder:
         self.metrics.append((step, dict(metrics)))
         if self.stop_after_epoch is not None and step == self.stop_after_epoch:
             raise KeyboardInterrupt("simulated kill after the epoch's checkpoint")
+
+    def log_missing(self, metrics, step):
+        if all(logged != step for logged, m in self.metrics if m.keys() == metrics.keys()):
+            self.log_metrics(metrics, step)
 
     def log_artifact(self, path):
         self.artifacts.append(path.name)
@@ -158,12 +162,58 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path):
         train(cfg, interrupted, tmp_path / "resumed", progress=False)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 2
     resumed = Recorder()
+    resumed.metrics = list(interrupted.metrics)  # the store it reports to has epochs 1 and 2
     result = train(cfg, resumed, tmp_path / "resumed", progress=False)
-    assert [step for step, _ in resumed.metrics] == [3, 3]  # only epoch 3, then the final figures
+    new = resumed.metrics[len(interrupted.metrics) :]
+    assert [step for step, _ in new] == [3, 3]  # only epoch 3, then the final figures
     assert result[schema.TEST_LOSS] == pytest.approx(expected[schema.TEST_LOSS], rel=1e-9)
-    assert resumed.metrics[0][1][schema.VAL_LOSS] == pytest.approx(
+    assert new[0][1][schema.VAL_LOSS] == pytest.approx(
         whole.metrics[2][1][schema.VAL_LOSS], rel=1e-9
     )
+
+
+class DiesBeforeLogging(tracking.MlflowReporter):
+    """A kill that lands after epoch `at`'s checkpoint and before its metrics reach MLflow."""
+
+    def __init__(self, client, run_id, at: int):
+        super().__init__(client, run_id)
+        self.at = at
+
+    def log_metrics(self, metrics, step):
+        if step == self.at:
+            raise KeyboardInterrupt("simulated kill between the checkpoint and the log")
+        super().log_metrics(metrics, step)
+
+
+@pytest.mark.parametrize("killed", ["before the log", "after the log"])
+def test_a_resumed_run_has_every_epoch_in_mlflow_exactly_once(tmp_path, killed):
+    cfg = load_config(None, TINY + ["train.epochs=3"])
+    client = tracking.open_store(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment = tracking.ensure_experiment(client, "resume")
+    run_id = client.create_run(experiment).info.run_id
+    dying = (
+        DiesBeforeLogging(client, run_id, at=2)
+        if killed == "before the log"
+        else DiesAfterLogging(client, run_id, at=2)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, dying, tmp_path / "work", progress=False)
+    assert load_checkpoint(tmp_path / "work" / "last.pt")["epoch"] == 2
+    train(cfg, tracking.MlflowReporter(client, run_id), tmp_path / "work", progress=False)
+    steps = [m.step for m in client.get_metric_history(run_id, schema.VAL_LOSS)]
+    assert sorted(steps) == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run_id, schema.TEST_PPL)] == [3]
+
+
+class DiesAfterLogging(tracking.MlflowReporter):
+    def __init__(self, client, run_id, at: int):
+        super().__init__(client, run_id)
+        self.at = at
+
+    def log_metrics(self, metrics, step):
+        super().log_metrics(metrics, step)
+        if step == self.at:
+            raise KeyboardInterrupt("simulated kill after the log")
 
 
 def test_variable_bptt_and_cosine_schedule_train(tmp_path):

@@ -140,6 +140,9 @@ class TuneReporter:
         save_resume_state(self.workdir / "last.pt", self.resume_uri)
         tune.report(dict(self.result))
 
+    def log_missing(self, metrics: dict[str, float], step: int) -> None:
+        self.mlflow.log_missing(metrics, step)  # Tune had it, or restarts from its own checkpoint
+
     def done(self, failed: bool = False, extra: dict[str, Any] | None = None) -> None:
         from ray import tune
 

@@ -346,5 +346,11 @@ class MlflowReporter:
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
 
+    def log_missing(self, metrics: dict[str, float], step: int) -> None:
+        """`log_metrics` unless the run already has this step (an epoch re-logged on resume)."""
+        probe = next(iter(metrics))  # one log_batch wrote them all, or none
+        if all(m.step != step for m in self.client.get_metric_history(self.run_id, probe)):
+            self.log_metrics(metrics, step)
+
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))

@@ -36,11 +36,15 @@ log = logging.getLogger(__name__)  # one line per epoch; the CLI decides where l
 
 class Reporter(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_missing(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
 
 
 class NullReporter:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_missing(self, metrics: dict[str, float], step: int) -> None:
         pass
 
     def log_artifact(self, path: Path) -> None:
@@ -413,6 +417,7 @@ class RunProgress:
     best_state: dict | None = None  # the weights that reached it
     position: int = 0  # where a capped epoch continues in the training stream
     lr_state: LrState = dataclasses.field(default_factory=LrState)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last epoch's
 
 
 def train(
@@ -448,6 +453,8 @@ def train(
 
     resume = workdir / "last.pt"
     done, optimizer = _resume(resume, config, model, optimizer)
+    if done.metrics:  # a kill may have landed between the checkpoint and the epoch's log
+        reporter.log_missing(done.metrics, step=done.epoch)
     if done.epoch == 0 and config.init.from_run_key:
         warm_start(model, config, init_checkpoint, corpus.vocab_size)
     elif done.epoch == 0:
@@ -474,9 +481,9 @@ def train(
             **val.accounting,
         }
         optimizer = _end_of_epoch_schedule(config, optimizer, done.lr_state, epoch, val.loss)
-        done.epoch = epoch
+        done.epoch, done.metrics = epoch, metrics
         _save_resume(resume, config, model, optimizer, done)
-        reporter.log_metrics(metrics, step=epoch)  # after the checkpoint: a resumed run has it
+        reporter.log_metrics(metrics, step=epoch)  # after the checkpoint, which holds it too
         _log_epoch(
             epoch, t.epochs, metrics, time.perf_counter() - run_start, epoch - first_epoch + 1
         )
@@ -511,6 +518,7 @@ def _resume(
         best_state=ckpt["best_model"],
         position=ckpt["position"],
         lr_state=LrState(**ckpt["lr_state"]),
+        metrics=ckpt.get("metrics", {}),
     )
     return done, optimizer
 
@@ -537,6 +545,7 @@ def _save_resume(
             "position": done.position,
             "lr_state": dataclasses.asdict(done.lr_state),
             "averaging": isinstance(optimizer, torch.optim.ASGD),
+            "metrics": done.metrics,
         },
     )
 
