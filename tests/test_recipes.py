@@ -437,17 +437,20 @@ def test_a_plateau_run_resumed_after_a_kill_ends_exactly_as_an_uninterrupted_one
     )
     whole = Recorder()
     expected = train(cfg, whole, tmp_path / "whole", progress=False)
+    interrupted = Recorder(stop_after_epoch=2)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, Recorder(stop_after_epoch=2), tmp_path / "resumed", progress=False)
+        train(cfg, interrupted, tmp_path / "resumed", progress=False)
     ckpt = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert ckpt["epoch"] == 2
     assert ckpt["lr_state"]["scale"] == 0.25
     assert ckpt["position"] > 4 * 5  # mid-stream: epoch 3 must not start at row 0
     resumed = Recorder()
+    resumed.metrics = list(interrupted.metrics)  # the store it reports to has epochs 1 and 2
     result = train(cfg, resumed, tmp_path / "resumed", progress=False)
-    assert [step for step, _ in resumed.metrics] == [3, 3]
+    new = resumed.metrics[len(interrupted.metrics) :]
+    assert [step for step, _ in new] == [3, 3]
     assert no_timing(result) == no_timing(expected)
-    assert no_timing(resumed.metrics[0][1]) == no_timing(whole.metrics[2][1])
+    assert no_timing(new[0][1]) == no_timing(whole.metrics[2][1])
 
 
 # --- 6. budgets: capped epochs continue where the last stopped ------------------------------
