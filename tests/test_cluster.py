@@ -101,6 +101,9 @@ RAY_ENV = {
     **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
     "RAY_AUTH_MODE": "token",
     "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    # as docker/services/ray-node-start.sh: trials at full priority (Ray's default niceness
+    # 15 starves them on a machine whose cores are busy, and the round then times out)
+    "RAY_worker_niceness": "0",
 }
 
 

@@ -833,3 +833,51 @@ def test_carry_gate_bias_shifts_only_the_gate_that_keeps_the_state(arch):
     if arch == "egru":  # c' = c - o * theta, and c ~ c_prev when u ~ 1
         kept = rest[0] + (h != 0) * far.threshold
     assert torch.allclose(kept, torch.full_like(kept, 0.5), atol=1e-3)
+
+
+def test_unigram_decoder_bias_starts_the_model_at_the_unigram_models_perplexity():
+    corpus = data.load_corpus("synthetic", seed=0)
+    cfg = load_config(None, TINY + ["model.unigram_decoder_bias=true"]).model
+    model = LanguageModel(cfg, corpus.vocab_size)
+    model.start_at_unigram(data.unigram_log_probs(corpus.train, corpus.vocab_size))
+    with torch.no_grad():
+        model.decoder.weight.zero_()  # the logits are then the bias alone
+    stream = data.batchify(corpus.valid, 4)
+    logits, _, _ = model(stream[:-1], model.initial_state(4))
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, corpus.vocab_size).double(), stream[1:].reshape(-1)
+    )
+    # brute force: the add-one smoothed counts of the training split, over the same tokens
+    counts = torch.ones(corpus.vocab_size, dtype=torch.float64)
+    for token in corpus.train.tolist():
+        counts[token] += 1
+    expected = -(counts / counts.sum()).log()[stream[1:].reshape(-1)].mean()
+    assert math.isclose(nll.item(), expected.item(), rel_tol=1e-6)
+
+
+def test_train_starts_the_decoder_bias_at_the_unigram_only_when_asked(tmp_path):
+    corpus = data.load_corpus("synthetic", seed=0)
+    unigram = data.unigram_log_probs(corpus.train, corpus.vocab_size).float()
+    for asked in (True, False):
+        cfg = load_config(
+            None,
+            TINY
+            + [
+                f"model.unigram_decoder_bias={str(asked).lower()}",
+                "train.max_steps_per_epoch=1",
+                "train.lr=1e-9",  # one step that cannot move the bias visibly
+            ],
+        )
+        train(cfg, None, tmp_path / str(asked), progress=False)
+        model, _ = load_model(tmp_path / str(asked) / schema.ARTIFACT_CHECKPOINT)
+        at_unigram = torch.allclose(model.decoder.bias, unigram, atol=1e-6)
+        assert at_unigram == asked
+
+
+def test_a_key_added_later_stays_out_of_the_run_key_at_its_default():
+    plain = load_config(None, TINY)
+    default = load_config(None, TINY + ["model.unigram_decoder_bias=false"])
+    asked = load_config(None, TINY + ["model.unigram_decoder_bias=true"])
+    assert plain.run_key == default.run_key != asked.run_key
+    assert "unigram_decoder_bias" not in plain.canonical_json()
+    assert '"unigram_decoder_bias":true' in asked.canonical_json()

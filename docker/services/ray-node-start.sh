@@ -8,4 +8,7 @@ if [ -n "${RAY_TEMP_DIR:-}" ]; then set -- "$@" --temp-dir="$RAY_TEMP_DIR"; fi
 # shellcheck disable=SC2086  # RAY_START_ARGS is a list of flags on purpose
 if [ -n "${RAY_START_ARGS:-}" ]; then set -- "$@" $RAY_START_ARGS; fi
 if [ "${RAY_BLOCK:-1}" = "1" ]; then set -- "$@" --block; fi
+# Ray starts its workers at niceness 15; trials are the work of these nodes, so they run at
+# full priority (as a local sweep's do) unless the environment says otherwise
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 exec "$@"

@@ -83,6 +83,11 @@ class ModelConfig(_Section):
     weight_init: Literal["uniform", "xavier_normal", "orthogonal"] = "uniform"
     # Recurrent and decoder biases: `uniform` as torch.nn; `zeros` (EvNN).
     bias_init: Literal["uniform", "zeros"] = "uniform"
+    # The decoder's bias starts at log p(word) of the training split (add-one smoothed), so
+    # the model starts at the unigram model's perplexity. Without it a deep stack spends its
+    # first thousand Adam steps learning word frequencies one lr-sized step per weight, on a
+    # plateau it leaves late (docs/results/reproductions.md, reproduction 1).
+    unigram_decoder_bias: bool = False
     # Added to the bias of the gate that keeps the state (LSTM forget gate, GRU and EGRU update
     # gate) after init: deep stacks remember from the start (Jozefowicz et al. 2015: 1).
     carry_gate_bias: float = Field(0.0, allow_inf_nan=False)
@@ -253,6 +258,11 @@ class InitConfig(_Section):
         return key
 
 
+# Keys added after stores with runs existed: at their default they stay out of the run_key,
+# so those runs keep their keys (and a re-run sweep finds them FINISHED); set, they enter it.
+KEYS_OUT_OF_IDENTITY_AT_DEFAULT: dict[str, Any] = {"model.unigram_decoder_bias": False}
+
+
 class RunConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -281,7 +291,12 @@ class RunConfig(_Section):
 
     # --- identity -------------------------------------------------------------------
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        tree = self.model_dump(mode="json")
+        for dotted, default in KEYS_OUT_OF_IDENTITY_AT_DEFAULT.items():
+            section, key = dotted.split(".")
+            if tree[section][key] == default:
+                del tree[section][key]
+        return json.dumps(tree, sort_keys=True, separators=(",", ":"))
 
     @property
     def run_key(self) -> str:

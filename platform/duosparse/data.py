@@ -68,6 +68,7 @@ __all__ = [
     "load_corpus",
     "synthetic_corpus",
     "synthetic_transition_matrix",
+    "unigram_log_probs",
     "unigram_perplexity",
     "user_cache_dir",
     "verify_corpus_dir",
@@ -415,6 +416,14 @@ def epoch_batches(
 # --------------------------------------------------------------------------------------
 
 
+def unigram_log_probs(train: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log p(word) of the add-one smoothed unigram model fitted on ``train`` (float64)."""
+    counts = torch.bincount(train.reshape(-1), minlength=vocab_size).to(torch.float64) + 1.0
+    if counts.numel() > vocab_size:
+        raise ValueError(f"train holds ids >= vocab_size ({vocab_size})")
+    return counts.log() - math.log(counts.sum().item())
+
+
 def unigram_perplexity(train: torch.Tensor, eval_stream: torch.Tensor, vocab_size: int) -> float:
     """Perplexity on ``eval_stream`` of an add-one smoothed unigram model fitted on ``train``.
 
@@ -423,8 +432,5 @@ def unigram_perplexity(train: torch.Tensor, eval_stream: torch.Tensor, vocab_siz
     """
     if eval_stream.numel() == 0:
         raise ValueError("eval_stream is empty")
-    counts = torch.bincount(train.reshape(-1), minlength=vocab_size).to(torch.float64) + 1.0
-    if counts.numel() > vocab_size:
-        raise ValueError(f"train holds ids >= vocab_size ({vocab_size})")
-    log_probs = counts.log() - math.log(counts.sum().item())
+    log_probs = unigram_log_probs(train, vocab_size)
     return math.exp(-log_probs[eval_stream.reshape(-1)].mean().item())

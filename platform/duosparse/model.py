@@ -251,6 +251,11 @@ class LanguageModel(nn.Module):
         if cfg.tie_weights:
             self.decoder.weight = self.encoder.weight
 
+    def start_at_unigram(self, log_probs: Tensor) -> None:
+        """Decoder bias := log p(word) (model.unigram_decoder_bias; data.unigram_log_probs)."""
+        with torch.no_grad():
+            self.decoder.bias.copy_(log_probs)
+
     @staticmethod
     def layer_sizes(cfg: ModelConfig) -> list[int]:
         """Hidden width of each layer; with tying the last layer's width is embedding_size."""

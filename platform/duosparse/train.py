@@ -458,6 +458,8 @@ def train(
     if done.epoch == 0 and config.init.from_run_key:
         warm_start(model, config, init_checkpoint, corpus.vocab_size)
     elif done.epoch == 0:
+        if config.model.unigram_decoder_bias:
+            model.start_at_unigram(data.unigram_log_probs(corpus.train, corpus.vocab_size))
         _check_silent_start(config, model, train_data)
 
     metrics: dict[str, float] = {}
