@@ -260,7 +260,7 @@ class InitConfig(_Section):
 
 # Keys added after stores with runs existed: at their default they stay out of the run_key,
 # so those runs keep their keys (and a re-run sweep finds them FINISHED); set, they enter it.
-KEYS_OUT_OF_IDENTITY_AT_DEFAULT: dict[str, Any] = {"model.unigram_decoder_bias": False}
+KEYS_OUT_OF_IDENTITY_AT_DEFAULT: tuple[str, ...] = ("model.unigram_decoder_bias",)
 
 
 class RunConfig(_Section):
@@ -292,9 +292,9 @@ class RunConfig(_Section):
     # --- identity -------------------------------------------------------------------
     def canonical_json(self) -> str:
         tree = self.model_dump(mode="json")
-        for dotted, default in KEYS_OUT_OF_IDENTITY_AT_DEFAULT.items():
+        for dotted in KEYS_OUT_OF_IDENTITY_AT_DEFAULT:
             section, key = dotted.split(".")
-            if tree[section][key] == default:
+            if tree[section][key] == type(getattr(self, section)).model_fields[key].default:
                 del tree[section][key]
         return json.dumps(tree, sort_keys=True, separators=(",", ":"))
 
