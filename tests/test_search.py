@@ -101,6 +101,10 @@ BAD = {
         with_search(space={"train.lr": {"loguniform": [0.0, 0.01]}}),
         ["train.lr", "positive"],
     ),
+    "loguniform_complement up to 1": (
+        with_search(space={"prune.target_sparsity": {"loguniform_complement": [0.5, 1.0]}}),
+        ["prune.target_sparsity", "below 1"],
+    ),
     "two forms in one dimension": (
         with_search(space={"train.lr": {"uniform": [0.1, 0.2], "choice": [0.1]}}),
         ["train.lr", "exactly one"],
@@ -195,6 +199,34 @@ def test_a_sampled_point_becomes_a_runconfig_with_integers_rounded():
     assert config.model.hidden_size == 13
     # the same point is the same run_key: what dedup and resume rely on
     assert config.run_key == sweep_search.trial_config(context, {"model.hidden_size": 13}).run_key
+
+
+def test_a_loguniform_complement_draws_the_weights_kept_log_uniformly():
+    import optuna
+    from duosparse import sweep_search
+
+    space = {"prune.target_sparsity": {"loguniform_complement": [0.5, 0.95]}}
+    spec = parse_spec(with_search(space=space))
+    context = sweep_search.search_context(spec, None, search_bases(spec, None), {})
+    search_space = sweep_search.space_for(spec, None, search_bases(spec, None), [])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    levels = []
+    for _ in range(400):
+        trial = study.ask()
+        returned = search_space(trial)
+        # Optuna models 1 - level; the trial's config carries the level itself
+        (name,) = trial.params
+        assert name == sweep_search.COMPLEMENT + "prune.target_sparsity"
+        level = returned["prune.target_sparsity"]
+        assert level == pytest.approx(1 - trial.params[name]) and 0.5 <= level <= 0.95
+        sampled = sweep_search.sampled_keys({**trial.params, **returned, "search": context})
+        assert sampled == {"prune.target_sparsity": level}
+        assert sweep_search.trial_config(context, sampled).prune.target_sparsity == level
+        levels.append(level)
+    # log-uniform weights kept in [0.05, 0.5]: P(level > 0.9) = log(0.1/0.05) / log(0.5/0.05)
+    # = 0.301 (a uniform level would give 0.05 / 0.45 = 0.111); 400 draws: sd 0.023
+    above = np.mean(np.array(levels) > 0.9)
+    assert abs(above - math.log(2) / math.log(10)) < 0.07
 
 
 class _Metric:
@@ -321,11 +353,19 @@ def runs_of(folder: Path, experiment: str):
     )
 
 
+# the prune level as a loguniform_complement, the threshold uniform: both forms through Tune
+E2E_SEARCH = {
+    **SEARCH,
+    "space": {**SEARCH["space"], "prune.target_sparsity": {"loguniform_complement": [0.0, 0.9]}},
+    "constraint": "ops/effective_macs_per_token <= 1000000",
+}
+
+
 @pytest.mark.slow
 def test_a_search_runs_end_to_end_and_analyze_shows_hypervolume_per_trial(tmp_path):
     spec = write(
         tmp_path,
-        tree("e2e", search={**SEARCH, "constraint": "ops/effective_macs_per_token <= 1000000"}),
+        tree("e2e", search=E2E_SEARCH),
     )
     result = duosparse("sweep", "run", str(spec), "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -341,6 +381,7 @@ def test_a_search_runs_end_to_end_and_analyze_shows_hypervolume_per_trial(tmp_pa
         assert schema.VAL_PPL in run.data.metrics and schema.OPS_EFFECTIVE in run.data.metrics
         sparsity = float(run.data.params["prune.target_sparsity"])
         assert 0.0 <= sparsity <= 0.9
+        assert not any(k.startswith("1 - ") for k in run.data.params)  # the searcher's name
     assert schema.search_done_tag(None) in launch.data.tags
     # a second launch has nothing to do; status is unchanged in form
     again = duosparse("sweep", "run", str(spec), "--json", cwd=tmp_path)

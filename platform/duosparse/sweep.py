@@ -33,7 +33,8 @@ Ray Tune (sweep_search.py runs it):
 
     search:
       space:                                  # dotted RunConfig keys -> one dimension each
-        prune.target_sparsity: {uniform: [0.5, 0.98]}
+        prune.target_sparsity: {uniform: [0.5, 0.98]}     # or {loguniform_complement: ...}:
+                                              # 1 - level (the weights kept) log-uniform
         train.lr: {loguniform: [1.0e-4, 1.0e-2]}
         model.hidden_size: {choice: [64, 128]}          # or {int: [64, 256]}
       conditional:                            # more dimensions where `when` matches
@@ -112,10 +113,13 @@ class EarlyStopping(_Strict):
 
 
 class Dimension(_Strict):
-    """One dimension of a search space: exactly one of the four forms."""
+    """One dimension of a search space: exactly one of the five forms."""
 
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
+    # 1 - value is log-uniform: for a prune level, the fraction of weights kept (which the
+    # MACs follow) is, so each halving of the weights kept is drawn as often
+    loguniform_complement: tuple[float, float] | None = None
     int_: tuple[int, int] | None = Field(None, alias="int")
     choice: list[Any] | None = Field(None, min_length=1)
 
@@ -123,22 +127,28 @@ class Dimension(_Strict):
 
     @model_validator(mode="after")
     def _one_form(self) -> Dimension:
-        given = [k for k in ("uniform", "loguniform", "int_", "choice") if getattr(self, k)]
+        forms = ("uniform", "loguniform", "loguniform_complement", "int_", "choice")
+        given = [k for k in forms if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
                 "a dimension is exactly one of {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
-                "{int: [lo, hi]} or {choice: [a, b, ...]}"
+                "{loguniform_complement: [lo, hi]}, {int: [lo, hi]} or {choice: [a, b, ...]}"
             )
         low, high = self.bounds or (0, 1)
         if self.bounds and not low < high:
             raise ValueError(f"the bounds [{low}, {high}] are not increasing")
         if self.loguniform and low <= 0:
             raise ValueError(f"loguniform bounds must be positive, got [{low}, {high}]")
+        if self.loguniform_complement and high >= 1:
+            raise ValueError(
+                f"loguniform_complement draws 1 - value log-uniformly, so its bounds must be "
+                f"below 1, got [{low}, {high}]"
+            )
         return self
 
     @property
     def bounds(self) -> tuple[float, float] | None:
-        return self.uniform or self.loguniform or self.int_
+        return self.uniform or self.loguniform or self.loguniform_complement or self.int_
 
     @property
     def values(self) -> list[Any]:

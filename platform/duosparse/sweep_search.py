@@ -38,6 +38,9 @@ def objective_name(i: int) -> str:
 
 
 CONSTRAINT_RESULT = "constraint_value"
+# the searcher's name for 1 - KEY of a loguniform_complement dimension (KEY itself is set on
+# the trial's config beside it)
+COMPLEMENT = "1 - "
 
 
 # --- the space, as an Optuna define-by-run function (picklable: the searcher is saved) -----
@@ -64,6 +67,7 @@ class SearchSpace:
 
     def __call__(self, trial: Any) -> dict[str, Any] | None:
         drawn: dict[str, Any] = {}
+        self._derived: dict[str, Any] = {}
         if len(self.parents) > 1:
             drawn["init.from_run_key"] = trial.suggest_categorical(
                 "init.from_run_key", self.parents
@@ -76,12 +80,17 @@ class SearchSpace:
             if all({**self.base_flat, **drawn}.get(k) == v for k, v in when.items()):
                 for key, dim in space.items():
                     drawn[key] = self._draw(trial, key, dim)
-        return {"init.from_run_key": self.parents[0]} if len(self.parents) == 1 else None
+        constants = {"init.from_run_key": self.parents[0]} if len(self.parents) == 1 else {}
+        return {**constants, **self._derived} or None
 
     def _draw(self, trial: Any, key: str, dim: Dimension) -> Any:
         if dim.choice is not None:
             return trial.suggest_categorical(key, list(dim.choice))
         low, high = dim.bounds
+        if dim.loguniform_complement is not None:  # Optuna models 1 - value, the run gets value
+            kept = trial.suggest_float(COMPLEMENT + key, 1.0 - high, 1.0 - low, log=True)
+            self._derived[key] = 1.0 - kept
+            return self._derived[key]
         if key in self.int_keys or dim.int_ is not None:
             return trial.suggest_int(key, int(math.ceil(low)), int(math.floor(high)))
         return trial.suggest_float(key, float(low), float(high), log=dim.loguniform is not None)
@@ -139,8 +148,9 @@ def trial_config(context: dict[str, Any], sampled: dict[str, Any]) -> RunConfig:
 
 
 def sampled_keys(config: dict[str, Any]) -> dict[str, Any]:
-    """The sampled (dotted) keys of a Tune trial config: everything beside our context."""
-    return {k: v for k, v in config.items() if k != "search"}
+    """The sampled (dotted) keys of a Tune trial config: everything beside our context and
+    the searcher's own names for complements."""
+    return {k: v for k, v in config.items() if k != "search" and not k.startswith(COMPLEMENT)}
 
 
 # --- objectives, read from what the run logged ----------------------------------------------
