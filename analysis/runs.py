@@ -213,7 +213,7 @@ def apply_types(table: pd.DataFrame) -> pd.DataFrame:
             )
         else:
             table[col] = table[col].astype(dtype)
-    return table
+    return table.copy()  # one block per dtype again: the column-wise casts fragment the frame
 
 
 def _bool(value: Any) -> Any:

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -283,6 +284,20 @@ def test_multiplicativity_detects_a_planted_dependence_and_none_where_there_is_n
     off = table_of(synthetic_runs())
     off[schema.OPS_EFFECTIVE] *= 1.3
     assert not fits.macs_vs_estimate(off)[0]["within_tolerance"]
+
+
+def test_typed_tables_are_not_fragmented():
+    # apply_types casts column by column; without consolidating, the next column added to the
+    # (100-odd column) table makes pandas warn "highly fragmented" in every analyze run
+    items = synthetic_runs(seeds=(0,))
+    for _, metrics in items:  # a deep model logs a column per layer
+        metrics.update({f"sparsity/activity/layer_{i}": 0.5 for i in range(80)})
+    table = table_of(items)
+    assert len(table.columns) > 150  # pandas warns past 100 blocks of numpy dtypes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        table.assign(extra=1.0)
+        fits.iso_perplexity(runs.aggregate_seeds(table), [fits.parse_budget("5%")])
 
 
 def test_iso_perplexity_picks_the_largest_reduction_within_budget():
