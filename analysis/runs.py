@@ -178,42 +178,42 @@ def varying_config(table: pd.DataFrame) -> list[str]:
 
 def apply_types(table: pd.DataFrame) -> pd.DataFrame:
     """Give every known column its dtype (after CSV import, or after building from MLflow)."""
-    table = table.copy()
-    for col in table.columns:
-        if col in META_TYPES or col in AGG_TYPES:
-            dtype = META_TYPES.get(col) or AGG_TYPES[col]
-        elif col in config_fields():
-            dtype = _dtype(config_fields()[col])
-        elif _is_metric(col):
-            dtype = "float64"
-        else:
-            dtype = "string"
-        if dtype.startswith("datetime"):
-            table[col] = pd.to_datetime(table[col], utc=True, format="ISO8601")
-        elif dtype == "string":
-            table[col] = table[col].astype("string").replace("", pd.NA)
-        elif dtype == "boolean" and table[col].dtype == object:
-            table[col] = table[col].map(_bool).astype("boolean")
-        elif dtype == "object":
-            # parquet gives arrays back, CSV strings: both become the tuples MLflow's params gave
-            table[col] = (
-                table[col]
-                .map(
-                    lambda v, c=col: (
-                        parse_param(c, v)
-                        if isinstance(v, str)
-                        else tuple(v.tolist())
-                        if isinstance(v, np.ndarray)
-                        else tuple(v)
-                        if isinstance(v, list | tuple)
-                        else v
-                    )
-                )
-                .astype(object)
+    # one new frame from the typed columns: the input stays as it was, and the result is not
+    # fragmented (casting column by column in place leaves a block per column)
+    typed = pd.DataFrame({col: _typed(col, table[col]) for col in table.columns}, index=table.index)
+    typed.attrs = dict(table.attrs)
+    return typed
+
+
+def _typed(col: str, values: pd.Series) -> pd.Series:
+    if col in META_TYPES or col in AGG_TYPES:
+        dtype = META_TYPES.get(col) or AGG_TYPES[col]
+    elif col in config_fields():
+        dtype = _dtype(config_fields()[col])
+    elif _is_metric(col):
+        dtype = "float64"
+    else:
+        dtype = "string"
+    if dtype.startswith("datetime"):
+        return pd.to_datetime(values, utc=True, format="ISO8601")
+    if dtype == "string":
+        return values.astype("string").replace("", pd.NA)
+    if dtype == "boolean" and values.dtype == object:
+        return values.map(_bool).astype("boolean")
+    if dtype == "object":
+        # parquet gives arrays back, CSV strings: both become the tuples MLflow's params gave
+        return values.map(
+            lambda v: (
+                parse_param(col, v)
+                if isinstance(v, str)
+                else tuple(v.tolist())
+                if isinstance(v, np.ndarray)
+                else tuple(v)
+                if isinstance(v, list | tuple)
+                else v
             )
-        else:
-            table[col] = table[col].astype(dtype)
-    return table.copy()  # one block per dtype again: the column-wise casts fragment the frame
+        ).astype(object)
+    return values.astype(dtype)
 
 
 def _bool(value: Any) -> Any:

@@ -67,7 +67,6 @@ class SearchSpace:
 
     def __call__(self, trial: Any) -> dict[str, Any] | None:
         drawn: dict[str, Any] = {}
-        self._derived: dict[str, Any] = {}
         if len(self.parents) > 1:
             drawn["init.from_run_key"] = trial.suggest_categorical(
                 "init.from_run_key", self.parents
@@ -80,17 +79,17 @@ class SearchSpace:
             if all({**self.base_flat, **drawn}.get(k) == v for k, v in when.items()):
                 for key, dim in space.items():
                     drawn[key] = self._draw(trial, key, dim)
+        # returned values go on the trial's config beside Optuna's own names: each drawn key
+        # with its value (for a complement, Optuna's name is `1 - KEY`, its value 1 - value)
         constants = {"init.from_run_key": self.parents[0]} if len(self.parents) == 1 else {}
-        return {**constants, **self._derived} or None
+        return {**constants, **drawn} or None
 
     def _draw(self, trial: Any, key: str, dim: Dimension) -> Any:
         if dim.choice is not None:
             return trial.suggest_categorical(key, list(dim.choice))
         low, high = dim.bounds
         if dim.loguniform_complement is not None:  # Optuna models 1 - value, the run gets value
-            kept = trial.suggest_float(COMPLEMENT + key, 1.0 - high, 1.0 - low, log=True)
-            self._derived[key] = 1.0 - kept
-            return self._derived[key]
+            return 1.0 - trial.suggest_float(COMPLEMENT + key, 1.0 - high, 1.0 - low, log=True)
         if key in self.int_keys or dim.int_ is not None:
             return trial.suggest_int(key, int(math.ceil(low)), int(math.floor(high)))
         return trial.suggest_float(key, float(low), float(high), log=dim.loguniform is not None)
