@@ -188,6 +188,45 @@ def test_the_searcher_is_deterministic_for_a_seed(algorithm):
     assert all(0.01 <= p["model.threshold"] <= 0.1 for p in a)
 
 
+def _proposals_as_tune_drives(batched: bool, newest_first: bool, n: int = 6) -> list[dict]:
+    """Drive the searcher as Tune does with 2 slots: ask for points until it gives none, then
+    let one running trial finish (the newest or the oldest: which one wins the race), repeat.
+    A trial's objectives depend only on its point, never on when it ran."""
+    from duosparse import sweep_search
+
+    spec = parse_spec(with_search(num_samples=n, batched=batched))
+    space = sweep_search.space_for(spec, None, search_bases(spec, None), [])
+    searcher = sweep_search.make_searcher(spec.search, space, max_concurrent=2)
+    proposed, running, done = [], [], 0
+    while done < n:
+        while len(proposed) < n:
+            point = searcher.suggest(f"t{len(proposed)}")
+            if point is None:
+                break
+            proposed.append(point)
+            running.append((f"t{len(proposed) - 1}", point))
+        trial_id, point = running.pop(-1 if newest_first else 0)
+        result = {  # perplexity rises with the threshold and the pruning, MACs fall
+            "objective_0": 400.0
+            + 300.0 * point["model.threshold"]
+            + 50.0 * point["prune.target_sparsity"],
+            "objective_1": 10_000.0 * (1.0 - point["prune.target_sparsity"]),
+        }
+        searcher.on_trial_complete(trial_id, result)
+        done += 1
+    return proposed
+
+
+@pytest.mark.slow  # imports Ray Tune and Optuna
+def test_a_batched_search_proposes_the_same_points_whichever_trial_finishes_first():
+    batched = [_proposals_as_tune_drives(True, newest_first=f) for f in (False, True)]
+    assert len(batched[0]) == 6 and batched[0] == batched[1]
+    # unbatched, the race decides what the searcher has seen when it proposes
+    racing = [_proposals_as_tune_drives(False, newest_first=f) for f in (False, True)]
+    assert len(racing[0]) == 6 and racing[0] != racing[1]
+    assert racing[0][:3] == racing[1][:3]  # the random start is the seed's either way
+
+
 def test_a_sampled_point_becomes_a_runconfig_with_integers_rounded():
     from duosparse import sweep_search
 

@@ -47,6 +47,8 @@ Ray Tune (sweep_search.py runs it):
       seed: 0                                 # the searcher's seed
       startup_trials: 3                       # optional: TPE's random start / NSGA-II's
                                               # population (default num_samples // 3, 2-10)
+      batched: true                           # optional: propose max_concurrent points at a
+                                              # time, each batch once the last has finished
 
 Grid axes beside a search (`grid`, `conditional`) become categorical dimensions of the
 search; a key may not be in both. Objectives and the constraint name metrics the training
@@ -177,6 +179,12 @@ class Search(_Strict):
     # TPE's random start-up trials / NSGA-II's population; default: a third of num_samples,
     # 2 to 10 (Optuna's defaults, 10 and 50, would leave a small search random throughout)
     startup_trials: int | None = Field(None, ge=2)
+    # Propose max_concurrent points at once and the next batch only when all have finished
+    # (Ray Tune's ConcurrencyLimiter(batch=True)): what the searcher has seen at each proposal
+    # is then fixed by its seed, so a search is reproducible run to run. Unbatched, a point is
+    # proposed whenever a trial finishes, and which finishes first (a race) changes the next
+    # points; batched, the free slot waits for the batch's slowest trial.
+    batched: bool = False
 
     @property
     def startup(self) -> int:

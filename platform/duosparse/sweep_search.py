@@ -96,7 +96,8 @@ class SearchSpace:
 
 
 def make_searcher(search: Search, space: SearchSpace, max_concurrent: int) -> Any:
-    """OptunaSearch with the spec's sampler and seed, under a ConcurrencyLimiter."""
+    """OptunaSearch with the spec's sampler and seed, under a ConcurrencyLimiter (batched
+    when the spec says so: see Search.batched)."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
@@ -122,7 +123,7 @@ def make_searcher(search: Search, space: SearchSpace, max_concurrent: int) -> An
         sampler=sampler,
         constraint_key=CONSTRAINT_RESULT,
     )
-    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent, batch=search.batched)
 
 
 # --- from a sampled point to a RunConfig --------------------------------------------------
