@@ -472,13 +472,19 @@ EPOCHS_KILLED = 12
 
 
 @pytest.mark.slow
-def test_a_killed_search_resumes_with_every_sample_once(tmp_path):
-    search = {**SEARCH, "num_samples": 5}
+# batched, 2 at a time: the kill lands in the second batch, whose state (the trials proposed,
+# any already finished) Tune saves with the searcher's
+@pytest.mark.parametrize("batched", [False, True], ids=["one-at-a-time", "batched"])
+def test_a_killed_search_resumes_with_every_sample_once(tmp_path, batched):
+    search = {**SEARCH, "num_samples": 5, "batched": batched}
     base = json.loads(json.dumps(BASE))
     # long enough trials that the kill lands mid-trial even on a loaded machine (with 4 short
     # epochs the poll could miss every trial's middle and the search end before the kill)
     base["train"].update(epochs=EPOCHS_KILLED, max_steps_per_epoch=25)
-    spec = write(tmp_path, {**tree("killed", search=search), "base": base, "max_concurrent": 1})
+    concurrent = 2 if batched else 1
+    spec = write(
+        tmp_path, {**tree("killed", search=search), "base": base, "max_concurrent": concurrent}
+    )
     driver = subprocess.Popen(
         [DUOSPARSE, "sweep", "run", str(spec)],
         cwd=tmp_path,
