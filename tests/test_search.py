@@ -200,11 +200,12 @@ def _proposals_as_tune_drives(batched: bool, newest_first: bool, n: int = 6) -> 
     proposed, running, done = [], [], 0
     while done < n:
         while len(proposed) < n:
-            point = searcher.suggest(f"t{len(proposed)}")
+            trial_id = f"t{len(proposed)}"
+            point = searcher.suggest(trial_id)
             if point is None:
                 break
             proposed.append(point)
-            running.append((f"t{len(proposed) - 1}", point))
+            running.append((trial_id, point))
         trial_id, point = running.pop(-1 if newest_first else 0)
         result = {  # perplexity rises with the threshold and the pruning, MACs fall
             "objective_0": 400.0
