@@ -189,6 +189,7 @@ def _run_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
         schema.TEST_PPL,
         schema.SPARSITY_WEIGHT,
         schema.SPARSITY_ACTIVITY,
+        schema.SPARSITY_SILENT_UNITS,
         schema.OPS_EFFECTIVE,
         schema.OPS_COMPUTE_REDUCTION,
         schema.spinnaker2("energy_per_token_j"),

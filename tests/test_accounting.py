@@ -113,6 +113,42 @@ def test_effective_macs_equal_brute_force_on_random_masks_and_activity(arch):
     assert len(rates) == 2 and len(rates[1]) == sizes[1][1]
 
 
+def test_silent_units_are_the_units_that_emit_on_no_token():
+    cfg = load_config(
+        None,
+        ["model.arch=egru", "model.embedding_size=4", "model.hidden_size=6", "model.num_layers=2"],
+    ).model
+    model = LanguageModel(cfg, vocab_size=7)
+    gen = torch.Generator().manual_seed(3)
+    acc = Accountant(model)
+    chunks = []
+    for _ in range(2):
+        y0 = _sparse_activity((3, 2, 6), 0.5, gen)
+        y0[:, :, [1, 4]] = 0  # layer 0: units 1 and 4 never emit
+        y1 = _sparse_activity((3, 2, 4), 0.5, gen)
+        y1[:, :, 2] = 0  # layer 1: unit 2 never emits
+        chunks.append((y0, y1))
+    chunks[1][0][0, 1, 4] = 0.7  # ... but unit 4 emits once, in the second chunk
+    for y0, y1 in chunks:
+        acc.update(
+            Trace(
+                inputs=[torch.ones(3, 2, 4), y0],
+                outputs=[y0, y1],
+                initial_outputs=[torch.zeros(2, 6), torch.zeros(2, 4)],
+            )
+        )
+    # brute force: a unit is silent when its output is zero at every step of every chunk
+    silent = [
+        [k for k in range(y.shape[-1]) if all(bool((c[l][..., k] == 0).all()) for c in chunks)]
+        for l, y in enumerate(chunks[0])
+    ]
+    assert silent == [[1], [2]]
+    m = acc.metrics()
+    assert m[schema.layer_silent_units(0)] == pytest.approx(1 / 6)
+    assert m[schema.layer_silent_units(1)] == pytest.approx(1 / 4)
+    assert m[schema.SPARSITY_SILENT_UNITS] == pytest.approx(2 / 10)
+
+
 def test_dense_model_costs_its_dense_macs():
     cfg = load_config(
         None, ["model.arch=gru", "model.embedding_size=4", "model.hidden_size=5"]
@@ -129,4 +165,5 @@ def test_dense_model_costs_its_dense_macs():
     assert m[schema.OPS_EFFECTIVE] == m[schema.OPS_DENSE] == 3 * 5 * (4 + 5) + 3 * 4 * (5 + 4)
     assert m[schema.OPS_COMPUTE_REDUCTION] == 1.0
     assert m[schema.SPARSITY_ACTIVITY] == 0.0
+    assert m[schema.SPARSITY_SILENT_UNITS] == 0.0
     assert weight_sparsity(model) == 0.0

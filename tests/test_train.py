@@ -124,6 +124,9 @@ def test_checkpoint_reloads_with_weights_only_and_evaluates_the_same(ptb_run):
     assert len(activity["unit_event_rates"][0]) == 200
     rates = torch.tensor(activity["unit_event_rates"][0])
     assert 1 - float(rates.mean()) == pytest.approx(final[schema.layer_activity(0)], rel=1e-6)
+    silent = float((rates == 0).double().mean())
+    assert final[schema.layer_silent_units(0)] == pytest.approx(silent)
+    assert final[schema.SPARSITY_SILENT_UNITS] == pytest.approx(silent)
 
 
 def test_a_nan_loss_ends_the_run_with_the_reason(tmp_path):

@@ -98,6 +98,7 @@ class Accountant:
         activity = 1.0 - float(sum(nz.sum() for nz in self.nonzero_per_unit)) / (
             tokens * sum(units)
         )
+        silent = [int((nz == 0).sum()) for nz in self.nonzero_per_unit]
         dense = float(sum(self.gates * h * (i + h) for i, h in self.sizes))
         weight_sparse = float(sum(w.nnz + r.nnz for w, r in zip(self.w, self.r)))
         effective = sum(self.effective) / tokens
@@ -107,6 +108,7 @@ class Accountant:
         out = {
             schema.SPARSITY_WEIGHT: self.weight_sparsity,
             schema.SPARSITY_ACTIVITY: activity,
+            schema.SPARSITY_SILENT_UNITS: sum(silent) / sum(units),
             schema.OPS_DENSE: dense,
             schema.OPS_WEIGHT_SPARSE: weight_sparse,
             schema.OPS_EFFECTIVE: effective,
@@ -126,4 +128,5 @@ class Accountant:
         }
         for l, value in enumerate(layer_activity):
             out[schema.layer_activity(l)] = value
+            out[schema.layer_silent_units(l)] = silent[l] / units[l]
         return out

@@ -48,8 +48,17 @@ SPARSITY_WEIGHT = "sparsity/weight"
 SPARSITY_ACTIVITY = "sparsity/activity"
 
 
+# the fraction of units that emit on no token of the split: sparsity from a dead part of a
+# layer (a narrower model in disguise) rather than from units that each emit rarely
+SPARSITY_SILENT_UNITS = "sparsity/silent_units"
+
+
 def layer_activity(layer: int) -> str:
     return f"sparsity/activity/layer_{layer}"
+
+
+def layer_silent_units(layer: int) -> str:
+    return f"sparsity/silent_units/layer_{layer}"
 
 
 # --- metrics: operations per token ----------------------------------------------------
@@ -138,6 +147,7 @@ SEARCH_METRICS = (
     TRAIN_LOSS,
     SPARSITY_WEIGHT,
     SPARSITY_ACTIVITY,
+    SPARSITY_SILENT_UNITS,
     OPS_DENSE,
     OPS_WEIGHT_SPARSE,
     OPS_EFFECTIVE,

@@ -697,11 +697,12 @@ def _final_test(
     test = evaluate(model, test_data, t.bptt, t.max_eval_batches, config.prune.include_embedding)
     final = {schema.TEST_LOSS: test.loss, schema.TEST_PPL: test.ppl, **test.accounting}
     log.info(
-        "test ppl %.2f (best-validation weights, val ppl %.2f); activity sparsity %.3f, "
-        "compute reduction %.2fx",
+        "test ppl %.2f (best-validation weights, val ppl %.2f); activity sparsity %.3f "
+        "(silent units %.3f), compute reduction %.2fx",
         test.ppl,
         math.exp(min(done.best_val, 50.0)),
         final.get(schema.SPARSITY_ACTIVITY, math.nan),
+        final.get(schema.SPARSITY_SILENT_UNITS, math.nan),
         final.get(schema.OPS_COMPUTE_REDUCTION, math.nan),
     )
     return final, test

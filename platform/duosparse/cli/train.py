@@ -29,6 +29,7 @@ RESULT_KEYS = (
     schema.TEST_PPL,
     schema.SPARSITY_WEIGHT,
     schema.SPARSITY_ACTIVITY,
+    schema.SPARSITY_SILENT_UNITS,
     schema.OPS_DENSE,
     schema.OPS_EFFECTIVE,
     schema.OPS_COMPUTE_REDUCTION,
