@@ -110,6 +110,7 @@ BAD = {
         ["train.lr", "exactly one"],
     ),
     "a bad constraint": (with_search(constraint="val/ppl < 200"), ["val/ppl < 200"]),
+    "an unknown algorithm": (with_search(algorithm="cmaes"), ["algorithm", "cmaes"]),
 }
 
 
@@ -178,7 +179,7 @@ def _suggestions(seed: int, n: int = 5, algorithm: str = "tpe") -> list[dict]:
 
 
 @pytest.mark.slow  # imports Ray Tune and Optuna
-@pytest.mark.parametrize("algorithm", ["tpe", "nsga2"])
+@pytest.mark.parametrize("algorithm", ["tpe", "nsga2", "gp"])
 def test_the_searcher_is_deterministic_for_a_seed(algorithm):
     a, b = _suggestions(0, algorithm=algorithm), _suggestions(0, algorithm=algorithm)
     c = _suggestions(1, algorithm=algorithm)
@@ -186,6 +187,35 @@ def test_the_searcher_is_deterministic_for_a_seed(algorithm):
     assert a != c
     assert all(0.0 <= p["prune.target_sparsity"] <= 0.9 for p in a)
     assert all(0.01 <= p["model.threshold"] <= 0.1 for p in a)
+
+
+@pytest.mark.slow  # imports Ray Tune and Optuna
+@pytest.mark.parametrize(
+    "algorithm, sampler", [("tpe", "TPESampler"), ("nsga2", "NSGAIISampler"), ("gp", "GPSampler")]
+)
+def test_each_algorithm_is_its_optuna_sampler_and_reads_the_constraint(algorithm, sampler):
+    from duosparse import sweep_search
+
+    spec = parse_spec(
+        with_search(algorithm=algorithm, constraint="ops/effective_macs_per_token <= 800")
+    )
+    space = sweep_search.space_for(spec, None, search_bases(spec, None), [])
+    searcher = sweep_search.make_searcher(spec.search, space, max_concurrent=1)
+    assert type(searcher.searcher._sampler).__name__ == sampler
+    for i in range(5):  # past the 2 start-up trials, the model proposes under the constraint
+        point = searcher.suggest(f"t{i}")
+        macs = 1000.0 * (1.0 - point["prune.target_sparsity"])
+        result = {
+            "objective_0": 100.0 + 50.0 * point["prune.target_sparsity"],
+            "objective_1": macs,
+            sweep_search.CONSTRAINT_RESULT: macs - 800.0,
+        }
+        searcher.on_trial_complete(f"t{i}", result)
+    trials = searcher.searcher._ot_study.get_trials()
+    assert len(trials) == 5 and all(t.state.name == "COMPLETE" for t in trials)
+    for t in trials:  # what the samplers read: <= 0 is feasible
+        macs = t.values[1]
+        assert t.constraints == {"constraint": pytest.approx(macs - 800.0)}
 
 
 def _proposals_as_tune_drives(batched: bool, newest_first: bool, n: int = 6) -> list[dict]:

@@ -42,10 +42,11 @@ Ray Tune (sweep_search.py runs it):
           space: {model.threshold: {uniform: [0.01, 0.1]}}
       objectives: {val/ppl: min, ops/effective_macs_per_token: min}   # one: single-objective
       constraint: ops/effective_macs_per_token <= 20000                 # optional
-      algorithm: tpe                          # multi-objective TPE, or nsga2
+      algorithm: tpe                          # multi-objective TPE, nsga2, or gp (Gaussian-
+                                              # process Bayesian optimisation, log EHVI)
       num_samples: 8
       seed: 0                                 # the searcher's seed
-      startup_trials: 3                       # optional: TPE's random start / NSGA-II's
+      startup_trials: 3                       # optional: TPE's or GP's random start / NSGA-II's
                                               # population (default num_samples // 3, 2-10)
       batched: true                           # optional: propose max_concurrent points at a
                                               # time, each batch once the last has finished
@@ -167,16 +168,17 @@ CONSTRAINT = re.compile(r"^\s*(?P<metric>\S+)\s*(?P<op><=|>=)\s*(?P<bound>\S+)\s
 
 
 class Search(_Strict):
-    """A multi- (or single-) objective search with Optuna's TPE or NSGA-II through Ray Tune."""
+    """A multi- (or single-) objective search with Optuna's TPE, NSGA-II or GP sampler through
+    Ray Tune."""
 
     space: dict[str, Dimension] = Field(min_length=1)
     conditional: list[SearchConditional] = Field(default_factory=list)
     objectives: dict[str, Literal["min", "max"]] = Field(min_length=1)
     constraint: str | None = None  # "METRIC <= BOUND" or "METRIC >= BOUND"
-    algorithm: Literal["tpe", "nsga2"] = "tpe"
+    algorithm: Literal["tpe", "nsga2", "gp"] = "tpe"
     num_samples: int = Field(ge=1)
     seed: int = 0
-    # TPE's random start-up trials / NSGA-II's population; default: a third of num_samples,
+    # TPE's or GP's random start-up trials / NSGA-II's population; default: a third of num_samples,
     # 2 to 10 (Optuna's defaults, 10 and 50, would leave a small search random throughout)
     startup_trials: int | None = Field(None, ge=2)
     # Propose max_concurrent points at once and the next batch only when all have finished

@@ -4,8 +4,14 @@ Ray Tune and Optuna, which sweep specs and plans do not need)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 from ray.tune.search.optuna import OptunaSearch
+
+# Optuna's samplers fit their model (the GP's takes a second or two) inside the define-by-run
+# space, so Tune's warning that the space function is slow, meant for training placed there
+# by mistake, would be printed for every GP proposal.
+warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument")
 
 
 class ConstrainedOptunaSearch(OptunaSearch):

@@ -1,4 +1,5 @@
-"""Search stages: Optuna's multi-objective TPE or NSGA-II through Ray Tune's OptunaSearch.
+"""Search stages: Optuna's multi-objective TPE, NSGA-II or Gaussian-process Bayesian
+optimisation through Ray Tune's OptunaSearch.
 
 A search stage runs one Tuner whose `search_alg` (wrapped in a ConcurrencyLimiter with the
 spec's max_concurrent) proposes `num_samples` points of the box in the spec's `search:`.
@@ -14,7 +15,7 @@ retries and resume files (sweep_runner.run_trial does the work).
 - A failed trial reports NaN objectives: Optuna records it FAILED and samples elsewhere.
 - The constraint is Optuna's own: when a trial completes, its constraint value (<= 0 is
   feasible; `METRIC <= B` gives METRIC - B) is set on the Optuna trial (`set_constraint`,
-  Optuna >= 5, which TPE and NSGA-II both read; `constraints_func` is deprecated there)
+  Optuna >= 5, which TPE, NSGA-II and the GP sampler all read; `constraints_func` is deprecated there)
   before Optuna is told its objectives. The objectives stay the true figures (no penalty),
   so the front of all trials is still the analysis' front.
 - `--resume` restores the Tuner, and with it the searcher's state (Tune saves it beside the
@@ -106,6 +107,8 @@ def make_searcher(search: Search, space: SearchSpace, max_concurrent: int) -> An
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study created
     if search.algorithm == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=search.seed, population_size=search.startup)
+    elif search.algorithm == "gp":  # log EHVI; running trials enter as a q-batch (no liar needed)
+        sampler = optuna.samplers.GPSampler(seed=search.seed, n_startup_trials=search.startup)
     else:  # constant liar: concurrent trials are not all proposed at the same point
         sampler = optuna.samplers.TPESampler(
             seed=search.seed,
