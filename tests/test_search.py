@@ -163,13 +163,17 @@ def test_grid_axes_beside_a_search_become_categoricals():
 # --- the searcher ----------------------------------------------------------------------------
 
 
-def _suggestions(seed: int, n: int = 5, algorithm: str = "tpe") -> list[dict]:
+def _searcher(max_concurrent: int, **changes):
+    """The searcher `sweep run` builds for SEARCH with `changes`, outside Tune."""
     from duosparse import sweep_search
 
-    spec = parse_spec(with_search(seed=seed, algorithm=algorithm))
-    bases = search_bases(spec, None)
-    space = sweep_search.space_for(spec, None, bases, [])
-    searcher = sweep_search.make_searcher(spec.search, space, max_concurrent=n)
+    spec = parse_spec(with_search(**changes))
+    space = sweep_search.space_for(spec, None, search_bases(spec, None), [])
+    return sweep_search.make_searcher(spec.search, space, max_concurrent=max_concurrent)
+
+
+def _suggestions(seed: int, n: int = 5, algorithm: str = "tpe") -> list[dict]:
+    searcher = _searcher(n, seed=seed, algorithm=algorithm)
     out = []
     for i in range(n):  # one at a time: past the start-up trials the model proposes
         out.append(searcher.suggest(f"t{i}"))
@@ -196,11 +200,7 @@ def test_the_searcher_is_deterministic_for_a_seed(algorithm):
 def test_each_algorithm_is_its_optuna_sampler_and_reads_the_constraint(algorithm, sampler):
     from duosparse import sweep_search
 
-    spec = parse_spec(
-        with_search(algorithm=algorithm, constraint="ops/effective_macs_per_token <= 800")
-    )
-    space = sweep_search.space_for(spec, None, search_bases(spec, None), [])
-    searcher = sweep_search.make_searcher(spec.search, space, max_concurrent=1)
+    searcher = _searcher(1, algorithm=algorithm, constraint="ops/effective_macs_per_token <= 800")
     assert type(searcher.searcher._sampler).__name__ == sampler
     for i in range(5):  # past the 2 start-up trials, the model proposes under the constraint
         point = searcher.suggest(f"t{i}")
@@ -222,11 +222,7 @@ def _proposals_as_tune_drives(batched: bool, newest_first: bool, n: int = 6) -> 
     """Drive the searcher as Tune does with 2 slots: ask for points until it gives none, then
     let one running trial finish (the newest or the oldest: which one wins the race), repeat.
     A trial's objectives depend only on its point, never on when it ran."""
-    from duosparse import sweep_search
-
-    spec = parse_spec(with_search(num_samples=n, batched=batched))
-    space = sweep_search.space_for(spec, None, search_bases(spec, None), [])
-    searcher = sweep_search.make_searcher(spec.search, space, max_concurrent=2)
+    searcher = _searcher(2, num_samples=n, batched=batched)
     proposed, running, done = [], [], 0
     while done < n:
         while len(proposed) < n:

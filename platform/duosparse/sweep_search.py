@@ -15,8 +15,8 @@ retries and resume files (sweep_runner.run_trial does the work).
 - A failed trial reports NaN objectives: Optuna records it FAILED and samples elsewhere.
 - The constraint is Optuna's own: when a trial completes, its constraint value (<= 0 is
   feasible; `METRIC <= B` gives METRIC - B) is set on the Optuna trial (`set_constraint`,
-  Optuna >= 5, which TPE, NSGA-II and the GP sampler all read; `constraints_func` is deprecated there)
-  before Optuna is told its objectives. The objectives stay the true figures (no penalty),
+  Optuna >= 5, which TPE, NSGA-II and the GP sampler all read; `constraints_func` is
+  deprecated there) before Optuna is told its objectives. The objectives stay the true figures (no penalty),
   so the front of all trials is still the analysis' front.
 - `--resume` restores the Tuner, and with it the searcher's state (Tune saves it beside the
   experiment state): the trials it already proposed are neither repeated nor forgotten.
