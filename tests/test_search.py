@@ -111,6 +111,7 @@ BAD = {
     ),
     "a bad constraint": (with_search(constraint="val/ppl < 200"), ["val/ppl < 200"]),
     "an unknown algorithm": (with_search(algorithm="cmaes"), ["algorithm", "cmaes"]),
+    "an unknown start-up design": (with_search(startup_design="lhs"), ["startup_design", "lhs"]),
 }
 
 
@@ -216,6 +217,118 @@ def test_each_algorithm_is_its_optuna_sampler_and_reads_the_constraint(algorithm
     for t in trials:  # what the samplers read: <= 0 is feasible
         macs = t.values[1]
         assert t.constraints == {"constraint": pytest.approx(macs - 800.0)}
+
+
+STUDY_BOX = {  # the Pareto-search study's box: the weights kept log-uniform, a uniform threshold
+    "prune.target_sparsity": {"loguniform_complement": [0.5, 0.95]},
+    "model.threshold": {"uniform": [0.01, 0.1]},
+}
+
+
+def _quantiles(point: dict) -> tuple[float, float]:
+    """Where a point of STUDY_BOX lies in each dimension's distribution, from 0 to 1."""
+    kept = 1.0 - point["prune.target_sparsity"]
+    return (
+        math.log(kept / 0.05) / math.log(0.5 / 0.05),  # 1 - level, log-uniform in [0.05, 0.5]
+        (point["model.threshold"] - 0.01) / 0.09,
+    )
+
+
+@pytest.mark.slow  # imports Ray Tune and Optuna
+@pytest.mark.parametrize("algorithm", ["tpe", "nsga2", "gp"])
+def test_a_sobol_start_proposes_the_scrambled_sobol_points_then_the_sampler_takes_over(algorithm):
+    from scipy.stats import qmc
+
+    for seed in (0, 3):
+        searcher = _searcher(
+            2, space=STUDY_BOX, algorithm=algorithm, startup_design="sobol", seed=seed
+        )
+        start = [searcher.suggest("t0"), searcher.suggest("t1")]
+        # the seed's first two scrambled Sobol points, mapped through each distribution's
+        # quantile function (the Optuna name of a complement is `1 - KEY`: the run gets KEY)
+        expected = qmc.Sobol(d=2, scramble=True, rng=seed).random(2)
+        assert np.allclose([_quantiles(p) for p in start], expected, atol=1e-12)
+        again = _searcher(
+            2, space=STUDY_BOX, algorithm=algorithm, startup_design="sobol", seed=seed
+        )
+        assert [again.suggest("t0"), again.suggest("t1")] == start
+        for i in range(2):
+            searcher.on_trial_complete(f"t{i}", {"objective_0": 100.0 + i, "objective_1": 50.0})
+        after = searcher.suggest("t2")  # the sampler's own point, inside the box
+        assert after not in start and 0.5 <= after["prune.target_sparsity"] <= 0.95
+        trials = searcher.searcher._ot_study.get_trials()
+        assert len(trials) == 3 and [t.state.name for t in trials[:2]] == ["COMPLETE"] * 2
+
+
+@pytest.mark.slow  # imports Ray Tune and Optuna
+def test_two_sobol_start_points_split_every_dimension_where_random_ones_need_not():
+    # two scrambled Sobol points lie in opposite halves of each dimension, for every seed;
+    # two independent draws share a half of a given dimension half the time
+    split = {"sobol": 0, "random": 0}
+    for design in split:
+        for seed in range(20):
+            searcher = _searcher(2, space=STUDY_BOX, startup_design=design, seed=seed)
+            a, b = (_quantiles(searcher.suggest(f"t{i}")) for i in range(2))
+            split[design] += all((x < 0.5) != (y < 0.5) for x, y in zip(a, b))
+    assert split["sobol"] == 20
+    assert split["random"] < 15  # 20 seeds, each split in both dimensions with p = 1/4
+
+
+@pytest.mark.slow  # imports Ray Tune and Optuna
+def test_a_sobol_start_covers_integer_choice_and_grid_dimensions():
+    from duosparse import sweep_search
+
+    space = {
+        "model.hidden_size": {"int": [8, 32]},
+        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "model.threshold": {"choice": [0.01, 0.05, 0.1]},
+    }
+    spec = parse_spec(
+        tree(
+            search={
+                **SEARCH,
+                "space": space,
+                "startup_design": "sobol",
+                "startup_trials": 8,
+                "num_samples": 10,
+            },
+            grid={"model.num_layers": [1, 2]},
+        )
+    )
+    search_space = sweep_search.space_for(spec, None, search_bases(spec, None), [])
+    searcher = sweep_search.make_searcher(spec.search, search_space, max_concurrent=8)
+    points = [searcher.suggest(f"t{i}") for i in range(8)]
+    assert points == search_space.startup_points(8, 0)  # enqueued, and taken as given
+    assert {p["model.num_layers"] for p in points} == {1, 2}  # the grid axis, 4 points each
+    assert sum(p["model.num_layers"] == 1 for p in points) == 4
+    assert all(
+        isinstance(p["model.hidden_size"], int) and 8 <= p["model.hidden_size"] <= 32
+        for p in points
+    )
+    assert all(1e-4 <= p["train.lr"] <= 1e-2 for p in points)
+    # 8 Sobol points put 4 in each half of the log learning rate
+    assert sum(p["train.lr"] < 1e-3 for p in points) == 4
+    assert {p["model.threshold"] for p in points} == {0.01, 0.05, 0.1}
+
+
+@pytest.mark.slow  # imports Ray Tune and Optuna
+def test_a_restored_sobol_searcher_proposes_the_rest_of_its_start_once(tmp_path):
+    # Tune saves the searcher beside the experiment and a resumed sweep builds a fresh one (which
+    # enqueues the start again) before restoring it: the saved study wins, so a start-up point
+    # already proposed is not proposed twice, and one not yet proposed is not forgotten
+    first = _searcher(1, space=STUDY_BOX, startup_design="sobol")
+    t0 = first.suggest("t0")
+    first.save(str(tmp_path / "searcher.pkl"))
+    resumed = _searcher(1, space=STUDY_BOX, startup_design="sobol")
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.on_trial_complete("t0", {"objective_0": 100.0, "objective_1": 50.0})
+    t1 = resumed.suggest("t1")
+    resumed.on_trial_complete("t1", {"objective_0": 120.0, "objective_1": 40.0})
+    t2 = resumed.suggest("t2")
+    fresh = _searcher(2, space=STUDY_BOX, startup_design="sobol")
+    assert [t0, t1] == [fresh.suggest("t0"), fresh.suggest("t1")]
+    assert t2 not in (t0, t1)
+    assert len(resumed.searcher._ot_study.get_trials()) == 3
 
 
 def _proposals_as_tune_drives(batched: bool, newest_first: bool, n: int = 6) -> list[dict]:

@@ -85,6 +85,44 @@ class SearchSpace:
         constants = {"init.from_run_key": self.parents[0]} if len(self.parents) == 1 else {}
         return {**constants, **drawn} or None
 
+    def startup_points(self, n: int, seed: int) -> list[dict[str, Any]]:
+        """The first n points of a scrambled Sobol sequence over the unconditional dimensions
+        (the parent run, grid axes, the space), under Optuna's names: what the searcher
+        evaluates first when `startup_design: sobol`. Conditional dimensions are left to the
+        sampler (they exist only where `when` matches)."""
+        import warnings
+
+        from scipy.stats import qmc
+
+        dims: list[tuple[str, Dimension]] = []
+        if len(self.parents) > 1:
+            dims.append(("init.from_run_key", Dimension(choice=list(self.parents))))
+        dims += [(key, Dimension(choice=list(values))) for key, values in self.grid.items()]
+        dims += list(self.dimensions.items())
+        with warnings.catch_warnings():  # n need not be a power of 2 for a start-up design
+            warnings.filterwarnings("ignore", message=".*balance properties of Sobol.*")
+            unit = qmc.Sobol(d=len(dims), scramble=True, rng=seed).random(n)
+        return [
+            dict(self._from_unit(key, dim, u) for (key, dim), u in zip(dims, row)) for row in unit
+        ]
+
+    def _from_unit(self, key: str, dim: Dimension, u: float) -> tuple[str, Any]:
+        """Optuna's name for KEY and the value at quantile u of its distribution."""
+        if dim.choice is not None:
+            return key, dim.choice[min(int(u * len(dim.choice)), len(dim.choice) - 1)]
+        low, high = dim.bounds
+        if key in self.int_keys or dim.int_ is not None:
+            low, high = int(math.ceil(low)), int(math.floor(high))
+            return key, low + min(int(u * (high - low + 1)), high - low)
+        name, log = key, dim.loguniform is not None
+        if dim.loguniform_complement is not None:  # Optuna's name and range are 1 - value's
+            name, low, high, log = COMPLEMENT + key, 1.0 - high, 1.0 - low, True
+        if log:
+            value = math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+        else:
+            value = low + u * (high - low)
+        return name, min(max(float(value), float(low)), float(high))
+
     def _draw(self, trial: Any, key: str, dim: Dimension) -> Any:
         if dim.choice is not None:
             return trial.suggest_categorical(key, list(dim.choice))
@@ -97,8 +135,9 @@ class SearchSpace:
 
 
 def make_searcher(search: Search, space: SearchSpace, max_concurrent: int) -> Any:
-    """OptunaSearch with the spec's sampler and seed, under a ConcurrencyLimiter (batched
-    when the spec says so: see Search.batched)."""
+    """OptunaSearch with the spec's sampler and seed (and, with `startup_design: sobol`, its
+    start-up points enqueued), under a ConcurrencyLimiter (batched when the spec says so: see
+    Search.batched)."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
@@ -119,8 +158,12 @@ def make_searcher(search: Search, space: SearchSpace, max_concurrent: int) -> An
     names = [objective_name(i) for i in range(len(search.objectives))]
     modes = list(search.objectives.values())
     single = len(names) == 1
+    # a Sobol start is enqueued: the sampler counts those trials as its start-up trials
+    start = min(search.startup, search.num_samples)
+    points = space.startup_points(start, search.seed) if search.startup_design == "sobol" else None
     searcher = ConstrainedOptunaSearch(
         space=space,
+        points_to_evaluate=points,
         metric=names[0] if single else names,
         mode=modes[0] if single else modes,
         sampler=sampler,
