@@ -48,10 +48,10 @@ Ray Tune (sweep_search.py runs it):
       seed: 0                                 # the searcher's seed
       startup_trials: 3                       # optional: TPE's or GP's random start / NSGA-II's
                                               # population (default num_samples // 3, 2-10)
-      startup_design: sobol                   # optional: draw those start-up points as a
+      startup_design: sobol                   # optional: those start-up points as a
                                               # scrambled Sobol sequence (space-filling, as
-                                              # Ax starts its Bayesian optimisation) instead
-                                              # of independently at random (the default)
+                                              # Ax starts its Bayesian optimisation: the
+                                              # default), or `random` (Optuna's own start)
       batched: true                           # optional: propose max_concurrent points at a
                                               # time, each batch once the last has finished
 
@@ -185,11 +185,12 @@ class Search(_Strict):
     # TPE's or GP's random start-up trials / NSGA-II's population; default: a third of num_samples,
     # 2 to 10 (Optuna's defaults, 10 and 50, would leave a small search random throughout)
     startup_trials: int | None = Field(None, ge=2)
-    # How the start-up points are drawn: independently at random (Optuna's own start-up), or
-    # as the first points of a scrambled Sobol sequence over the box (seeded by `seed`), which
-    # spreads even two or three points over every dimension's range; a random start may put
-    # them all in one corner, and a search of a few trials never recovers the rest of the box.
-    startup_design: Literal["random", "sobol"] = "random"
+    # How the start-up points are drawn: as the first points of a scrambled Sobol sequence over
+    # the box (seeded by `seed`), which spreads even two points over every dimension's range,
+    # or independently at random (Optuna's own start-up), which may put them all in one corner
+    # that a search of a few trials never leaves. Sobol is the default since the Pareto-search
+    # study measured it against random over six seeds (docs/results/pareto_search.md).
+    startup_design: Literal["random", "sobol"] = "sobol"
     # Propose max_concurrent points at once and the next batch only when all have finished
     # (Ray Tune's ConcurrencyLimiter(batch=True)): what the searcher has seen at each proposal
     # is then fixed by its seed, so a search is reproducible run to run. Unbatched, a point is
