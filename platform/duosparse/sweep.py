@@ -46,8 +46,9 @@ Ray Tune (sweep_search.py runs it):
                                               # process Bayesian optimisation, log EHVI)
       num_samples: 8
       seed: 0                                 # the searcher's seed
-      startup_trials: 3                       # optional: TPE's or GP's random start / NSGA-II's
-                                              # population (default num_samples // 3, 2-10)
+      startup_trials: 3                       # optional: TPE's or GP's start-up points /
+                                              # NSGA-II's population (default num_samples // 3,
+                                              # 2-10)
       startup_design: sobol                   # optional: those start-up points as a
                                               # scrambled Sobol sequence (space-filling, as
                                               # Ax starts its Bayesian optimisation: the
@@ -182,7 +183,7 @@ class Search(_Strict):
     algorithm: Literal["tpe", "nsga2", "gp"] = "tpe"
     num_samples: int = Field(ge=1)
     seed: int = 0
-    # TPE's or GP's random start-up trials / NSGA-II's population; default: a third of num_samples,
+    # TPE's or GP's start-up trials / NSGA-II's population; default: a third of num_samples,
     # 2 to 10 (Optuna's defaults, 10 and 50, would leave a small search random throughout)
     startup_trials: int | None = Field(None, ge=2)
     # How the start-up points are drawn: as the first points of a scrambled Sobol sequence over
