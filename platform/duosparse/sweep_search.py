@@ -16,8 +16,8 @@ retries and resume files (sweep_runner.run_trial does the work).
 - The constraint is Optuna's own: when a trial completes, its constraint value (<= 0 is
   feasible; `METRIC <= B` gives METRIC - B) is set on the Optuna trial (`set_constraint`,
   Optuna >= 5, which TPE, NSGA-II and the GP sampler all read; `constraints_func` is
-  deprecated there) before Optuna is told its objectives. The objectives stay the true figures (no penalty),
-  so the front of all trials is still the analysis' front.
+  deprecated there) before Optuna is told its objectives. The objectives stay the true
+  figures (no penalty), so the front of all trials is still the analysis' front.
 - `--resume` restores the Tuner, and with it the searcher's state (Tune saves it beside the
   experiment state): the trials it already proposed are neither repeated nor forgotten.
 """
@@ -106,32 +106,46 @@ class SearchSpace:
             dict(self._from_unit(key, dim, u) for (key, dim), u in zip(dims, row)) for row in unit
         ]
 
+    def _distribution(self, key: str, dim: Dimension) -> tuple[str, Any]:
+        """Optuna's name and distribution for KEY: what the trial suggests and what a start-up
+        point is drawn from (a complement is modelled as 1 - value, named `1 - KEY`)."""
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        if dim.choice is not None:
+            return key, CategoricalDistribution(list(dim.choice))
+        low, high = dim.bounds
+        if dim.loguniform_complement is not None:
+            return COMPLEMENT + key, FloatDistribution(1.0 - high, 1.0 - low, log=True)
+        if key in self.int_keys or dim.int_ is not None:
+            return key, IntDistribution(int(math.ceil(low)), int(math.floor(high)))
+        return key, FloatDistribution(float(low), float(high), log=dim.loguniform is not None)
+
     def _from_unit(self, key: str, dim: Dimension, u: float) -> tuple[str, Any]:
         """Optuna's name for KEY and the value at quantile u of its distribution."""
-        if dim.choice is not None:
-            return key, dim.choice[min(int(u * len(dim.choice)), len(dim.choice) - 1)]
-        low, high = dim.bounds
-        if key in self.int_keys or dim.int_ is not None:
-            low, high = int(math.ceil(low)), int(math.floor(high))
-            return key, low + min(int(u * (high - low + 1)), high - low)
-        name, log = key, dim.loguniform is not None
-        if dim.loguniform_complement is not None:  # Optuna's name and range are 1 - value's
-            name, low, high, log = COMPLEMENT + key, 1.0 - high, 1.0 - low, True
-        if log:
+        name, dist = self._distribution(key, dim)
+        if hasattr(dist, "choices"):
+            return name, dist.choices[min(int(u * len(dist.choices)), len(dist.choices) - 1)]
+        low, high = dist.low, dist.high
+        if isinstance(low, int):
+            return name, low + min(int(u * (high - low + 1)), high - low)
+        if dist.log:
             value = math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
         else:
             value = low + u * (high - low)
-        return name, min(max(float(value), float(low)), float(high))
+        return name, min(max(float(value), low), high)
 
     def _draw(self, trial: Any, key: str, dim: Dimension) -> Any:
-        if dim.choice is not None:
-            return trial.suggest_categorical(key, list(dim.choice))
-        low, high = dim.bounds
-        if dim.loguniform_complement is not None:  # Optuna models 1 - value, the run gets value
-            return 1.0 - trial.suggest_float(COMPLEMENT + key, 1.0 - high, 1.0 - low, log=True)
-        if key in self.int_keys or dim.int_ is not None:
-            return trial.suggest_int(key, int(math.ceil(low)), int(math.floor(high)))
-        return trial.suggest_float(key, float(low), float(high), log=dim.loguniform is not None)
+        name, dist = self._distribution(key, dim)
+        if hasattr(dist, "choices"):
+            return trial.suggest_categorical(name, list(dist.choices))
+        if isinstance(dist.low, int):
+            return trial.suggest_int(name, dist.low, dist.high)
+        value = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+        return 1.0 - value if name != key else value  # Optuna models 1 - value, the run gets value
 
 
 def make_searcher(search: Search, space: SearchSpace, max_concurrent: int) -> Any:
