@@ -94,15 +94,10 @@ def forward(
     return logits, (read, c_after), torch.stack(events)
 
 
-def initial_state(model: LanguageModel, batch_size: int) -> tuple[Tensor, Tensor]:
-    y, c = model.layers[0].initial_state(batch_size)
-    return y, c
-
-
 @torch.no_grad()
 def validate(model: LanguageModel, stream: Tensor, bptt: int, variant: tuple[bool, bool]):
     model.eval()
-    state = initial_state(model, stream.size(1))
+    state = model.layers[0].initial_state(stream.size(1))
     loss, tokens, events = 0.0, 0, 0.0
     for inputs, targets in data.bptt_batches(stream, bptt):
         logits, state, o = forward(model, inputs, state, *variant)
@@ -126,7 +121,8 @@ def train_variant(
     model = build_model(config, corpus.vocab_size)
     optimizer = make_optimizer(config, model)
     train_data = data.batchify(corpus.train, t.batch_size)
-    state, loss_sum, started = initial_state(model, t.batch_size), 0.0, time.perf_counter()
+    first_layer = model.layers[0]
+    state, loss_sum, started = first_layer.initial_state(t.batch_size), 0.0, time.perf_counter()
     batches = data.epoch_batches(train_data, t.bptt, steps)
     for step, (inputs, targets, next_start) in enumerate(batches):
         # constant, or a cosine decay to 0 over the steps (lr_schedule: cosine), scaled by the
@@ -143,7 +139,7 @@ def train_variant(
         optimizer.step()
         loss_sum += loss.item()
         if next_start == 0:  # a pass ended: the stream starts again, and so does the state
-            state = initial_state(model, t.batch_size)
+            state = first_layer.initial_state(t.batch_size)
     val_ppl, activity_sparsity = validate(
         model, data.batchify(corpus.valid, t.eval_batch_size), t.bptt, variant
     )

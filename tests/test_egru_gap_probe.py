@@ -44,7 +44,7 @@ def test_the_egru_variant_is_duosparses_egru(probe):
     tokens = _tokens()
     expected, [(y, c)], trace = model(tokens, model.initial_state(3))
     logits, (read, c_after), events = probe.forward(
-        model, tokens, probe.initial_state(model, 3), *probe.VARIANTS["egru"]
+        model, tokens, model.layers[0].initial_state(3), *probe.VARIANTS["egru"]
     )
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(read, y, rtol=0, atol=1e-6)
@@ -60,13 +60,13 @@ def test_reading_the_state_in_both_places_at_threshold_0_is_a_gru(probe):
     tokens = _tokens()
     expected, [(h,)], _ = gru(tokens, gru.initial_state(3))
     logits, (read, _), _ = probe.forward(
-        egru, tokens, probe.initial_state(egru, 3), *probe.VARIANTS["dense_both"]
+        egru, tokens, egru.layers[0].initial_state(3), *probe.VARIANTS["dense_both"]
     )
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(read, h, rtol=1e-5, atol=1e-5)
     # and the EGRU itself is not that GRU: its silent units pass nothing on
     egru_logits, _, _ = probe.forward(
-        egru, tokens, probe.initial_state(egru, 3), *probe.VARIANTS["egru"]
+        egru, tokens, egru.layers[0].initial_state(3), *probe.VARIANTS["egru"]
     )
     assert (egru_logits - expected).abs().max() > 1e-3
 
@@ -74,7 +74,7 @@ def test_reading_the_state_in_both_places_at_threshold_0_is_a_gru(probe):
 def test_the_dense_readout_changes_the_decoders_input_only(probe):
     model = _model(probe)
     tokens = _tokens()
-    start = probe.initial_state(model, 3)
+    start = model.layers[0].initial_state(3)
     sparse, sparse_state, events = probe.forward(model, tokens, start, *probe.VARIANTS["egru"])
     dense, dense_state, same_events = probe.forward(
         model, tokens, start, *probe.VARIANTS["dense_readout"]
