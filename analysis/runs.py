@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from duosparse import pruning, schema
-from duosparse.config import PruneConfig, RunConfig
+from duosparse.config import KEYS_OUT_OF_IDENTITY_AT_DEFAULT, PruneConfig, RunConfig
 from duosparse.train import LOSS_CAP
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from scipy import stats
@@ -225,6 +225,14 @@ def _bool(value: Any) -> Any:
 # --- reading MLflow -----------------------------------------------------------------------
 
 
+@cache
+def _late_key_defaults() -> dict[str, Any]:
+    """The keys added to RunConfig after stores had runs (config.KEYS_OUT_OF_IDENTITY_AT_DEFAULT)
+    and their defaults: a run logged before a key existed has no param for it."""
+    defaults = RunConfig().flat()
+    return {key: defaults[key] for key in KEYS_OUT_OF_IDENTITY_AT_DEFAULT}
+
+
 def final_sparsity_epoch(params: dict[str, Any]) -> int:
     """The first epoch whose validation counts for the best model: the epoch after which
     the masks are final (0: no pruning, every epoch counts), by `pruning.final_epoch` on the
@@ -277,6 +285,11 @@ def _row(run: Any, val_history: list[tuple[int, float]]) -> dict[str, Any]:
         END_TIME: pd.to_datetime(info.end_time, unit="ms", utc=True) if info.end_time else pd.NaT,
     }
     params = {k: parse_param(k, v) for k, v in run.data.params.items()}
+    if "model.arch" in params:
+        # a training run logged before a key existed ran at that key's default (its run_key
+        # says so too): filled in, it groups with the same configuration logged after
+        for key, default in _late_key_defaults().items():
+            params.setdefault(key, default)
     row.update(params)
     row.update(run.data.metrics)
     row[BEST_VAL_PPL] = best_val_ppl(val_history, final_sparsity_epoch(params))

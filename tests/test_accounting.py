@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from duosparse import schema
@@ -37,7 +39,7 @@ def brute_force(model: LanguageModel, trace: Trace) -> dict[str, float]:
                     if prev[k] != 0:
                         effective += int((R[:, k] != 0).sum())
     D = model.decoder_weight()
-    last = trace.outputs[-1]
+    last = trace.decoder_input  # the last layer's output, or its state (model.readout: state)
     for b in range(B):
         for t in range(T):
             for j in range(D.shape[1]):
@@ -46,8 +48,8 @@ def brute_force(model: LanguageModel, trace: Trace) -> dict[str, float]:
     return {"effective": effective / (T * B), "decoder": decoder / (T * B)}
 
 
-@pytest.mark.parametrize("arch", ["egru", "lstm"])
-def test_effective_macs_equal_brute_force_on_random_masks_and_activity(arch):
+@pytest.mark.parametrize("arch, readout", [("egru", "events"), ("egru", "state"), ("lstm", None)])
+def test_effective_macs_equal_brute_force_on_random_masks_and_activity(arch, readout):
     gen = torch.Generator().manual_seed(7)
     cfg = load_config(
         None,
@@ -75,6 +77,9 @@ def test_effective_macs_equal_brute_force_on_random_masks_and_activity(arch):
             trace.inputs.append(x)
             trace.initial_outputs.append(_sparse_activity((B, h), 0.4, gen))
             trace.outputs.append(_sparse_activity((T, B, h), 0.25, gen))
+        # the decoder reads the last layer's output, or (readout: state) a denser tensor
+        states = _sparse_activity((T, B, sizes[-1][1]), 0.9, gen)
+        trace.decoder_input = states if readout == "state" else trace.outputs[-1]
         chunks.append(trace)
     acc = Accountant(model)
     expected_eff = expected_dec = 0.0
@@ -86,6 +91,10 @@ def test_effective_macs_equal_brute_force_on_random_masks_and_activity(arch):
     m = acc.metrics()
     assert m[schema.OPS_EFFECTIVE] == pytest.approx(expected_eff, rel=1e-12)
     assert m[schema.OPS_DECODER_EFFECTIVE] == pytest.approx(expected_dec, rel=1e-12)
+    if readout == "state":  # the decoder is counted on what it reads, not on the events
+        from_events = [replace(t, decoder_input=t.outputs[-1]) for t in chunks]
+        events_dec = sum(brute_force(model, t)["decoder"] for t in from_events) / len(chunks)
+        assert expected_dec > 2 * events_dec
     assert m[schema.OPS_TOTAL_EFFECTIVE] == pytest.approx(expected_eff + expected_dec, rel=1e-12)
     gates = 3 if arch == "egru" else 4
     dense = sum(gates * h * (i + h) for i, h in sizes)
@@ -135,6 +144,7 @@ def test_silent_units_are_the_units_that_emit_on_no_token():
                 inputs=[torch.ones(3, 2, 4), y0],
                 outputs=[y0, y1],
                 initial_outputs=[torch.zeros(2, 6), torch.zeros(2, 4)],
+                decoder_input=y1,
             )
         )
     # brute force: a unit is silent when its output is zero at every step of every chunk
@@ -159,6 +169,7 @@ def test_dense_model_costs_its_dense_macs():
         inputs=[torch.ones(3, 2, 4), torch.ones(3, 2, 5)],
         outputs=[torch.ones(3, 2, 5), torch.ones(3, 2, 4)],
         initial_outputs=[torch.ones(2, 5), torch.ones(2, 4)],
+        decoder_input=torch.ones(3, 2, 4),
     )
     acc.update(trace)
     m = acc.metrics()

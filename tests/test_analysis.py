@@ -23,7 +23,7 @@ from conftest import require
 from duosparse import schema, tracking
 from duosparse.analysis import fits, pareto, runs, study
 from duosparse.cli import app as duosparse_app
-from duosparse.config import RunConfig, set_dotted
+from duosparse.config import KEYS_OUT_OF_IDENTITY_AT_DEFAULT, RunConfig, set_dotted
 from duosparse.dashboards import export, figures
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -586,6 +586,37 @@ def test_analyze_command_writes_the_report_and_logs_it_to_the_newest_parent(
     # these synthetic runs have no model.pt: each pair says so (tests/test_paired.py has real ones)
     costs = payload["results"]["pruning_cost"]
     assert costs and all("skipped" in e and "difference" not in e for e in costs)
+
+
+@pytest.mark.slow
+def test_a_run_logged_before_a_key_existed_groups_with_the_same_configuration(tmp_path):
+    """A store keeps runs logged before model.unigram_decoder_bias and model.readout existed:
+    they have no param for them, ran at their defaults, and are seeds of the same
+    configuration as the runs logged after."""
+    from mlflow.entities import Param
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = tracking.open_store(uri)
+    exp = client.create_experiment("late", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    (old, metrics), (new, _) = synthetic_runs(seeds=(0, 1))[:2]
+    assert old.model_dump(exclude={"train"}) == new.model_dump(exclude={"train"})
+    for config, late_keys_logged in ((old, False), (new, True)):
+        tags = tracking.run_tags(config, "trial", {schema.TAG_SWEEP: "late"})
+        run_id = client.create_run(exp, tags=tags).info.run_id
+        params = [
+            Param(k, str(v))
+            for k, v in config.flat().items()
+            if late_keys_logged or k not in KEYS_OUT_OF_IDENTITY_AT_DEFAULT
+        ]
+        client.log_batch(run_id, params=params)
+        tracking.MlflowReporter(client, run_id).log_metrics(metrics, step=1)
+        tracking.finish_run(client, run_id)
+    table = runs.runs_table("late", uri)
+    assert table["model.readout"].tolist() == ["events", "events"]
+    assert table["model.unigram_decoder_bias"].tolist() == [False, False]
+    assert "model.readout" not in runs.varying_config(table)
+    aggregated = runs.aggregate_seeds(table)
+    assert len(aggregated) == 1 and aggregated[runs.N_SEEDS].iloc[0] == 2
 
 
 @pytest.mark.slow

@@ -140,3 +140,17 @@ def test_every_variant_trains_and_reports(probe):
             layers = result["activity_sparsity_per_layer"]
             assert len(layers) == config.model.num_layers, name
             assert all(0 <= a < 1 for a in layers), name
+
+
+def test_the_dense_readout_is_duosparses_state_readout(probe):
+    """model.readout: state is the probe's dense_readout, in a stack."""
+    model = _model(probe, "model.num_layers=3")
+    state_readout = LanguageModel(model.cfg.model_copy(update={"readout": "state"}), 50)
+    state_readout.load_state_dict(model.state_dict())
+    tokens = _tokens()
+    expected, _, trace = state_readout(tokens, state_readout.initial_state(3))
+    logits, _, events = probe.forward(
+        model, tokens, model.initial_state(3), probe.VARIANTS["dense_readout"]
+    )
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+    assert torch.equal(events, torch.stack(trace.events))

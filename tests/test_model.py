@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from duosparse import data
-from duosparse.config import load_config
+from duosparse.config import ConfigError, load_config
 from duosparse.model import HeavisideTriangle, LanguageModel, RecurrentLayer, detach_state
 from duosparse.train import evaluate
 
@@ -296,6 +296,83 @@ def test_fast_egru_sequence_equals_the_step_by_step_cell():
     assert 0 < float(ev_a.mean()) < 1
     for a, b in zip(g_a, g_b):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_states_a_readout_reads_are_c_before_reset_with_their_gradient():
+    """forward_with_states (model.readout: state): the fast loop against autograd through
+    egru_cell, float64, with a loss on the states as well as on everything else; the states
+    are c before its reset (y where a unit emits, c' where it is silent)."""
+    torch.manual_seed(18)
+    layer = RecurrentLayer("egru", 7, 11, _model_cfg("model.arch=egru")).double()
+    with torch.no_grad():
+        layer.threshold.uniform_(0.0, 0.3)
+    x = torch.randn(9, 4, 7, dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(4, 11, dtype=torch.float64).clamp(min=0).requires_grad_()
+    c0 = (torch.randn(4, 11, dtype=torch.float64) * 0.5).requires_grad_()
+    w_out, w_states = (torch.rand(9, 4, 11, dtype=torch.float64) for _ in range(2))
+    params = [x, y0, c0, layer.weight_ih, layer.weight_hh, layer.bias_hh, layer.threshold]
+    results = {}
+    for fast in (False, True):
+        layer.fast = fast
+        out, (y, c), events, states = layer.forward_with_states(x, (y0, c0))
+        loss = (out * w_out).sum() + (states * w_states).sum() + (0.3 * c).sum() + events.sum()
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        results[fast] = (out.detach(), c.detach(), events.detach(), states.detach()), grads
+        # a loss on the states alone reaches every parameter too
+        assert all(g.abs().sum() > 0 for g in torch.autograd.grad(states.sum(), params))
+    (values_a, g_a), (values_b, g_b) = results[False], results[True]
+    for a, b in zip(values_a[:3], values_b[:3], strict=True):
+        assert torch.equal(a, b)
+    # the reference adds the reset back (c' + o theta), the fast loop keeps c: equal to rounding
+    torch.testing.assert_close(values_a[3], values_b[3], rtol=1e-15, atol=1e-15)
+    out, _, events, states = values_b
+    assert 0 < float(events.mean()) < 1
+    assert torch.equal(out, events * states)  # y = o * c
+    assert (states[events == 0] != 0).all()  # silent units have a state all the same
+    for a, b in zip(g_a, g_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # and the states' gradient is not a no-op: without it, the gradients differ
+    layer.fast = True
+    out, (y, c), events, states = layer.forward_with_states(x, (y0, c0))
+    loss = (out * w_out).sum() + (0.3 * c).sum() + events.sum()
+    without = torch.autograd.grad(loss, params)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(g_b, without, strict=True))
+
+
+def test_a_state_readout_feeds_the_decoder_the_top_layers_states_and_nothing_else():
+    cfg = _model_cfg(
+        "model.arch=egru", "model.num_layers=2", "model.embedding_size=8", "model.hidden_size=12",
+        "model.tie_weights=false", "model.threshold=0.05",
+    )  # fmt: skip
+    torch.manual_seed(3)
+    events_model = LanguageModel(cfg, 20)
+    state_model = LanguageModel(cfg.model_copy(update={"readout": "state"}), 20)
+    state_model.load_state_dict(events_model.state_dict())
+    tokens = torch.randint(0, 20, (10, 3), generator=torch.Generator().manual_seed(4))
+    logits_e, state_e, trace_e = events_model(tokens, events_model.initial_state(3))
+    logits_s, state_s, trace_s = state_model(tokens, state_model.initial_state(3))
+    # the layers run alike: same outputs, events and final states
+    for a, b in zip(trace_e.outputs + trace_e.events, trace_s.outputs + trace_s.events):
+        assert torch.equal(a, b)
+    for a, b in zip(state_e, state_s, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    # the decoder reads the top layer's states: y where a unit emits, its state where not
+    top = state_model.layers[-1]
+    with torch.no_grad():
+        _, _, events, states = top.forward_with_states(
+            trace_s.inputs[-1], state_model.initial_state(3)[-1]
+        )
+    assert torch.equal(trace_s.decoder_input, states)
+    torch.testing.assert_close(logits_s, state_model.decoder(states), rtol=0, atol=1e-6)
+    assert torch.equal(trace_e.decoder_input, trace_e.outputs[-1])
+    assert (logits_s - logits_e).abs().max() > 1e-3
+    assert float(events.mean()) < 1 and float((states != 0).float().mean()) > 0.99
+
+
+def test_a_state_readout_is_for_the_egru_only():
+    with pytest.raises(ConfigError, match="model.readout: state .* model.arch is lstm"):
+        load_config(None, ["model.arch=lstm", "model.readout=state"])
+    assert load_config(None, ["model.arch=egru", "model.readout=state"]).model.readout == "state"
 
 
 @pytest.mark.parametrize("batch, hidden", [(4, 11), (3, 37), (20, 128)])

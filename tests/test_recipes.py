@@ -874,10 +874,15 @@ def test_train_starts_the_decoder_bias_at_the_unigram_only_when_asked(tmp_path):
         assert at_unigram == asked
 
 
-def test_a_key_added_later_stays_out_of_the_run_key_at_its_default():
+@pytest.mark.parametrize(
+    "key, default, value",
+    [("unigram_decoder_bias", "false", "true"), ("readout", "events", "state")],
+)
+def test_a_key_added_later_stays_out_of_the_run_key_at_its_default(key, default, value):
     plain = load_config(None, TINY)
-    default = load_config(None, TINY + ["model.unigram_decoder_bias=false"])
-    asked = load_config(None, TINY + ["model.unigram_decoder_bias=true"])
-    assert plain.run_key == default.run_key != asked.run_key
-    assert "unigram_decoder_bias" not in plain.canonical_json()
-    assert '"unigram_decoder_bias":true' in asked.canonical_json()
+    at_default = load_config(None, TINY + [f"model.{key}={default}"])
+    asked = load_config(None, TINY + [f"model.{key}={value}"])
+    assert plain.run_key == at_default.run_key != asked.run_key
+    assert f'"{key}"' not in plain.canonical_json()
+    shown = "true" if value == "true" else f'"{value}"'
+    assert f'"{key}":{shown}' in asked.canonical_json()

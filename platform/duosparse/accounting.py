@@ -9,8 +9,9 @@ masked matrices W (G*H x I), R (G*H x H):
     effective         sum_{j: x_t[j] != 0} nnz(W[:, j]) + sum_{k: y_{t-1}[k] != 0} nnz(R[:, k])
     multiplicative    dense * (1 - s_w) * (1 - s_a)
 
-The decoder is counted the same way (its input is the last layer's output), reported apart
-and included in the totals. Embedding lookups cost nothing.
+The decoder is counted the same way (its input is what it reads: the last layer's output, or
+its state under model.readout: state), reported apart and included in the totals. Embedding
+lookups cost nothing.
 
 `Accountant` is fed the `Trace` of each evaluated chunk, so the figures come out of the
 evaluation pass itself, not a second pass over the data. Because the effective count is a
@@ -83,7 +84,9 @@ class Accountant:
             self.effective[l] += float(
                 active_in @ self.w[l].column_nnz + active_prev @ self.r[l].column_nnz
             )
-        self.decoder_effective += float(active_out @ self.decoder.column_nnz)
+        # the decoder's input: the last layer's output, or its state (model.readout: state)
+        active_read = (trace.decoder_input != 0).sum((0, 1)).double().cpu()
+        self.decoder_effective += float(active_read @ self.decoder.column_nnz)
 
     def unit_event_rates(self) -> list[list[float]]:
         """Per layer, per unit: the fraction of tokens on which the unit's output is non-zero."""

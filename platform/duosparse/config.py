@@ -92,6 +92,12 @@ class ModelConfig(_Section):
     # gate) after init: deep stacks remember from the start (Jozefowicz et al. 2015: 1).
     carry_gate_bias: float = Field(0.0, allow_inf_nan=False)
     pseudo_derivative: PseudoDerivative = PseudoDerivative()
+    # What the decoder reads of the EGRU's top layer: its `events` y = o * c (EvNN), or its
+    # `state` c, every unit at every step. `state` is not EvNN's model: it is the ablation of
+    # docs/results/reproductions.md 2k-2l (the events' readout is most of the EGRU's gap to a
+    # GRU), and it makes the decoder dense. The layers' recurrences and the layers above still
+    # read events.
+    readout: Literal["events", "state"] = "events"
     dropout: Dropout = Dropout()
     activity_regularizer: ActivityRegularizer = ActivityRegularizer()
     activation_regularizer: ActivationRegularizer = ActivationRegularizer()
@@ -115,6 +121,16 @@ class ModelConfig(_Section):
             raise ValueError(
                 f"model.threshold ({self.threshold}) is above model.threshold_max "
                 f"({self.threshold_max}); raise threshold_max or lower the threshold"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _readout(self) -> ModelConfig:
+        if self.readout == "state" and self.arch != "egru":
+            raise ValueError(
+                f"model.readout: state reads the EGRU's state instead of its events, but "
+                f"model.arch is {self.arch}, whose every unit reaches the decoder already; set it under a "
+                "sweep's conditional for model.arch: egru, or leave readout at events"
             )
         return self
 
@@ -260,7 +276,7 @@ class InitConfig(_Section):
 
 # Keys added after stores with runs existed: at their default they stay out of the run_key,
 # so those runs keep their keys (and a re-run sweep finds them FINISHED); set, they enter it.
-KEYS_OUT_OF_IDENTITY_AT_DEFAULT: tuple[str, ...] = ("model.unigram_decoder_bias",)
+KEYS_OUT_OF_IDENTITY_AT_DEFAULT: tuple[str, ...] = ("model.unigram_decoder_bias", "model.readout")
 
 
 class RunConfig(_Section):

@@ -32,6 +32,8 @@ is the pair (dL/dy_t, dL/dc_t); with a_t = dL/dy_t (from the loss and through R)
     d_c_t = a_t * A_t + d_c_{t+1} * U_t + E_t
     d_h_t = d_c_t * K_t          (K_t: the three gates' local derivatives, (B, 3, H))
     a_{t-1} = dL/dy_{t-1} (loss) + d_h_t R
+(E_t: the gradients that reach c_t from outside the recurrence: through the events, and
+directly where a decoder reads the states c, model.readout: state, the fourth output)
 where A, U, E, K depend only on forward values, so they are computed for all steps at once
 before the loop (see `backward`), and the loop is one matmul and three element-wise calls
 per step. dL/dx_proj, dL/dtheta and the weight gradients follow from the stored d_c and d_h
@@ -131,11 +133,17 @@ class EGRUSequence(torch.autograd.Function):
         ctx.save_for_backward(ru, rh_z, z_all, cs, events, ys, y0, c0, w_hh, theta)
         ctx.height, ctx.width = height, width
         ctx.set_materialize_grads(False)  # outputs the loss does not use get None: work skipped
-        return ys, c_last, events
+        return ys, c_last, events, cs  # cs: the states c before their reset (model.readout)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_ys: Tensor | None, d_c_last: Tensor | None, d_events: Tensor | None):
+    def backward(
+        ctx,
+        d_ys: Tensor | None,
+        d_c_last: Tensor | None,
+        d_events: Tensor | None,
+        d_cs: Tensor | None,
+    ):
         ru, rh_z, z, c, o, ys, y0, c0, w_hh, theta = ctx.saved_tensors
         steps, batch, hidden = ys.shape
         r, u = ru.unbind(1)
@@ -158,8 +166,15 @@ class EGRUSequence(torch.autograd.Function):
         torch.mul(c, p, out=coef_a).add_(o)
         torch.mul(p, theta, out=coef_u).neg_().add_(1)
         coef_u[:-1].mul_(u[1:])
+        # E_t: what reaches c_t from outside the recurrence, through the events and, when a
+        # decoder reads the states (model.readout: state), directly
         if d_events is not None:
             torch.mul(d_events, p, out=e)
+            if d_cs is not None:
+                e.add_(d_cs)
+        elif d_cs is not None:
+            e.copy_(d_cs)
+        direct = d_events is not None or d_cs is not None
         # d_h = dL/d(R y_{t-1} + b_hh) = d_c * K:   d_c/d(pre-activation) for r, u and, through
         # r * h_z, for h_z:   K_z = (1 - u)(1 - z^2) r,  K_u = (c' - z) u (1 - u),  K_r = d_az r h_z (1 - r)
         k_r, k_u, k_z = k.unbind(2)
@@ -173,7 +188,7 @@ class EGRUSequence(torch.autograd.Function):
         d_h = d_h3.flatten(-2)  # (T, B, 3H)
         d_c3 = d_c.unsqueeze(2)  # (T, B, 1, H), broadcast over the three gates
         a[-1] = d_ys[-1]
-        e_steps = e.unbind(0) if d_events is not None else [None] * steps
+        e_steps = e.unbind(0) if direct else [None] * steps
         d_c_next, d_h_next = d_c_last, None  # d_c_last None: c'_T is not used
         for a_t, d_ys_t, e_t, coef_a_t, coef_u_t, k_t, d_c_t, d_c3_t, d_h3_t, d_h_t in reversed(
             list(
@@ -258,7 +273,8 @@ def egru_sequence(
     theta: Tensor,
     height: float,
     width: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(outputs (T,B,H), y_T, c'_T, events (T,B,H)) for a whole sequence."""
-    ys, c_last, events = EGRUSequence.apply(x_proj, y0, c0, w_hh, b_hh, theta, height, width)
-    return ys, ys[-1], c_last, events
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(outputs (T,B,H), y_T, c'_T, events (T,B,H), states c before reset (T,B,H)) for a
+    whole sequence."""
+    ys, c_last, events, cs = EGRUSequence.apply(x_proj, y0, c0, w_hh, b_hh, theta, height, width)
+    return ys, ys[-1], c_last, events, cs

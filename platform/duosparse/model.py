@@ -130,11 +130,9 @@ class RecurrentLayer(nn.Module):
 
     def forward(self, x: Tensor, state: State) -> tuple[Tensor, State, Tensor | None]:
         """Returns outputs (T, B, H), the final state, and the EGRU events (T, B, H) or None."""
-        w_hh = self.weight_hh
-        if self.training and self.weight_dropout > 0:
-            w_hh = F.dropout(w_hh, self.weight_dropout)  # DropConnect (AWD-LSTM)
+        w_hh = self._recurrent_weight()
         if self.arch == "egru":
-            return self._egru(x, state, w_hh)
+            return self._egru(x, state, w_hh)[:3]
         # Fused kernels: the same calls torch.nn.LSTM / torch.nn.GRU make.
         weights = [self.weight_ih, w_hh, self.bias_ih, self.bias_hh]
         # one layer per call; DropConnect above is the only dropout inside a layer
@@ -153,25 +151,39 @@ class RecurrentLayer(nn.Module):
         out, h = torch.gru(x, state[0][None], weights, **flags)
         return out, (h[0],), None
 
-    def _egru(self, x: Tensor, state: State, w_hh: Tensor) -> tuple[Tensor, State, Tensor]:
+    def forward_with_states(self, x: Tensor, state: State) -> tuple[Tensor, State, Tensor, Tensor]:
+        """EGRU only: `forward`'s outputs, events and final state, and the states c_t before
+        their reset (T, B, H), which a decoder reads under model.readout: state."""
+        return self._egru(x, state, self._recurrent_weight(), with_states=True)
+
+    def _recurrent_weight(self) -> Tensor:
+        if self.training and self.weight_dropout > 0:
+            return F.dropout(self.weight_hh, self.weight_dropout)  # DropConnect (AWD-LSTM)
+        return self.weight_hh
+
+    def _egru(
+        self, x: Tensor, state: State, w_hh: Tensor, with_states: bool = False
+    ) -> tuple[Tensor, State, Tensor, Tensor | None]:
         y, c = state
         x_proj = F.linear(x, self.weight_ih, self.bias_ih)  # all time steps in one matmul
+        args = (w_hh, self.bias_hh, self.threshold, self.height, self.width)
         if self.fast:  # the same equations, one autograd node for the sequence
-            sequence = egru_sequence  # egru_kernel: a PyTorch loop, any device
-            if x_proj.is_cuda and (kernels := _egru_triton()) and kernels.supported(x_proj, w_hh):
-                sequence = kernels.egru_sequence  # fused Triton kernels
-            out, y, c, events = sequence(
-                x_proj, y, c, w_hh, self.bias_hh, self.threshold, self.height, self.width
-            )
-            return out, (y, c), events
-        outputs, events = [], []
+            # fused Triton kernels on a GPU; they do not return the states, so a readout of the
+            # states runs egru_kernel's PyTorch loop there too
+            kernels = _egru_triton() if x_proj.is_cuda and not with_states else None
+            if kernels and kernels.supported(x_proj, w_hh):
+                out, y, c, events = kernels.egru_sequence(x_proj, y, c, *args)
+                return out, (y, c), events, None
+            out, y, c, events, states = egru_sequence(x_proj, y, c, *args)
+            return out, (y, c), events, states if with_states else None
+        outputs, events, states = [], [], []
         for x_t in x_proj:
-            y, c, o = egru_cell(
-                x_t, y, c, w_hh, self.bias_hh, self.threshold, self.height, self.width
-            )
+            y, c, o = egru_cell(x_t, y, c, *args)
             outputs.append(y)
             events.append(o)
-        return torch.stack(outputs), (y, c), torch.stack(events)
+            states.append(c + o * self.threshold)  # c before its reset (to rounding)
+        out, events = torch.stack(outputs), torch.stack(events)
+        return out, (y, c), events, torch.stack(states) if with_states else None
 
     @torch.no_grad()
     def clamp_threshold(self) -> None:
@@ -230,7 +242,7 @@ class Trace:
     outputs: list[Tensor] = field(default_factory=list)  # y_t of each layer (T, B, H)
     initial_outputs: list[Tensor] = field(default_factory=list)  # y_{-1} of each layer (B, H)
     events: list[Tensor] = field(default_factory=list)  # EGRU o_t of each layer (T, B, H)
-    decoder_input: Tensor | None = None  # the last layer's output after its dropout
+    decoder_input: Tensor | None = None  # what the decoder reads (model.readout), dropped out
 
 
 class LanguageModel(nn.Module):
@@ -276,13 +288,17 @@ class LanguageModel(nn.Module):
         for i, layer in enumerate(self.layers):
             trace.inputs.append(x)
             trace.initial_outputs.append(state[i][0])
-            y, s, events = layer(x, state[i])
+            last = i == len(self.layers) - 1
+            if last and self.cfg.readout == "state":
+                y, s, events, read = layer.forward_with_states(x, state[i])
+            else:
+                y, s, events = layer(x, state[i])
+                read = y
             trace.outputs.append(y)
             if events is not None:
                 trace.events.append(events)
             new_state.append(s)
-            last = i == len(self.layers) - 1
-            x = locked_dropout(y, d.output if last else d.hidden, self.training)
+            x = locked_dropout(read, d.output if last else d.hidden, self.training)
         trace.decoder_input = x
         return F.linear(x, self.decoder_weight(), self.decoder.bias), new_state, trace
 
