@@ -232,6 +232,15 @@ def test_refuses_lstm_and_gru(arch):
         EventDrivenEGRU.from_model(LanguageModel(cfg, VOCAB))
 
 
+def test_refuses_a_decoder_that_reads_the_states():
+    cfg = load_config(
+        None, ["model.arch=egru", "model.embedding_size=8", "model.hidden_size=8",
+               "model.readout=state"],
+    ).model  # fmt: skip
+    with pytest.raises(EventDrivenError, match="model.readout: state.*no events to skip"):
+        EventDrivenEGRU.from_model(LanguageModel(cfg, VOCAB))
+
+
 def test_refuses_batches_and_bad_arguments():
     model = _model(0.0, 0.0)
     engine = EventDrivenEGRU.from_model(model)

@@ -440,6 +440,19 @@ def test_cli_bad_input_one_paragraph_no_traceback(empty_store, args, message):
     assert "Traceback" not in result.output
 
 
+def test_a_model_whose_decoder_reads_the_states_is_refused():
+    from duosparse.config import load_config
+    from duosparse.model import LanguageModel
+
+    overrides = ["model.embedding_size=8", "model.hidden_size=8", "model.num_layers=1"]
+    rates = {"unit_event_rates": [[0.2] * 8]}
+    events = LanguageModel(load_config(None, overrides).model, 20)
+    assert len(s2.network_from_model(events, rates).layers) == 1
+    states = LanguageModel(load_config(None, [*overrides, "model.readout=state"]).model, 20)
+    with pytest.raises(s2.SimulationError, match="model.readout: state.*event-driven traffic"):
+        s2.network_from_model(states, rates)
+
+
 def test_platform_does_not_import_analysis_at_import_time():
     code = "import sys, duosparse.cli; assert 'duosparse.analysis' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -153,6 +153,12 @@ def network_from_model(model: Any, activity: dict[str, Any], source: str = "mode
     """A trained duosparse LanguageModel with its activity.json (test-split event rates)."""
     from duosparse.model import current_weight
 
+    if getattr(model.cfg, "readout", "events") != "events":
+        raise SimulationError(
+            f"{source}: the decoder of this EGRU reads every unit's state at every step "
+            "(model.readout: state), not its events; the SpiNNaker2 model simulates event-driven "
+            "traffic only. Simulate a model with model.readout: events."
+        )
     rates = activity.get("unit_event_rates")
     if not isinstance(rates, list) or len(rates) != len(model.layers):
         raise SimulationError(

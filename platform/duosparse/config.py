@@ -129,8 +129,8 @@ class ModelConfig(_Section):
         if self.readout == "state" and self.arch != "egru":
             raise ValueError(
                 f"model.readout: state reads the EGRU's state instead of its events, but "
-                f"model.arch is {self.arch}, whose every unit reaches the decoder already; set it under a "
-                "sweep's conditional for model.arch: egru, or leave readout at events"
+                f"model.arch is {self.arch}, whose every unit reaches the decoder already; set "
+                "it under a sweep's conditional for model.arch: egru, or leave readout at events"
             )
         return self
 

@@ -265,6 +265,12 @@ class EventDrivenEGRU:
                 "LSTM and GRU outputs are dense, there are no events to skip. Run it with "
                 "LanguageModel.forward."
             )
+        if model.cfg.readout != "events":
+            raise EventDrivenError(
+                "event-driven inference traverses the decoder on the top layer's events, but this "
+                "model's decoder reads every unit's state (model.readout: state): there are no "
+                "events to skip there. Run it with LanguageModel.forward."
+            )
         if backend == "auto":
             backend = "scipy" if _csc_matvec is not None else "torch"
         if backend not in BACKENDS:

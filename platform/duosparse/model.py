@@ -181,7 +181,8 @@ class RecurrentLayer(nn.Module):
             y, c, o = egru_cell(x_t, y, c, *args)
             outputs.append(y)
             events.append(o)
-            states.append(c + o * self.threshold)  # c before its reset (to rounding)
+            if with_states:
+                states.append(c + o * self.threshold)  # c before its reset (to rounding)
         out, events = torch.stack(outputs), torch.stack(events)
         return out, (y, c), events, torch.stack(states) if with_states else None
 
