@@ -259,15 +259,22 @@ def test_detached_state_keeps_values():
             assert torch.equal(a, b) and not b.requires_grad
 
 
-def test_fast_egru_sequence_equals_the_step_by_step_cell():
-    """egru_kernel's hand-written BPTT against autograd through egru_cell, float64."""
-    torch.manual_seed(8)
+def _float64_egru(seed: int):
+    """An EGRU layer (7 -> 11 units, thresholds up to 0.3) and a sequence of 9 steps x batch 4
+    with a random start, all in float64 and all requiring gradients."""
+    torch.manual_seed(seed)
     layer = RecurrentLayer("egru", 7, 11, _model_cfg("model.arch=egru")).double()
     with torch.no_grad():
         layer.threshold.uniform_(0.0, 0.3)
     x = torch.randn(9, 4, 7, dtype=torch.float64, requires_grad=True)
     y0 = torch.randn(4, 11, dtype=torch.float64).clamp(min=0).requires_grad_()
     c0 = (torch.randn(4, 11, dtype=torch.float64) * 0.5).requires_grad_()
+    return layer, x, y0, c0
+
+
+def test_fast_egru_sequence_equals_the_step_by_step_cell():
+    """egru_kernel's hand-written BPTT against autograd through egru_cell, float64."""
+    layer, x, y0, c0 = _float64_egru(8)
     weights = torch.rand(9, 4, 11, dtype=torch.float64)
     results = {}
     for fast in (False, True):
@@ -302,13 +309,7 @@ def test_the_states_a_readout_reads_are_c_before_reset_with_their_gradient():
     """forward_with_states (model.readout: state): the fast loop against autograd through
     egru_cell, float64, with a loss on the states as well as on everything else; the states
     are c before its reset (y where a unit emits, c' where it is silent)."""
-    torch.manual_seed(18)
-    layer = RecurrentLayer("egru", 7, 11, _model_cfg("model.arch=egru")).double()
-    with torch.no_grad():
-        layer.threshold.uniform_(0.0, 0.3)
-    x = torch.randn(9, 4, 7, dtype=torch.float64, requires_grad=True)
-    y0 = torch.randn(4, 11, dtype=torch.float64).clamp(min=0).requires_grad_()
-    c0 = (torch.randn(4, 11, dtype=torch.float64) * 0.5).requires_grad_()
+    layer, x, y0, c0 = _float64_egru(18)
     w_out, w_states = (torch.rand(9, 4, 11, dtype=torch.float64) for _ in range(2))
     params = [x, y0, c0, layer.weight_ih, layer.weight_hh, layer.bias_hh, layer.threshold]
     results = {}
