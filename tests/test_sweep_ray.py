@@ -198,12 +198,14 @@ def test_raising_and_diverging_trials_fail_with_reasons_while_others_finish(tmp_
     assert "train/loss became nan" in reasons["egru"]
 
 
-LONG_EPOCHS = 12
+LONG_EPOCHS = 40
 
 
 def long_spec(folder: Path, name: str) -> Path:
     # Long enough trials that a signal lands mid-trial even on a loaded machine: with 3 epochs
-    # the second trial could finish between the poll that saw its first epoch and the signal.
+    # the second trial could finish between the poll that saw its first epoch and the signal;
+    # with 12, a quiet machine once ran its last 10 epochs (0.1-0.3 s each) between SIGINT
+    # and Tune's graceful stop.
     return write_spec(
         folder,
         name,

@@ -137,13 +137,8 @@ class EGRUSequence(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(
-        ctx,
-        d_ys: Tensor | None,
-        d_c_last: Tensor | None,
-        d_events: Tensor | None,
-        d_cs: Tensor | None,
-    ):
+    def backward(ctx, *grads: Tensor | None):
+        d_ys, d_c_last, d_events, d_cs = grads  # outputs: ys, c'_T, events, states c
         ru, rh_z, z, c, o, ys, y0, c0, w_hh, theta = ctx.saved_tensors
         steps, batch, hidden = ys.shape
         r, u = ru.unbind(1)
@@ -166,15 +161,7 @@ class EGRUSequence(torch.autograd.Function):
         torch.mul(c, p, out=coef_a).add_(o)
         torch.mul(p, theta, out=coef_u).neg_().add_(1)
         coef_u[:-1].mul_(u[1:])
-        # E_t: what reaches c_t from outside the recurrence, through the events and, when a
-        # decoder reads the states (model.readout: state), directly
-        if d_events is not None:
-            torch.mul(d_events, p, out=e)
-            if d_cs is not None:
-                e.add_(d_cs)
-        elif d_cs is not None:
-            e.copy_(d_cs)
-        direct = d_events is not None or d_cs is not None
+        direct = _gradient_from_outside(d_events, d_cs, p, out=e)  # E_t, when there is one
         # d_h = dL/d(R y_{t-1} + b_hh) = d_c * K:   d_c/d(pre-activation) for r, u and, through
         # r * h_z, for h_z:   K_z = (1 - u)(1 - z^2) r,  K_u = (c' - z) u (1 - u),  K_r = d_az r h_z (1 - r)
         k_r, k_u, k_z = k.unbind(2)
@@ -230,6 +217,23 @@ class EGRUSequence(torch.autograd.Function):
             d_o += d_events
         d_theta = d_o.mul_(p).addcmul_(d_c_reset, o).sum((0, 1)).neg_()
         return d_x, d_y0, d_c0, d_w_hh, d_b_hh, d_theta, None, None
+
+
+def _gradient_from_outside(
+    d_events: Tensor | None, d_cs: Tensor | None, p: Tensor, out: Tensor
+) -> bool:
+    """E_t = (dL/do_t) P_t + dL/dc_t into `out`: what reaches c_t from outside the recurrence,
+    through the events and, where a decoder reads the states (model.readout: state),
+    directly. False, and `out` untouched, when nothing does."""
+    if d_events is None and d_cs is None:
+        return False
+    if d_events is None:
+        out.copy_(d_cs)
+    else:
+        torch.mul(d_events, p, out=out)
+        if d_cs is not None:
+            out.add_(d_cs)
+    return True
 
 
 _scratch_buffers = threading.local()
